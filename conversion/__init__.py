@@ -1,0 +1,1 @@
+"""Weight conversion for Kimi Linear checkpoints (installed as `kimi_linear_conversion`)."""

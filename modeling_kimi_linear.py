@@ -1,0 +1,850 @@
+"""Kimi Linear: a hybrid of Kimi Delta Attention (KDA) and NoPE Multi-head Latent Attention (MLA) with a
+sigmoid-routed mixture of experts.
+
+Departures from a vanilla decoder-only transformer, in forward order:
+- Layer kinds come from `config.layer_types` (3 KDA : 1 MLA in the released model) and `config.mlp_types`
+  (layer 0 dense, the rest MoE); both are derived once by the config.
+- KDA (linear attention): q/k/v pass a causal depthwise conv (kernel 4) and SiLU; q/k are L2-normalised;
+  a per-channel forget gate g = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias) (unbounded, as trained) and a
+  per-head beta = sigmoid(b_proj(x)) drive the delta rule
+      S_t = (I - beta_t k_t k_t^T) Diag(exp g_t) S_{t-1} + beta_t k_t v_t^T,   o_t = K^-0.5 S_t^T q_t
+  then a per-head RMSNorm gated by sigmoid(g_b(g_a(x))). Prefill and training run it chunkwise (64 tokens);
+  decode runs the one-step recurrence. State per layer: three conv windows and [H, K, V] in float32.
+- MLA with no positional encoding: one shared 576-value latent per token (c_kv 512 after its RMSNorm, k_pe 64)
+  is all that is cached; decode attends on the latents directly (kv_b_proj absorbed into query and output).
+- MoE: sigmoid router in float32; the correction bias only picks experts (grouped top-k), the weights come
+  from the unbiased scores, renormalised and scaled; plus a shared expert.
+- Padding: padded positions are identity steps for the KDA state and conv windows, and masked keys for MLA.
+- The fast GPU kernels live in the separately installed `kimi_linear_kernels` package; without it (or on a
+  CPU tensor) the plain PyTorch code in this file runs.
+"""
+
+import math
+import shutil
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+
+from .configuration_kimi_linear import KDA, KimiLinearConfig
+
+try:  # optional: the repo's kernels package (fla-backed GPU paths), installed as `kimi_linear_kernels`
+    import kimi_linear_kernels as _kernels
+except ImportError:
+    _kernels = None
+
+logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed the cache field of model outputs (and the forward kwarg) to `cache`.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Norms
+# ---------------------------------------------------------------------------------------------------------------
+class KimiLinearRMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class KimiLinearGatedRMSNorm(nn.Module):
+    """Per-head RMSNorm times sigmoid(gate), all in float32."""
+
+    def __init__(self, head_dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(head_dim))
+        self.variance_epsilon = eps
+
+    def forward(self, x, gate):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight.float() * x * torch.sigmoid(gate.float())).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Short convolution
+# ---------------------------------------------------------------------------------------------------------------
+def short_conv(x, weight, state=None):
+    """Causal depthwise conv then SiLU. x [B, T, D], weight [D, 1, W], state [B, D, W-1] holds the previous W-1
+    inputs (None: zeros). Returns y [B, T, D] and the new state [B, D, W-1]."""
+    width = weight.shape[-1]
+    xt = x.transpose(1, 2)  # [B, D, T]
+    if state is None:
+        state = xt.new_zeros(xt.shape[0], xt.shape[1], width - 1)
+    xt = torch.cat([state.to(xt.dtype), xt], dim=-1)  # [B, D, W-1+T]
+    y = F.conv1d(xt, weight.to(xt.dtype), groups=xt.shape[1])
+    return F.silu(y).transpose(1, 2), xt[..., xt.shape[-1] - (width - 1) :]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KDA math in plain PyTorch (the specification the GPU kernels are tested against)
+# ---------------------------------------------------------------------------------------------------------------
+def l2norm(x, eps=1e-6):
+    x = x.float()
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def kda_gate(g, A_log, dt_bias):
+    """Per-channel log-decay, <= 0. g [..., H, K] (f_b(f_a(x))), A_log [1, 1, H, 1] or [H], dt_bias [H*K]."""
+    H, K = g.shape[-2:]
+    g = g.float() + dt_bias.float().view(H, K)
+    return -torch.exp(A_log.float().view(H, 1)) * F.softplus(g)
+
+
+def kda_chunk_torch(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=True, chunk_size=64):
+    """Chunkwise-parallel KDA.
+
+    q, k: [B, T, H, K] (L2-normalised), v: [B, T, H, V], g: [B, T, H, K] log-decay (<= 0), beta: [B, T, H],
+    initial_state: [B, H, K, V] or None. Returns o [B, T, H, V] (v's dtype) and the final state [B, H, K, V]
+    in float32 (None unless output_final_state).
+
+    Inside a chunk the delta-rule updates are folded with a unit-lower-triangular solve (the UT transform) and
+    decays are cumulative sums G of g. Pairwise decays exp(G_t - G_i), i <= t, are only ever formed with a
+    non-positive exponent: across 16-token blocks they factor through a reference point between i and t
+    (the first token of t's block); inside a block they are formed pairwise, masked before the exp.
+    Chunks then pass the state along in a short loop of small matrix products.
+    """
+    B, T, H, K = q.shape
+    V, out_dtype = v.shape[-1], v.dtype
+    scale = K**-0.5 if scale is None else scale
+    C = chunk_size
+    c = min(16, C)  # block size inside a chunk
+    P = C // c
+    pad = -T % C
+    N = (T + pad) // C
+
+    def chunked(x):  # [B, T, H, D] -> [B, H, N, C, D] float32, zero-padded (padding is an identity step)
+        x = F.pad(x.float(), (0, 0, 0, 0, 0, pad))
+        return x.view(B, N, C, H, -1).permute(0, 3, 1, 2, 4)
+
+    q, k, v, g, beta = (chunked(x) for x in (q, k, v, g, beta.unsqueeze(-1)))
+    G = g.cumsum(3)  # [B, H, N, C, K], non-increasing along C
+
+    # Across blocks: reference r_p = first token of block p; keys i < r_p carry exp(G_{r_p} - G_i) <= 1,
+    # queries/keys t in block p carry exp(G_t - G_{r_p}) <= 1.
+    Gb = G.view(B, H, N, P, c, K)
+    ref = Gb[..., :1, :]  # [B, H, N, P, 1, K]
+    to_ref = torch.exp(Gb - ref)  # [B, H, N, P, c, K]
+    earlier = torch.arange(C, device=q.device)[None, :] < (torch.arange(P, device=q.device) * c)[:, None]  # [P, C]
+    from_ref = torch.exp((ref - G.unsqueeze(3)).masked_fill(~earlier[:, :, None], float("-inf")))  # [B,H,N,P,C,K]
+    k_ref = (k.unsqueeze(3) * from_ref).transpose(-1, -2)  # [B, H, N, P, K, C]
+    a_qk = (q.view(B, H, N, P, c, K) * to_ref) @ k_ref  # [B, H, N, P, c, C]
+    a_kk = (k.view(B, H, N, P, c, K) * to_ref) @ k_ref
+
+    # Inside blocks: pairwise decays, masked before the exp.
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    pair = torch.exp((Gb.unsqueeze(-2) - Gb.unsqueeze(-3)).masked_fill(~causal[:, :, None], float("-inf")))
+    qb, kb = q.view(B, H, N, P, c, K), k.view(B, H, N, P, c, K)
+    d_qk = (qb.unsqueeze(-2) * pair * kb.unsqueeze(-3)).sum(-1)  # [B, H, N, P, c, c], i <= t
+    d_kk = (kb.unsqueeze(-2) * pair * kb.unsqueeze(-3)).sum(-1).tril(-1)  # i < t
+    eye_p = torch.eye(P, device=q.device)
+
+    def assemble(off, diag):  # [B,H,N,P,c,C] + block-diagonal [B,H,N,P,c,c] -> [B,H,N,C,C]
+        full = off.view(B, H, N, P, c, P, c) + torch.einsum("bhnpti,pq->bhnptqi", diag, eye_p)
+        return full.reshape(B, H, N, C, C)
+
+    a_qk = assemble(a_qk, d_qk)
+    a_kk = assemble(a_kk, d_kk) * beta  # row t scaled by beta_t; strictly lower
+
+    # UT transform: (I + A) [U_v | W] = [beta v | beta k exp(G)]; the solve treats the diagonal as ones.
+    rhs = torch.cat([v * beta, k * torch.exp(G) * beta], dim=-1)
+    x = torch.linalg.solve_triangular(a_kk, rhs, upper=False, unitriangular=True)
+    u_v, w = x[..., :V], x[..., V:]  # [B, H, N, C, V], [B, H, N, C, K]
+    q_g = q * torch.exp(G)
+    k_end = (k * torch.exp(G[..., -1:, :] - G)).transpose(-1, -2)  # [B, H, N, K, C]
+    decay_end = torch.exp(G[..., -1, :]).unsqueeze(-1)  # [B, H, N, K, 1]
+
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+    out = []
+    for n in range(N):
+        u = u_v[:, :, n] - w[:, :, n] @ S  # [B, H, C, V]
+        out.append(q_g[:, :, n] @ S + a_qk[:, :, n] @ u)
+        S = decay_end[:, :, n] * S + k_end[:, :, n] @ u
+    o = torch.stack(out, dim=2).mul(scale)  # [B, H, N, C, V]
+    o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2).to(out_dtype)
+    return o, (S if output_final_state else None)
+
+
+def kda_step_torch(q, k, v, g, beta, state, scale=None):
+    """One decode step. q, k [B, H, K] (L2-normalised), v [B, H, V], g [B, H, K], beta [B, H],
+    state [B, H, K, V] float32. Returns o [B, H, V] in float32 and the new state."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
+    S = state * torch.exp(g).unsqueeze(-1)  # decay first
+    u = beta.unsqueeze(-1) * (v - torch.einsum("bhk,bhkv->bhv", k, S))
+    S = S + k.unsqueeze(-1) * u.unsqueeze(-2)  # then the delta update
+    return scale * torch.einsum("bhk,bhkv->bhv", q, S), S
+
+
+def _kda_backend(x):
+    """The kernels package when it can serve this tensor (CUDA with fla), else None: plain PyTorch."""
+    return _kernels if _kernels is not None and _kernels.kda_backend(x) != "torch" else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KDA layer
+# ---------------------------------------------------------------------------------------------------------------
+class KimiDeltaAttention(nn.Module):
+    def __init__(self, config: KimiLinearConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.head_dim = config.kda_num_heads, config.kda_head_dim
+        hidden, proj, width = config.hidden_size, self.num_heads * self.head_dim, config.kda_conv_size
+        self.q_proj = nn.Linear(hidden, proj, bias=False)
+        self.k_proj = nn.Linear(hidden, proj, bias=False)
+        self.v_proj = nn.Linear(hidden, proj, bias=False)
+        self.q_conv1d = nn.Conv1d(proj, proj, width, groups=proj, bias=False)
+        self.k_conv1d = nn.Conv1d(proj, proj, width, groups=proj, bias=False)
+        self.v_conv1d = nn.Conv1d(proj, proj, width, groups=proj, bias=False)
+        self.A_log = nn.Parameter(torch.empty(1, 1, self.num_heads, 1, dtype=torch.float32))
+        self.dt_bias = nn.Parameter(torch.empty(proj, dtype=torch.float32))
+        self.f_a_proj = nn.Linear(hidden, self.head_dim, bias=False)
+        self.f_b_proj = nn.Linear(self.head_dim, proj, bias=False)
+        self.b_proj = nn.Linear(hidden, self.num_heads, bias=False)
+        self.g_a_proj = nn.Linear(hidden, self.head_dim, bias=False)
+        self.g_b_proj = nn.Linear(self.head_dim, proj, bias=False)
+        self.o_norm = KimiLinearGatedRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.o_proj = nn.Linear(proj, hidden, bias=False)
+
+    def forward(self, x, state=None, pad_mask=None):
+        """x [B, T, hidden]; state: this layer's KDALayerState (updated in place) or None;
+        pad_mask [B, T] bool (True = real token) or None."""
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        conv = state.conv if state is not None and state.conv is not None else (None, None, None)
+        x_in = x if pad_mask is None else x * pad_mask[..., None].to(x.dtype)  # padding enters the conv as zeros
+        q, cq = short_conv(self.q_proj(x_in), self.q_conv1d.weight, conv[0])
+        k, ck = short_conv(self.k_proj(x_in), self.k_conv1d.weight, conv[1])
+        v, cv = short_conv(self.v_proj(x_in), self.v_conv1d.weight, conv[2])
+        q, k, v = q.view(B, T, H, D), k.view(B, T, H, D), v.view(B, T, H, D)
+        g = kda_gate(self.f_b_proj(self.f_a_proj(x)).view(B, T, H, D), self.A_log, self.dt_bias)  # [B, T, H, D]
+        beta = torch.sigmoid(self.b_proj(x).float())  # [B, T, H]
+        q, k = l2norm(q), l2norm(k)
+        if pad_mask is not None:  # padded tokens: no decay, no write (an identity step for the state)
+            keep = pad_mask[..., None, None]
+            k, g = torch.where(keep, k, 0.0), torch.where(keep, g, 0.0)
+        h0 = state.recurrent if state is not None else None
+
+        fast = _kda_backend(x)
+        if h0 is not None and T == 1:
+            if fast is not None:
+                o, h = fast.kda_decode(q, k, v, g, beta, h0)
+            else:
+                o, h = kda_step_torch(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], h0)
+                o = o.unsqueeze(1)
+        elif fast is not None:
+            o, h = fast.kda_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=state is not None)
+        else:
+            o, h = kda_chunk_torch(q, k, v, g, beta, initial_state=h0, output_final_state=state is not None)
+        if state is not None:
+            state.update(conv=(cq, ck, cv), recurrent=h, num_tokens=T)
+
+        gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, D)
+        o = self.o_norm(o.to(x.dtype), gate).reshape(B, T, H * D)
+        return self.o_proj(o)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MLA layer (NoPE)
+# ---------------------------------------------------------------------------------------------------------------
+class KimiMLAAttention(nn.Module):
+    def __init__(self, config: KimiLinearConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.q_head_dim = self.nope + self.rope
+        self.scaling = self.q_head_dim**-0.5
+        hidden, h = config.hidden_size, self.num_heads
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, h * self.q_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = KimiLinearRMSNorm(config.q_lora_rank)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, h * self.q_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.rope, bias=False)
+        self.kv_a_layernorm = KimiLinearRMSNorm(self.kv_lora_rank)  # eps 1e-6, as released
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(h * self.v_dim, hidden, bias=False)
+
+    def query(self, x):
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(self, x, state=None, key_mask=None):
+        """x [B, T, hidden]; state: this layer's MLALayerState or None; key_mask [B, cached + T] bool
+        (True = real token) or None."""
+        B, T, _ = x.shape
+        h = self.num_heads
+        q = self.query(x).view(B, T, h, self.q_head_dim).transpose(1, 2)  # [B, h, T, 192]
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)  # [B, T, 576]
+        if state is not None:
+            latent = state.append(latent)  # [B, past_len + T, 576]
+        S = latent.shape[1]
+        mask = _attention_mask(key_mask, T, S, x.device)  # [B, 1, T, S] bool, or None for plain causal
+        # Decode attends on the latents directly (kv_b_proj absorbed); prefill expands per head.
+        # Absorption reads kv_b_proj.weight, so it is skipped when an adapter wraps kv_b_proj.
+        if type(self.kv_b_proj) is nn.Linear and T * 8 <= S:
+            out = self._attend_latent(q, latent, mask)
+        else:
+            out = self._attend_expanded(q, latent, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, h * self.v_dim))
+
+    def _attend_expanded(self, q, latent, mask):
+        B, S, _ = latent.shape
+        h = self.num_heads
+        c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(B, S, h, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None].expand(B, h, S, self.rope)], dim=-1)
+        is_causal = mask is None and q.shape[2] > 1
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling)
+
+    def _attend_latent(self, q, latent, mask):
+        h = self.num_heads
+        w = self.kv_b_proj.weight.view(h, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [h, 128, 512], [h, 128, 512]
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_lat = torch.cat([torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk), q_pe], dim=-1)  # [B, h, T, 576]
+        key = latent[:, None]  # [B, 1, S, 576], shared by all heads
+        value = latent[:, None, :, : self.kv_lora_rank]
+        is_causal = mask is None and q.shape[2] > 1
+        o_lat = F.scaled_dot_product_attention(
+            q_lat, key.expand(-1, h, -1, -1), value.expand(-1, h, -1, -1), attn_mask=mask, is_causal=is_causal,
+            scale=self.scaling,
+        )  # [B, h, T, 512]
+        return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)
+
+
+def _attention_mask(key_mask, T, S, device):
+    """Boolean [B, 1, T, S] mask (True = attend) for T queries at the end of S keys, or None when a plain causal
+    mask (or none, for T == 1) says it all. Each query always sees itself, so no row is empty."""
+    if key_mask is None or bool(key_mask.all()):
+        if T == 1 or T == S:
+            return None
+        key_mask = None
+    qpos = torch.arange(S - T, S, device=device)[:, None]
+    kpos = torch.arange(S, device=device)[None, :]
+    allowed = kpos <= qpos  # [T, S]
+    if key_mask is not None:
+        allowed = (allowed & key_mask[:, None, :].bool()) | (kpos == qpos)
+    return allowed.expand(key_mask.shape[0] if key_mask is not None else 1, T, S)[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Feed-forward: dense MLP, router, MoE
+# ---------------------------------------------------------------------------------------------------------------
+class KimiLinearMLP(nn.Module):
+    def __init__(self, config: KimiLinearConfig, intermediate_size=None):
+        super().__init__()
+        width = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class KimiLinearExpert(nn.Module):
+    """One routed expert, in the released names: w1 gate, w3 up, w2 down."""
+
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden_size, config.moe_intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.moe_intermediate_size, config.hidden_size, bias=False)
+        self.w3 = nn.Linear(config.hidden_size, config.moe_intermediate_size, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class KimiLinearRouter(nn.Module):
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_token
+        self.num_experts = config.num_experts
+        self.groups = config.num_expert_group if config.use_grouped_topk else 1
+        self.topk_group = config.topk_group if config.use_grouped_topk else 1
+        self.activation = config.moe_router_activation_func
+        self.renormalize = config.moe_renormalize
+        self.scaling = config.routed_scaling_factor
+        self.bias_in_weights = config.moe_router_bias_in_weights
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(config.num_experts), requires_grad=False)
+
+    def forward(self, x):
+        """x [N, hidden] -> expert ids [N, k] and weights [N, k] (float32)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.activation == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias.float()  # picks experts only
+        if self.groups > 1:
+            grouped = choice.view(-1, self.groups, self.num_experts // self.groups)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [N, groups]
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(-1, self.num_experts)
+        ids = choice.topk(self.top_k, dim=-1).indices
+        weights = (choice if self.bias_in_weights else scores).gather(1, ids)
+        if self.renormalize and self.top_k > 1:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * self.scaling
+
+
+class KimiLinearMoE(nn.Module):
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__()
+        self.gate = KimiLinearRouter(config)
+        self.experts = nn.ModuleList(KimiLinearExpert(config) for _ in range(config.num_experts))
+        self.shared_experts = (
+            KimiLinearMLP(config, config.moe_intermediate_size * config.num_shared_experts)
+            if config.num_shared_experts
+            else None
+        )
+
+    def forward(self, x):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        ids, weights = self.gate(flat)  # [N, k]
+        # Sort the (token, slot) pairs by expert and run each expert once on its tokens.
+        order = ids.flatten().argsort(stable=True)
+        token = order // ids.shape[1]
+        counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
+        out = torch.zeros_like(flat)
+        for e, (start, stop) in enumerate(zip([0, *_cumsum(counts)[:-1]], _cumsum(counts))):
+            if start == stop:
+                continue
+            rows = token[start:stop]
+            y = self.experts[e](flat[rows]) * weights.flatten()[order[start:stop], None].to(flat.dtype)
+            out.index_add_(0, rows, y)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(shape)
+
+
+def _cumsum(xs):
+    total, out = 0, []
+    for x in xs:
+        total += x
+        out.append(total)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoder layer
+# ---------------------------------------------------------------------------------------------------------------
+class KimiLinearDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: KimiLinearConfig, layer_idx: int):
+        super().__init__()
+        self.kind = config.layer_types[layer_idx]
+        attn = KimiDeltaAttention if self.kind == KDA else KimiMLAAttention
+        self.self_attn = attn(config, layer_idx)
+        if config.mlp_types[layer_idx] == "moe":
+            self.block_sparse_moe = KimiLinearMoE(config)
+        else:
+            self.mlp = KimiLinearMLP(config)
+        self.input_layernorm = KimiLinearRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = KimiLinearRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x, state=None, pad_mask=None, key_mask=None):
+        h = self.input_layernorm(x)
+        if self.kind == KDA:
+            h = self.self_attn(h, state=state, pad_mask=pad_mask)
+        else:
+            h = self.self_attn(h, state=state, key_mask=key_mask)
+        x = x + h
+        ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        return x + ffn(self.post_attention_layernorm(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache: KDA states and MLA latents
+# ---------------------------------------------------------------------------------------------------------------
+class KDALayerState:
+    """One KDA layer: the three conv windows [B, D, W-1] and the recurrent state [B, H, K, V] in float32."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self):
+        self.conv, self.recurrent, self.seen = None, None, 0
+
+    @property
+    def is_initialized(self):
+        return self.recurrent is not None
+
+    def update(self, conv, recurrent, num_tokens):
+        self.conv, self.recurrent = tuple(conv), recurrent.float()
+        self.seen += num_tokens
+
+    def get_seq_length(self):
+        return self.seen
+
+    def tensors(self):
+        return [*self.conv, self.recurrent] if self.recurrent is not None else []
+
+    def apply(self, fn):  # fn: tensor -> tensor along the batch dimension
+        if self.recurrent is not None:
+            self.conv = tuple(fn(c) for c in self.conv)
+            self.recurrent = fn(self.recurrent)
+
+
+class MLALayerState:
+    """One MLA layer: the compressed latents [B, S, kv_lora_rank + qk_rope_head_dim] (c_kv after its norm, then
+    k_pe), in a buffer that grows by doubling so appends are amortised O(1)."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self):
+        self.buffer, self.seen = None, 0
+
+    @property
+    def is_initialized(self):
+        return self.buffer is not None
+
+    def append(self, latent):
+        B, T, width = latent.shape
+        if self.buffer is None or self.buffer.shape[1] < self.seen + T:
+            grown = latent.new_empty(B, max(2 * self.seen, self.seen + T, 16), width)
+            if self.buffer is not None:
+                grown[:, : self.seen] = self.buffer[:, : self.seen]
+            self.buffer = grown
+        self.buffer[:, self.seen : self.seen + T] = latent
+        self.seen += T
+        return self.buffer[:, : self.seen]
+
+    def get_seq_length(self):
+        return self.seen
+
+    def tensors(self):
+        return [self.buffer[:, : self.seen]] if self.buffer is not None else []
+
+    def apply(self, fn):
+        if self.buffer is not None:
+            self.buffer = fn(self.buffer[:, : self.seen])
+
+
+class KimiLinearCache(Cache):
+    """Decode state of a Kimi Linear model: per KDA layer the conv windows and the float32 recurrent state, per
+    MLA layer only the 576-value latents of each token (never per-head keys and values).
+
+    A recurrent state cannot be rewound, so `crop` (assisted generation) raises.
+    """
+
+    is_compileable = False
+
+    def __init__(self, config: KimiLinearConfig, *args, **kwargs):
+        layers = [KDALayerState() if kind == KDA else MLALayerState() for kind in config.layer_types]
+        super().__init__(layers=layers)
+        self.layer_types = list(config.layer_types)
+
+    def __len__(self):
+        return len(self.layers)
+
+    def get_seq_length(self, layer_idx=0, *args, **kwargs):
+        return self.layers[layer_idx or 0].seen
+
+    def get_mask_sizes(self, *args, **kwargs):
+        # (kv_length, kv_offset) for transformers' mask helpers; our layers build their own masks.
+        query = args[0] if args else kwargs.get("cache_position", kwargs.get("query_length"))
+        q_len = query if isinstance(query, int) else query.shape[0]
+        return self.get_seq_length() + q_len, 0
+
+    def get_max_cache_shape(self, *args, **kwargs):
+        return -1
+
+    @property
+    def max_batch_size(self):
+        return next((t.shape[0] for layer in self.layers for t in layer.tensors()), None)
+
+    @property
+    def max_cache_len(self):
+        return None
+
+    @property
+    def is_sliding(self):
+        return [False] * len(self.layers)
+
+    @property
+    def is_linear(self):
+        # transformers >= 5.24 trusts get_seq_length() to slice a pre-filled prompt only when some layer is not
+        # "linear"; every layer here counts its tokens exactly, so none is reported as linear.
+        return [False] * len(self.layers)
+
+    @property
+    def has_previous_state(self):
+        return self.get_seq_length() > 0
+
+    def reorder_cache(self, beam_idx):
+        for layer in self.layers:
+            layer.apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices):
+        for layer in self.layers:
+            layer.apply(lambda t: t[indices.to(t.device) if torch.is_tensor(indices) else indices])
+
+    def batch_repeat_interleave(self, repeats):
+        for layer in self.layers:
+            layer.apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, max_length):
+        raise ValueError(
+            "KimiLinearCache cannot be cropped: KDA layers keep a recurrent state that cannot be rewound "
+            "(assisted/speculative generation is not supported for this model)."
+        )
+
+    def reset(self):
+        for i, kind in enumerate(self.layer_types):
+            self.layers[i] = KDALayerState() if kind == KDA else MLALayerState()
+
+    def nbytes(self):
+        """Bytes held, by kind: {'kda_conv': ..., 'kda_recurrent': ..., 'mla_latent': ..., 'total': ...}."""
+        sizes = {"kda_conv": 0, "kda_recurrent": 0, "mla_latent": 0}
+        for layer in self.layers:
+            if isinstance(layer, KDALayerState) and layer.recurrent is not None:
+                sizes["kda_conv"] += sum(c.numel() * c.element_size() for c in layer.conv)
+                sizes["kda_recurrent"] += layer.recurrent.numel() * layer.recurrent.element_size()
+            elif isinstance(layer, MLALayerState):
+                sizes["mla_latent"] += sum(t.numel() * t.element_size() for t in layer.tensors())
+        sizes["total"] = sum(sizes.values())
+        return sizes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pretrained base, model, causal LM
+# ---------------------------------------------------------------------------------------------------------------
+# What save_pretrained writes into config.json, so that trust_remote_code loads these files.
+AUTO_MAP = {
+    "AutoConfig": "configuration_kimi_linear.KimiLinearConfig",
+    "AutoModel": "modeling_kimi_linear.KimiLinearModel",
+    "AutoModelForCausalLM": "modeling_kimi_linear.KimiLinearForCausalLM",
+}
+CODE_FILES = ("configuration_kimi_linear.py", "modeling_kimi_linear.py")
+
+
+def _guarded(tensor, fill):
+    """Initialise a tensor unless transformers marked it as loaded from a checkpoint."""
+    if not getattr(tensor, "_is_hf_initialized", False):
+        with torch.no_grad():
+            fill(tensor)
+
+
+class KimiLinearPreTrainedModel(PreTrainedModel):
+    config_class = KimiLinearConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["KimiLinearDecoderLayer"]
+    _supports_sdpa = True
+    _is_stateful = True  # a recurrent state cannot be cropped: no assisted generation
+    _keep_in_fp32_modules_strict = ["A_log", "dt_bias", "e_score_correction_bias"]
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, KimiDeltaAttention):
+            # A in [1, 16]; dt in [1e-3, 1e-1] stored as its inverse softplus
+            _guarded(module.A_log, lambda t: t.copy_(torch.empty_like(t).uniform_(1, 16).log()))
+            dt = torch.empty_like(module.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp_min(1e-4)
+            _guarded(module.dt_bias, lambda t: t.copy_(dt + torch.log(-torch.expm1(-dt))))
+        elif isinstance(module, KimiLinearRouter):
+            _guarded(module.weight, lambda t: t.normal_(0.0, std))
+            _guarded(module.e_score_correction_bias, lambda t: t.zero_())
+        elif isinstance(module, (KimiLinearRMSNorm, KimiLinearGatedRMSNorm)):
+            _guarded(module.weight, lambda t: t.fill_(1.0))
+        elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Embedding)):
+            _guarded(module.weight, lambda t: t.normal_(0.0, std))
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Weights, config.json with auto_map, generation config, and this model's code files."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        here = Path(__file__).resolve().parent
+        for name in CODE_FILES:
+            target = Path(save_directory) / name
+            if not target.exists() or not target.samefile(here / name):
+                shutil.copyfile(here / name, target)
+
+    @classmethod
+    def from_pretrained(cls, *args, strict=True, **kwargs):
+        """As transformers' from_pretrained, but a checkpoint with a missing, unexpected or misshaped tensor raises
+        a ValueError naming it (transformers would only warn and initialise it at random). strict=False restores
+        the lenient behaviour."""
+        want_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        problems = []
+        if info.get("missing_keys"):
+            problems.append(f"missing from the checkpoint: {sorted(info['missing_keys'])}")
+        if info.get("unexpected_keys"):
+            problems.append(f"not used by {cls.__name__}: {sorted(info['unexpected_keys'])}")
+        mismatched = info.get("mismatched_keys") or []
+        if mismatched and not ignore_mismatched:
+            problems.append("wrong shape (checkpoint vs model): " + ", ".join(f"{m[0]} {list(m[1])} vs {list(m[2])}" if isinstance(m, (tuple, list)) and len(m) == 3 else str(m) for m in sorted(mismatched, key=str)))
+        if problems and strict:
+            raise ValueError(
+                f"Checkpoint does not match the Kimi Linear layout ({'; '.join(problems)}). "
+                "Convert it with conversion/ or pass strict=False to load anyway."
+            )
+        return (model, info) if want_info else model
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls):
+        return False  # generate() must not build a DynamicCache; we supply KimiLinearCache
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        user_cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        if user_cache is not None:
+            if not isinstance(user_cache, KimiLinearCache):
+                raise TypeError(
+                    f"Kimi Linear needs a KimiLinearCache (KDA states and MLA latents), got {type(user_cache).__name__}. "
+                    "Pass `cache=KimiLinearCache(model.config)` or no cache at all."
+                )
+            return
+        if generation_config.use_cache is False:
+            return
+        model_kwargs[_CACHE_FIELD] = KimiLinearCache(self.config)
+
+
+class KimiLinearModel(KimiLinearPreTrainedModel):
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__(config)
+        pad = config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < config.vocab_size else None
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, pad)
+        self.layers = nn.ModuleList(KimiLinearDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = KimiLinearRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ):
+        cache = cache if cache is not None else past_key_values  # transformers >= 5.24 says `cache`
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = KimiLinearCache(self.config)
+        if cache is not None and not isinstance(cache, KimiLinearCache):
+            raise TypeError(f"Kimi Linear needs a KimiLinearCache, got {type(cache).__name__}.")
+        past = cache.get_seq_length() if cache is not None else 0
+
+        key_mask = pad_mask = None
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[1] not in (past + T, T) or (
+                attention_mask.shape[1] == T and past and T != past + T
+            ):
+                raise ValueError(
+                    "attention_mask must be a 2D 0/1 tensor [batch, cached + new tokens] "
+                    f"(expected [{B}, {past + T}], got {list(attention_mask.shape)})."
+                )
+            key_mask = attention_mask.bool()
+            if not bool(key_mask.all()):
+                pad_mask = key_mask[:, -T:]
+                if bool(pad_mask.all()):
+                    pad_mask = None
+            else:
+                key_mask = None
+
+        states = cache.layers if cache is not None else [None] * len(self.layers)
+        for layer, state in zip(self.layers, states):
+            x = layer(x, state=state, pad_mask=pad_mask, key_mask=key_mask)
+        x = self.norm(x)
+        return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache if use_cache else None})
+
+
+class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__(config)
+        self.model = KimiLinearModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+        )
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif not isinstance(logits_to_keep, int):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
+
+
+__all__ = [
+    "KimiLinearCache",
+    "KimiLinearForCausalLM",
+    "KimiLinearModel",
+    "KimiLinearPreTrainedModel",
+]
