@@ -193,14 +193,16 @@ class KimiLinearConfig(PretrainedConfig):
                 )
             groups = self.num_expert_group if self.use_grouped_topk else 1
             if self.num_experts % groups:
-                raise ValueError(
-                    f"num_experts ({self.num_experts}) must be divisible by num_expert_group ({groups})."
-                )
+                raise ValueError(f"num_experts ({self.num_experts}) must be divisible by num_expert_group ({groups}).")
             if self.use_grouped_topk and not 1 <= self.topk_group <= groups:
                 raise ValueError(f"topk_group ({self.topk_group}) must be between 1 and num_expert_group ({groups}).")
             if self.use_grouped_topk and groups > 1 and self.num_experts // groups < 2:
                 raise ValueError("grouped top-k ranks groups by their top-2 experts: each group needs >= 2 experts.")
-            if self.use_grouped_topk and groups > 1 and self.topk_group * self.num_experts // groups < self.num_experts_per_token:
+            if (
+                self.use_grouped_topk
+                and groups > 1
+                and self.topk_group * self.num_experts // groups < self.num_experts_per_token
+            ):
                 raise ValueError(
                     f"topk_group ({self.topk_group}) groups of {self.num_experts // groups} experts cannot hold "
                     f"num_experts_per_token ({self.num_experts_per_token}) experts."
@@ -238,14 +240,48 @@ class KimiLinearConfig(PretrainedConfig):
 
 # The keys of the released config.json, always written on save.
 _RELEASED_KEYS = (
-    "architectures", "bos_token_id", "dtype", "eos_token_id", "first_k_dense_replace", "head_dim", "hidden_act",
-    "hidden_size", "initializer_range", "intermediate_size", "kv_lora_rank", "linear_attn_config", "mla_use_nope",
-    "model_max_length", "model_type", "moe_intermediate_size", "moe_layer_freq", "moe_renormalize",
-    "moe_router_activation_func", "num_attention_heads", "num_expert_group", "num_experts", "num_experts_per_token",
-    "num_hidden_layers", "num_key_value_heads", "num_nextn_predict_layers", "num_shared_experts", "pad_token_id",
-    "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "rms_norm_eps", "rope_scaling", "rope_theta",
-    "routed_scaling_factor", "tie_word_embeddings", "topk_group", "transformers_version", "use_cache",
-    "use_grouped_topk", "v_head_dim", "vocab_size",
+    "architectures",
+    "bos_token_id",
+    "dtype",
+    "eos_token_id",
+    "first_k_dense_replace",
+    "head_dim",
+    "hidden_act",
+    "hidden_size",
+    "initializer_range",
+    "intermediate_size",
+    "kv_lora_rank",
+    "linear_attn_config",
+    "mla_use_nope",
+    "model_max_length",
+    "model_type",
+    "moe_intermediate_size",
+    "moe_layer_freq",
+    "moe_renormalize",
+    "moe_router_activation_func",
+    "num_attention_heads",
+    "num_expert_group",
+    "num_experts",
+    "num_experts_per_token",
+    "num_hidden_layers",
+    "num_key_value_heads",
+    "num_nextn_predict_layers",
+    "num_shared_experts",
+    "pad_token_id",
+    "q_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "rms_norm_eps",
+    "rope_scaling",
+    "rope_theta",
+    "routed_scaling_factor",
+    "tie_word_embeddings",
+    "topk_group",
+    "transformers_version",
+    "use_cache",
+    "use_grouped_topk",
+    "v_head_dim",
+    "vocab_size",
 )
 
 __all__ = ["KimiLinearConfig"]

@@ -183,9 +183,10 @@ def kda_chunk_torch(q, k, v, g, beta, scale=None, initial_state=None, output_fin
 
 def kda_step_torch(q, k, v, g, beta, state, scale=None):
     """One decode step. q, k [B, H, K] (L2-normalised), v [B, H, V], g [B, H, K], beta [B, H],
-    state [B, H, K, V] float32. Returns o [B, H, V] in float32 and the new state."""
+    state [B, H, K, V] float32 (float64 for references). Returns o [B, H, V] and the new state, in the state's
+    precision."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
+    q, k, v, g, beta = (x.to(state.dtype) for x in (q, k, v, g, beta))
     S = state * torch.exp(g).unsqueeze(-1)  # decay first
     u = beta.unsqueeze(-1) * (v - torch.einsum("bhk,bhkv->bhv", k, S))
     S = S + k.unsqueeze(-1) * u.unsqueeze(-2)  # then the delta update
@@ -329,7 +330,11 @@ class KimiMLAAttention(nn.Module):
         value = latent[:, None, :, : self.kv_lora_rank]
         is_causal = mask is None and q.shape[2] > 1
         o_lat = F.scaled_dot_product_attention(
-            q_lat, key.expand(-1, h, -1, -1), value.expand(-1, h, -1, -1), attn_mask=mask, is_causal=is_causal,
+            q_lat,
+            key.expand(-1, h, -1, -1),
+            value.expand(-1, h, -1, -1),
+            attn_mask=mask,
+            is_causal=is_causal,
             scale=self.scaling,
         )  # [B, h, T, 512]
         return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)
@@ -696,9 +701,9 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
             problems.append(f"missing from the checkpoint: {sorted(info['missing_keys'])}")
         if info.get("unexpected_keys"):
             problems.append(f"not used by {cls.__name__}: {sorted(info['unexpected_keys'])}")
-        mismatched = info.get("mismatched_keys") or []
-        if mismatched and not ignore_mismatched:
-            problems.append("wrong shape (checkpoint vs model): " + ", ".join(f"{m[0]} {list(m[1])} vs {list(m[2])}" if isinstance(m, (tuple, list)) and len(m) == 3 else str(m) for m in sorted(mismatched, key=str)))
+        if info.get("mismatched_keys") and not ignore_mismatched:
+            shapes = [f"{name} {list(ckpt)} vs {list(ours)}" for name, ckpt, ours in sorted(info["mismatched_keys"])]
+            problems.append(f"wrong shape (checkpoint vs model): {', '.join(shapes)}")
         if problems and strict:
             raise ValueError(
                 f"Checkpoint does not match the Kimi Linear layout ({'; '.join(problems)}). "
@@ -715,7 +720,8 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
         if user_cache is not None:
             if not isinstance(user_cache, KimiLinearCache):
                 raise TypeError(
-                    f"Kimi Linear needs a KimiLinearCache (KDA states and MLA latents), got {type(user_cache).__name__}. "
+                    "Kimi Linear needs a KimiLinearCache (KDA states and MLA latents), "
+                    f"got {type(user_cache).__name__}. "
                     "Pass `cache=KimiLinearCache(model.config)` or no cache at all."
                 )
             return
@@ -725,9 +731,13 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
 
 
 class KimiLinearModel(KimiLinearPreTrainedModel):
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # a causal-LM checkpoint loads into the base model
+
     def __init__(self, config: KimiLinearConfig):
         super().__init__(config)
-        pad = config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < config.vocab_size else None
+        pad = (
+            config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < config.vocab_size else None
+        )
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, pad)
         self.layers = nn.ModuleList(KimiLinearDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = KimiLinearRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -766,8 +776,10 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
 
         key_mask = pad_mask = None
         if attention_mask is not None:
-            if attention_mask.dim() != 2 or attention_mask.shape[1] not in (past + T, T) or (
-                attention_mask.shape[1] == T and past and T != past + T
+            if (
+                attention_mask.dim() != 2
+                or attention_mask.shape[1] not in (past + T, T)
+                or (attention_mask.shape[1] == T and past and T != past + T)
             ):
                 raise ValueError(
                     "attention_mask must be a 2D 0/1 tensor [batch, cached + new tokens] "

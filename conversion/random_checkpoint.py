@@ -77,7 +77,9 @@ def main():
     ap.add_argument("--config", required=True, help="config.json in the released format")
     ap.add_argument("--out", required=True, help="output directory (must not hold a model)")
     ap.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="(default: %(default)s)")
+    ap.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="(default: %(default)s)"
+    )
     ap.add_argument("--no-tokenizer", action="store_true", help="skip the byte-level tokenizer")
     ap.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = ap.parse_args()

@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from conftest import SHARED, tiny_config_dict
 
+from conftest import SHARED, tiny_config_dict
 from kimi_linear.configuration_kimi_linear import KDA, MLA, KimiLinearConfig
 
 RELEASED = json.loads((SHARED / "reference" / "official_config_48b_a3b.json").read_text())
@@ -53,7 +53,7 @@ def _lac(**changes):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"linear_attn_config": _lac(kda_layers=[1, 2, 3, 5, 6]) }, "missing: \\[7\\]"),
+        ({"linear_attn_config": _lac(kda_layers=[1, 2, 3, 5, 6])}, "missing: \\[7\\]"),
         ({"linear_attn_config": _lac(kda_layers=[1, 2, 3, 4, 5, 6, 7])}, "listed twice: \\[4\\]"),
         ({"linear_attn_config": _lac(full_attn_layers=[4, 8, 9])}, "out of range: \\[9\\]"),
         ({"linear_attn_config": _lac(kda_layers=[0, 1, 2, 3, 5, 6, 7])}, "out of range: \\[0\\]"),

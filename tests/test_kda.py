@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import rel_err
 
+from conftest import rel_err
 from kimi_linear.modeling_kimi_linear import kda_chunk_torch, kda_gate, kda_step_torch, l2norm, short_conv
 from kimi_linear_kernels.naive import kda_recurrent_reference
 

@@ -3,8 +3,8 @@ latent MLA == expanded MLA, MoE == a per-token reference, and generate() in ever
 
 import pytest
 import torch
-from conftest import build_model, rel_err, tiny_config
 
+from conftest import build_model, rel_err, tiny_config
 from kimi_linear.configuration_kimi_linear import KDA
 from kimi_linear.modeling_kimi_linear import KimiLinearCache, KimiLinearMoE, _attention_mask
 
@@ -44,7 +44,9 @@ def test_bfloat16_decode_tracks_float32():
     model16 = build_model(dtype=torch.bfloat16)
     ids = ids_for(1, 40, seed=2)
     cache = KimiLinearCache(model16.config)
-    out = [model16(ids[:, :30], cache=cache).logits] + [model16(ids[:, t : t + 1], cache=cache).logits for t in range(30, 40)]
+    out = [model16(ids[:, :30], cache=cache).logits] + [
+        model16(ids[:, t : t + 1], cache=cache).logits for t in range(30, 40)
+    ]
     out = torch.cat(out, 1)
     assert out.dtype == torch.bfloat16
     # cached bf16 decode == one bf16 forward, to bf16 rounding; and bf16 stays near float32 through 8 layers
@@ -68,8 +70,13 @@ def test_left_padded_batch_generates_what_each_prompt_generates_alone(tiny_model
     ids, mask = left_pad(prompts)
     batch = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False)
     for i, p in enumerate(prompts):
-        alone = tiny_model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                    max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        alone = tiny_model.generate(
+            p[None],
+            attention_mask=torch.ones(1, len(p), dtype=torch.long),
+            max_new_tokens=12,
+            min_new_tokens=12,
+            do_sample=False,
+        )
         assert torch.equal(batch[i, ids.shape[1] :], alone[0, len(p) :]), f"prompt {i}"
 
 
@@ -205,9 +212,18 @@ def test_beam_search_scores_match_a_fresh_forward(tiny_model):
     # would not match the log-probabilities of the same sequences recomputed from scratch.
     ids = ids_for(1, 10, seed=9)
     n = 7
-    out = tiny_model.generate(ids, num_beams=4, num_return_sequences=4, max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, length_penalty=0.0, early_stopping=True,
-                              output_scores=True, return_dict_in_generate=True)
+    out = tiny_model.generate(
+        ids,
+        num_beams=4,
+        num_return_sequences=4,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        length_penalty=0.0,
+        early_stopping=True,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     logp = torch.log_softmax(tiny_model(out.sequences, use_cache=False).logits.double(), -1)
     gen = out.sequences[:, 10:]
     recomputed = logp[:, 9:-1].gather(-1, gen[..., None]).squeeze(-1).sum(-1)

@@ -1,0 +1,169 @@
+"""Saving, loading through trust_remote_code (local folder and Hub-cache layout, offline), the released parameter
+layout, and clear errors for checkpoints that do not match it."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import SHARED, build_model, tiny_config_dict
+from kimi_linear.configuration_kimi_linear import KDA, KimiLinearConfig
+from kimi_linear.modeling_kimi_linear import KimiLinearForCausalLM
+from kimi_linear_conversion.random_checkpoint import byte_tokenizer, make_random_checkpoint
+
+
+def released_layout(cfg):
+    """Every (name, shape) the released checkpoint has, read from official_layout.md's tables."""
+    text = (SHARED / "reference" / "official_layout.md").read_text()
+    sections = {}
+    for title, body in re.findall(r"^## (.+?)\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M):
+        rows = []
+        for line in body.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) >= 2 and cells[1].startswith("["):
+                shape = [int(x) for x in re.findall(r"\d+", cells[1].split("(")[0])]
+                for name in cells[0].split(","):
+                    rows.append((name.strip(), shape))
+        sections[title.split("(")[0].strip()] = rows
+
+    def expand(name):
+        m = re.search(r"\{(\d+)\.\.(\d+)\}", name)
+        if not m:
+            return [name]
+        return [name[: m.start()] + str(i) + name[m.end() :] for i in range(int(m.group(1)), int(m.group(2)) + 1)]
+
+    expected = {}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        groups = [("Every layer", p), ("KDA layer" if cfg.layer_types[i] == KDA else "MLA layer", p + "self_attn.")]
+        groups.append(
+            ("MoE layer", p + "block_sparse_moe.") if cfg.mlp_types[i] == "moe" else ("Dense MLP", p + "mlp.")
+        )
+        for section, prefix in groups:
+            for name, shape in sections[section]:
+                full = name.replace("model.layers.N.", p) if name.startswith("model.") else prefix + name
+                for n in expand(full):
+                    expected[n] = shape
+    for name, shape in sections["Outside the layers"]:
+        expected[name] = shape
+    return expected
+
+
+def test_parameter_names_and_shapes_are_the_released_layout():
+    cfg = KimiLinearConfig(**json.loads((SHARED / "reference" / "official_config_48b_a3b.json").read_text()))
+    with torch.device("meta"):
+        model = KimiLinearForCausalLM(cfg)
+    ours = {n: list(t.shape) for n, t in model.state_dict().items()}
+    expected = released_layout(cfg)
+    assert set(ours) - set(expected) == set(), "names the released checkpoint does not have"
+    assert set(expected) - set(ours) == set(), "released names we do not have"
+    assert {n: s for n, s in ours.items() if expected[n] != s} == {}
+    assert len(ours) == 20493
+    assert sum(t.numel() for t in model.state_dict().values()) == 49_122_681_728
+
+
+def test_save_pretrained_writes_code_and_auto_map(tmp_path):
+    build_model().save_pretrained(tmp_path)
+    files = set(os.listdir(tmp_path))
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "configuration_kimi_linear.py",
+        "modeling_kimi_linear.py",
+    } <= files
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "modeling_kimi_linear.KimiLinearForCausalLM"
+    assert auto_map["AutoConfig"] == "configuration_kimi_linear.KimiLinearConfig"
+
+
+@torch.no_grad()
+def test_remote_code_round_trip_gives_identical_logits(tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    model = build_model(seed=3)
+    model.save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    ids = torch.randint(3, 512, (2, 50), generator=torch.Generator().manual_seed(0))
+    cfg = AutoConfig.from_pretrained(tmp_path, trust_remote_code=True)
+    assert type(cfg).__name__ == "KimiLinearConfig" and cfg.layer_types == model.config.layer_types
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert type(loaded).__module__.startswith("transformers_modules")  # our files, not the built-in class
+    assert torch.equal(loaded(ids).logits, model(ids).logits)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert tok.decode(tok("Kimi Linear: ünïcode ✓")["input_ids"]) == "Kimi Linear: ünïcode ✓"
+
+
+def test_loading_from_the_hub_cache_offline(tmp_path):
+    src = make_random_checkpoint(tiny_config_dict(), tmp_path / "src", seed=5)
+    snapshot = tmp_path / "home" / "hub" / "models--acme--tiny-kimi" / "snapshots" / ("a" * 40)
+    snapshot.parent.mkdir(parents=True)
+    src.rename(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    script = textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from kimi_linear.modeling_kimi_linear import KimiLinearForCausalLM
+        ids = torch.arange(3, 40)[None]
+        hub = AutoModelForCausalLM.from_pretrained("acme/tiny-kimi", trust_remote_code=True).eval()
+        local = KimiLinearForCausalLM.from_pretrained({str(snapshot)!r}).eval()
+        assert type(hub).__module__.startswith("transformers_modules"), type(hub).__module__
+        with torch.no_grad():
+            assert torch.equal(hub(ids).logits, local(ids).logits)
+        AutoTokenizer.from_pretrained("acme/tiny-kimi")
+        print("OK")
+    """)
+    env = dict(os.environ, HF_HOME=str(tmp_path / "home"), HF_HUB_OFFLINE="1")
+    env.pop("HF_HUB_CACHE", None)
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+def _tamper(path, change):
+    weights = load_file(path / "model.safetensors")
+    change(weights)
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda w: w.pop("model.layers.1.self_attn.q_proj.weight"),
+            r"missing from the checkpoint: \['model\.layers\.1\.self_attn\.q_proj\.weight'\]",
+        ),
+        (
+            lambda w: w.__setitem__("model.layers.2.self_attn.k_proj.weight", torch.zeros(3, 3)),
+            r"wrong shape.*model\.layers\.2\.self_attn\.k_proj\.weight \[3, 3\] vs \[64, 64\]",
+        ),
+        (
+            lambda w: w.__setitem__("model.layers.0.self_attn.extra.weight", torch.zeros(2)),
+            r"not used by .*extra\.weight",
+        ),
+    ],
+)
+def test_mismatched_checkpoints_name_the_tensor(tmp_path, change, message):
+    build_model().save_pretrained(tmp_path)
+    _tamper(tmp_path, change)
+    with pytest.raises(ValueError, match=message):
+        KimiLinearForCausalLM.from_pretrained(tmp_path)
+    model, info = KimiLinearForCausalLM.from_pretrained(
+        tmp_path, strict=False, output_loading_info=True, ignore_mismatched_sizes=True
+    )
+    assert any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+
+
+def test_random_checkpoint_refuses_to_overwrite(tmp_path):
+    out = make_random_checkpoint(tiny_config_dict(), tmp_path / "m")
+    with pytest.raises(FileExistsError, match="already exists"):
+        make_random_checkpoint(tiny_config_dict(), out)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written temp folder left
