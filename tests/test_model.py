@@ -262,3 +262,21 @@ def test_training_reaches_every_selected_expert_and_checkpointing_matches():
     for n, p in model.named_parameters():
         if n in grads:
             assert rel_err(p.grad, grads[n]) < 1e-5, n
+
+
+@torch.no_grad()
+def test_latent_decode_respects_a_lora_adapter_on_kv_b_proj():
+    # Absorbed (latent) decode reads kv_b_proj.weight; with an adapter on kv_b_proj that would silently drop the
+    # adapter, so the model must fall back to the expanded path and still match one full forward.
+    peft = pytest.importorskip("peft")
+    model = build_model()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["kv_b_proj"], init_lora_weights=False)
+    model = peft.get_peft_model(model, config).eval()
+    ids = ids_for(1, 60, seed=12)
+    full = model(input_ids=ids, use_cache=False).logits
+    cache = KimiLinearCache(model.config)
+    steps = [model(input_ids=ids[:, :40], cache=cache).logits]
+    steps += [model(input_ids=ids[:, t : t + 1], cache=cache).logits for t in range(40, 60)]
+    assert rel_err(torch.cat(steps, 1), full) < 1e-5
+    with model.disable_adapter():
+        assert rel_err(model(input_ids=ids, use_cache=False).logits, full) > 1e-3  # the adapter does change outputs
