@@ -167,3 +167,26 @@ def test_random_checkpoint_refuses_to_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="already exists"):
         make_random_checkpoint(tiny_config_dict(), out)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written temp folder left
+
+
+@torch.no_grad()
+def test_text_generation_pipeline_with_remote_code(tmp_path):
+    from transformers import AutoTokenizer, pipeline
+
+    path = make_random_checkpoint(tiny_config_dict(), tmp_path / "m", seed=8)
+    pipe = pipeline("text-generation", model=str(path), trust_remote_code=True)
+    assert type(pipe.model).__module__.startswith("transformers_modules")
+    text = pipe("To be, or not", max_new_tokens=12, min_new_tokens=12, do_sample=False)[0]["generated_text"]
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = tok("To be, or not", return_tensors="pt")["input_ids"]
+    model = KimiLinearForCausalLM.from_pretrained(path).eval()
+    expected = tok.decode(model.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0])
+    assert text == expected
+
+
+@pytest.mark.parametrize("fake", ["4.57.0", "5.25.0"])
+def test_unsupported_transformers_fails_at_import_naming_the_range(fake):
+    script = f"import transformers; transformers.__version__ = {fake!r}; import kimi_linear.configuration_kimi_linear"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert f"supports transformers >= 5.0.0, < 5.25.0; found {fake}" in out.stderr
