@@ -149,10 +149,11 @@ def kda_chunk_torch(q, k, v, g, beta, scale=None, initial_state=None, output_fin
 
     # Inside blocks: pairwise decays, masked before the exp.
     causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
-    pair = torch.exp((Gb.unsqueeze(-2) - Gb.unsqueeze(-3)).masked_fill(~causal[:, :, None], float("-inf")))
+    pair = (Gb.unsqueeze(-2) - Gb.unsqueeze(-3)).masked_fill_(~causal[:, :, None], float("-inf")).exp_()
     qb, kb = q.view(B, H, N, P, c, K), k.view(B, H, N, P, c, K)
-    d_qk = (qb.unsqueeze(-2) * pair * kb.unsqueeze(-3)).sum(-1)  # [B, H, N, P, c, c], i <= t
-    d_kk = (kb.unsqueeze(-2) * pair * kb.unsqueeze(-3)).sum(-1).tril(-1)  # i < t
+    decayed_k = pair * kb.unsqueeze(-3)  # [B, H, N, P, c(t), c(i), K]: k_i exp(G_t - G_i)
+    d = (decayed_k @ torch.stack([qb, kb], dim=-1)).transpose(-1, -2)  # [B, H, N, P, c, 2, c]: q_t, k_t rows
+    d_qk, d_kk = d[..., 0, :], d[..., 1, :].tril(-1)  # [B, H, N, P, c, c]: i <= t, and i < t
     eye_p = torch.eye(P, device=q.device)
 
     def assemble(off, diag):  # [B,H,N,P,c,C] + block-diagonal [B,H,N,P,c,c] -> [B,H,N,C,C]
