@@ -194,6 +194,25 @@ def kda_step_torch(q, k, v, g, beta, state, scale=None):
     return scale * torch.einsum("bhk,bhkv->bhv", q, S), S
 
 
+def kda_decode_torch(xq, xk, xv, conv_q, conv_k, conv_v, wq, wk, wv, g_raw, A_log, dt_bias, b_raw, state, scale=None):
+    """One decode step for B tokens, updating the conv windows and the recurrent state in place.
+
+    xq, xk [B, H*K], xv [B, H*V]: projections before the conv; conv_*: [B, D, W-1] windows; w*: conv weights
+    [D, 1, W]; g_raw [B, H*K] = f_b(f_a(x)); b_raw [B, H] = b_proj(x); state [B, H, K, V] float32.
+    Returns o [B, H, V] float32. The twin of kimi_linear_kernels.kda_decode_fused (one Triton launch)."""
+    B, H = b_raw.shape
+    heads = []
+    for x_, window, w in ((xq, conv_q, wq), (xk, conv_k, wk), (xv, conv_v, wv)):
+        y, new_window = short_conv(x_[:, None], w, window)
+        window.copy_(new_window)
+        heads.append(y[:, 0].view(B, H, -1))
+    q, k, v = heads
+    g = kda_gate(g_raw.view(B, H, -1), A_log, dt_bias)
+    o, new_state = kda_step_torch(l2norm(q), l2norm(k), v, g, torch.sigmoid(b_raw.float()), state, scale)
+    state.copy_(new_state)
+    return o
+
+
 def _kda_backend(x):
     """The kernels package when it can serve this tensor (CUDA with fla), else None: plain PyTorch."""
     return _kernels if _kernels is not None and _kernels.kda_backend(x) != "torch" else None
@@ -229,6 +248,17 @@ class KimiDeltaAttention(nn.Module):
         pad_mask [B, T] bool (True = real token) or None."""
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
+        if state is not None and state.recurrent is not None and T == 1 and pad_mask is None:
+            o = self._decode(x[:, 0], state).unsqueeze(1)
+        else:
+            o = self._prefill(x, state, pad_mask)
+        gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, D)
+        o = self.o_norm(o.to(x.dtype), gate).reshape(B, T, H * D)
+        return self.o_proj(o)
+
+    def _prefill(self, x, state, pad_mask):
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
         conv = state.conv if state is not None and state.conv is not None else (None, None, None)
         x_in = x if pad_mask is None else x * pad_mask[..., None].to(x.dtype)  # padding enters the conv as zeros
         q, cq = short_conv(self.q_proj(x_in), self.q_conv1d.weight, conv[0])
@@ -242,24 +272,24 @@ class KimiDeltaAttention(nn.Module):
             keep = pad_mask[..., None, None]
             k, g = torch.where(keep, k, 0.0), torch.where(keep, g, 0.0)
         h0 = state.recurrent if state is not None else None
-
         fast = _kda_backend(x)
-        if h0 is not None and T == 1:
-            if fast is not None:
-                o, h = fast.kda_decode(q, k, v, g, beta, h0)
-            else:
-                o, h = kda_step_torch(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], h0)
-                o = o.unsqueeze(1)
-        elif fast is not None:
-            o, h = fast.kda_chunk(q, k, v, g, beta, initial_state=h0, output_final_state=state is not None)
-        else:
-            o, h = kda_chunk_torch(q, k, v, g, beta, initial_state=h0, output_final_state=state is not None)
+        chunk = fast.kda_chunk if fast is not None else kda_chunk_torch
+        o, h = chunk(q, k, v, g, beta, initial_state=h0, output_final_state=state is not None)
         if state is not None:
             state.update(conv=(cq, ck, cv), recurrent=h, num_tokens=T)
+        return o
 
-        gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, D)
-        o = self.o_norm(o.to(x.dtype), gate).reshape(B, T, H * D)
-        return self.o_proj(o)
+    def _decode(self, x, state):
+        """One token per sequence, x [B, hidden]: conv windows and recurrent state are updated in place."""
+        fast = _kda_backend(x)
+        step = fast.kda_decode_fused if fast is not None else kda_decode_torch
+        o = step(
+            self.q_proj(x), self.k_proj(x), self.v_proj(x), *state.conv,
+            self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight,
+            self.f_b_proj(self.f_a_proj(x)), self.A_log, self.dt_bias, self.b_proj(x), state.recurrent,
+        )  # fmt: skip
+        state.seen += 1
+        return o
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -499,7 +529,9 @@ class KDALayerState:
         return self.recurrent is not None
 
     def update(self, conv, recurrent, num_tokens):
-        self.conv, self.recurrent = tuple(conv), recurrent.float()
+        # contiguous copies: decode updates these in place
+        self.conv = tuple(c.contiguous() for c in conv)
+        self.recurrent = recurrent.float().contiguous()
         self.seen += num_tokens
 
     def get_seq_length(self):

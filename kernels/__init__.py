@@ -1,10 +1,11 @@
 """Kimi Linear kernels, installed as `kimi_linear_kernels` (never as a top-level `kernels`, which is Hugging Face's
 own package).
 
-One dispatch point: `kda_backend(tensor)` says which implementation serves a tensor. CUDA tensors go to
-fla-core's Triton kernels when a tested fla-core is installed; everything else (CPU tensors above all, whatever is
-installed) stays on the plain PyTorch path in `modeling_kimi_linear.py`. `force_backend("torch")` pins the plain
-path for tests. fla is called by keyword only: its positional order has changed between releases.
+One dispatch point: `kda_backend(tensor)` says which implementation serves a tensor. CUDA tensors go to the Triton
+path when a tested fla-core is installed (fla's `chunk_kda` for prefill and training, this package's fused
+`kda_decode_fused` for one-token decode); everything else (CPU tensors above all, whatever is installed) stays on
+the plain PyTorch path in `modeling_kimi_linear.py`, whose functions are the twins. `force_backend("torch")` pins
+the plain path for tests. fla is called by keyword only: its positional order has changed between releases.
 """
 
 import importlib.metadata
@@ -22,10 +23,10 @@ _fla = None  # (chunk_kda, fused_recurrent_kda) once imported, False if unavaila
 
 
 def force_backend(name):
-    """Pin the backend: "torch", "fla", or None for automatic choice by device."""
+    """Pin the backend: "torch", "triton", or None for automatic choice by device."""
     global _forced
-    if name not in (None, "torch", "fla"):
-        raise ValueError(f"backend must be None, 'torch' or 'fla', got {name!r}")
+    if name not in (None, "torch", "triton"):
+        raise ValueError(f"backend must be None, 'torch' or 'triton', got {name!r}")
     _forced = name
 
 
@@ -60,15 +61,15 @@ def _load_fla():
 
 
 def kda_backend(x):
-    """'fla' or 'torch' for the tensor x. CPU tensors never reach a Triton kernel."""
+    """'triton' or 'torch' for the tensor x. CPU tensors never reach a Triton kernel."""
     if _forced is not None:
-        if _forced == "fla" and not x.is_cuda:
-            raise RuntimeError("force_backend('fla') needs CUDA tensors; fla's Triton kernels do not run on CPU.")
-        if _forced == "fla" and not _load_fla():
-            raise RuntimeError(f"force_backend('fla'): {fla_status()[1]}")
+        if _forced == "triton" and not x.is_cuda:
+            raise RuntimeError("force_backend('triton') needs CUDA tensors; Triton kernels do not run on CPU.")
+        if _forced == "triton" and not _load_fla():
+            raise RuntimeError(f"force_backend('triton'): {fla_status()[1]}")
         return _forced
     if x.is_cuda and _load_fla():
-        return "fla"
+        return "triton"
     return "torch"
 
 
@@ -91,17 +92,8 @@ def kda_chunk(q, k, v, g, beta, initial_state=None, output_final_state=True, cu_
     )
 
 
-def kda_decode(q, k, v, g, beta, state):
-    """One decode step with fla's fused_recurrent_kda: q, k, v, g [B, 1, H, *], beta [B, 1, H],
-    state [B, H, K, V] float32. Returns o [B, 1, H, V] and the new state."""
-    _, fused_recurrent_kda = _load_fla()
-    return fused_recurrent_kda(
-        q=q.to(v.dtype),
-        k=k.to(v.dtype),
-        v=v,
-        g=g.float(),
-        beta=beta.to(v.dtype),
-        initial_state=state.float(),
-        output_final_state=True,
-        use_qk_l2norm_in_kernel=False,
-    )
+def kda_decode_fused(*args, **kwargs):
+    """One fused Triton launch per KDA layer decode step; see kernels/kda_decode.py."""
+    from .kda_decode import kda_decode_fused as fused
+
+    return fused(*args, **kwargs)

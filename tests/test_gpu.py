@@ -56,7 +56,7 @@ def test_model_on_cuda_with_fla_matches_torch_path():
     lac = dict(tiny_config_dict()["linear_attn_config"], num_heads=2, head_dim=64)
     model = build_model(linear_attn_config=lac).cuda()
     ids = torch.randint(3, 512, (2, 200), generator=torch.Generator().manual_seed(0)).cuda()
-    assert kernels.kda_backend(ids.float()) == "fla"
+    assert kernels.kda_backend(ids.float()) == "triton"
     fast = model(ids).logits
     cache = KimiLinearCache(model.config)
     steps = [model(ids[:, :150], cache=cache).logits] + [

@@ -15,15 +15,15 @@ def test_cpu_tensors_take_the_torch_path():
     assert kernels.kda_backend(torch.zeros(1)) == "torch"
 
 
-def test_forcing_fla_on_cpu_is_refused_and_torch_can_be_pinned():
+def test_forcing_triton_on_cpu_is_refused_and_torch_can_be_pinned():
     try:
         kernels.force_backend("torch")
         assert kernels.kda_backend(torch.zeros(1)) == "torch"
-        kernels.force_backend("fla")
+        kernels.force_backend("triton")
         with pytest.raises(RuntimeError, match="needs CUDA tensors"):
             kernels.kda_backend(torch.zeros(1))
         with pytest.raises(ValueError, match="backend must be"):
-            kernels.force_backend("triton")
+            kernels.force_backend("cuda")
     finally:
         kernels.force_backend(None)
 
