@@ -65,11 +65,15 @@ def _kda_decode_kernel(
         tl.store(o + (b * H + h) * V + offv, scale * tl.sum(s * q[:, None], axis=0))
 
 
-def kda_decode_fused(xq, xk, xv, conv_q, conv_k, conv_v, wq, wk, wv, g_raw, A_log, dt_bias, b_raw, state, scale=None):
+def kda_decode_fused(
+    xq, xk, xv, conv_q, conv_k, conv_v, wq, wk, wv, g_raw, A_log, dt_bias, b_raw, state, scale=None,
+    block_v=None, num_warps=None,
+):  # fmt: skip
     """One KDA decode step for B tokens on CUDA. xq, xk [B, H*K], xv [B, H*V]: projections before the conv;
     conv_*: [B, D, W-1] windows; w*: conv weights [D, 1, W]; g_raw [B, H*K] = f_b(f_a(x)); A_log [H] (any shape
     with H elements); dt_bias [H*K]; b_raw [B, H] = b_proj(x); state [B, H, K, V] float32.
-    Updates the windows and the state in place; returns o [B, H, V] float32."""
+    Updates the windows and the state in place; returns o [B, H, V] float32. block_v / num_warps override the
+    fixed launch configuration (benchmarks sweep them)."""
     B, H = b_raw.shape
     K, V = state.shape[-2:]
     W = wq.shape[-1]
@@ -82,7 +86,7 @@ def kda_decode_fused(xq, xk, xv, conv_q, conv_k, conv_v, wq, wk, wv, g_raw, A_lo
     _kda_decode_kernel[(B * H,)](
         xq, xk, xv, conv_q, conv_k, conv_v, wq, wk, wv, g_raw, A_log, dt_bias, b_raw, state, o,
         K**-0.5 if scale is None else scale,
-        H=H, K=K, V=V, W=W, WP=triton.next_power_of_2(max(W - 1, 2)), BV=min(V, 32),
-        num_warps=4,
+        H=H, K=K, V=V, W=W, WP=triton.next_power_of_2(max(W - 1, 2)), BV=block_v or min(V, 32),
+        num_warps=num_warps or 4,
     )  # fmt: skip
     return o

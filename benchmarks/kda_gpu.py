@@ -1,0 +1,260 @@
+"""KDA on the GPU, per layer at the released dimensions (32 heads x 128, conv kernel 4): decode step time vs
+batch and prefill time vs length, with their baselines measured in the same run.
+
+    python benchmarks/kda_gpu.py --out-dir benchmarks/results           # on a CUDA machine with fla-core
+    bash .ci/gpu-bench                                                  # the same on the lent card (no internet)
+
+Decode (one token per sequence, in place on the cache's tensors), for B in --batches:
+  ours        kimi_linear_kernels.kda_decode_fused: conv windows + SiLU + L2 norm + gate + beta + state update +
+              output in one Triton launch (several launch configurations; the default is marked)
+  fla         fla-core's fused_recurrent_kda on precomputed q, k, v, g, beta (the kernel alone: fla's layer adds
+              the convs, norm and gate as separate launches)
+  torch       kda_decode_torch, the PyTorch twin, on the GPU
+Each is timed eagerly (triton.testing.do_bench, launch overhead included) and replayed from a CUDA graph
+(do_bench_cudagraph), median. Bandwidth counts the float32 state read and written once per step; the card's copy
+bandwidth (bytes read + written by a 1 GiB device-to-device copy) is measured in the same run.
+
+Prefill (B = 1, bfloat16), for T in --lengths: fla chunk_kda forward (the path our model calls), our whole KDA
+layer forward (projections, convs, gate, chunk_kda, gated norm, output), and SDPA causal attention at MLA's
+shape (32 heads, q/k 192, v 128) up to --sdpa-max tokens.
+
+Writes kda_gpu.json and kda_gpu.png to --out-dir and prints a table.
+"""
+
+import argparse
+import datetime
+import importlib.metadata as md
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
+
+import kimi_linear_kernels as kernels
+from kimi_linear.configuration_kimi_linear import KimiLinearConfig
+from kimi_linear.modeling_kimi_linear import KimiDeltaAttention, kda_decode_torch
+
+H, K, W = 32, 128, 4
+D = H * K
+REPO = Path(__file__).resolve().parents[1]
+
+
+def version(name):
+    try:
+        return md.version(name)
+    except md.PackageNotFoundError:
+        return None
+
+
+def metadata():
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            ).stdout.strip()
+            or None
+        )
+    except OSError:
+        commit = None
+    return {
+        "card": torch.cuda.get_device_name(0),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "fla-core": version("fla-core"),
+        "transformers": version("transformers"),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_commit": commit or os.environ.get("KIMI_COMMIT"),
+    }  # fmt: skip
+
+
+def copy_bandwidth():
+    x = torch.randn(2**28, device="cuda")  # 1 GiB
+    y = torch.empty_like(x)
+    ms = do_bench(lambda: y.copy_(x), warmup=50, rep=300, return_mode="median")
+    return 2 * x.numel() * 4 / (ms * 1e-3)
+
+
+def decode_inputs(B):
+    g = torch.Generator(device="cuda").manual_seed(B)
+    rnd = lambda *s, scale=1.0: torch.randn(*s, device="cuda", generator=g) * scale  # noqa: E731
+    return dict(
+        xq=rnd(B, D).bfloat16(), xk=rnd(B, D).bfloat16(), xv=rnd(B, D).bfloat16(),
+        conv_q=rnd(B, D, W - 1).bfloat16(), conv_k=rnd(B, D, W - 1).bfloat16(), conv_v=rnd(B, D, W - 1).bfloat16(),
+        wq=rnd(D, 1, W, scale=0.5).bfloat16(), wk=rnd(D, 1, W, scale=0.5).bfloat16(),
+        wv=rnd(D, 1, W, scale=0.5).bfloat16(),
+        g_raw=rnd(B, D).bfloat16(), A_log=rnd(1, 1, H, 1), dt_bias=rnd(D), b_raw=rnd(B, H).bfloat16(),
+        state=rnd(B, H, K, K),
+    )  # fmt: skip
+
+
+def timed(fn):
+    eager = do_bench(fn, warmup=25, rep=200, return_mode="median")
+    try:
+        graph = do_bench_cudagraph(fn, rep=200, return_mode="median")
+    except Exception as err:  # a path that cannot be captured: record why, keep the eager figure
+        print(f"  (no CUDA graph: {type(err).__name__}: {str(err)[:120]})")
+        graph = float("nan")
+    return {"eager_us": eager * 1e3, "graph_us": graph * 1e3}
+
+
+def guarded(row, key, fn):
+    """row[key] = fn(), or 'OOM' when the card runs out of memory at this size."""
+    try:
+        row[key] = fn()
+    except torch.OutOfMemoryError:
+        row[key] = "OOM"
+    torch.cuda.empty_cache()
+
+
+CONFIGS = [(32, 4), (64, 4), (64, 8), (128, 8)]  # (block_v, num_warps) swept for ours
+
+
+def bench_decode(batches, copy_bw):
+    return [decode_row(B, copy_bw) for B in batches]
+
+
+def decode_row(B, copy_bw):
+    from fla.ops.kda import fused_recurrent_kda
+
+    inp = decode_inputs(B)
+    row = {"B": B, "state_bytes": 2 * B * H * K * K * 4}
+    for bv, nw in CONFIGS:
+        row[f"ours_bv{bv}_w{nw}"] = timed(
+            lambda bv=bv, nw=nw: kernels.kda_decode_fused(**inp, block_v=bv, num_warps=nw)
+        )
+    row["ours_default"] = timed(lambda: kernels.kda_decode_fused(**inp))
+    row["torch"] = timed(lambda: kda_decode_torch(*inp.values()))
+    q = F.normalize(torch.randn(B, 1, H, K, device="cuda"), dim=-1).bfloat16()
+    k = F.normalize(torch.randn(B, 1, H, K, device="cuda"), dim=-1).bfloat16()
+    v = torch.randn(B, 1, H, K, device="cuda").bfloat16()
+    g = -torch.rand(B, 1, H, K, device="cuda")
+    beta = torch.rand(B, 1, H, device="cuda").bfloat16()
+    h0 = torch.randn(B, H, K, K, device="cuda")
+    row["fla_kernel"] = timed(lambda: fused_recurrent_kda(q=q, k=k, v=v, g=g, beta=beta, initial_state=h0,
+                                                          output_final_state=True))  # fmt: skip
+    for t in list(row.values()):
+        if isinstance(t, dict):
+            t["bandwidth_frac_graph"] = row["state_bytes"] / (t["graph_us"] * 1e-6) / copy_bw
+    best = min((k_ for k_ in row if k_.startswith("ours_bv")), key=lambda k_: row[k_]["graph_us"])
+    ours = row["ours_default"]
+    print(f"decode B={B:4d}: ours {ours['graph_us']:7.1f} us (graph) {ours['eager_us']:7.1f} us (eager) "
+          f"{ours['bandwidth_frac_graph']:5.0%} of copy BW | best {best} {row[best]['graph_us']:.1f} us | "
+          f"fla kernel {row['fla_kernel']['graph_us']:.1f} us | torch {row['torch']['graph_us']:.1f} us",
+          flush=True)  # fmt: skip
+    return row
+
+
+def bench_prefill(lengths, sdpa_max):
+    cfg = KimiLinearConfig(
+        hidden_size=2304, num_hidden_layers=1, num_attention_heads=32, head_dim=72, num_experts=0,
+        linear_attn_config={"kda_layers": [1], "full_attn_layers": [], "num_heads": H, "head_dim": K,
+                            "short_conv_kernel_size": W},
+    )  # fmt: skip
+    layer = KimiDeltaAttention(cfg, 0).cuda().bfloat16()
+    with torch.no_grad():
+        layer.A_log.copy_(torch.empty(1, 1, H, 1).uniform_(1, 16).log())
+        layer.dt_bias.copy_(torch.empty(D).uniform_(-4, -1))
+    return [prefill_row(T, layer, sdpa_max) for T in lengths]
+
+
+def prefill_row(T, layer, sdpa_max):
+    from fla.ops.kda import chunk_kda
+
+    row = {"T": T}
+
+    def fla_chunk():
+        q = F.normalize(torch.randn(1, T, H, K, device="cuda"), dim=-1).bfloat16()
+        k = F.normalize(torch.randn(1, T, H, K, device="cuda"), dim=-1).bfloat16()
+        v = torch.randn(1, T, H, K, device="cuda").bfloat16()
+        g = -torch.rand(1, T, H, K, device="cuda") * 0.1
+        beta = torch.rand(1, T, H, device="cuda").bfloat16()
+        run = lambda: chunk_kda(q=q, k=k, v=v, g=g, beta=beta, output_final_state=True)  # noqa: E731
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        row["fla_chunk_first_call_s"] = time.perf_counter() - start
+        return do_bench(run, warmup=5, rep=50, return_mode="median")
+
+    def our_layer():
+        x = torch.randn(1, T, 2304, device="cuda").bfloat16()
+        with torch.no_grad():
+            return do_bench(lambda: layer(x), warmup=3, rep=20, return_mode="median")
+
+    def sdpa():
+        qa = torch.randn(1, 32, T, 192, device="cuda").bfloat16()
+        ka = torch.randn(1, 32, T, 192, device="cuda").bfloat16()
+        va = torch.randn(1, 32, T, 128, device="cuda").bfloat16()
+        return do_bench(lambda: F.scaled_dot_product_attention(qa, ka, va, is_causal=True), warmup=3, rep=20,
+                        return_mode="median")  # fmt: skip
+
+    guarded(row, "fla_chunk_ms", fla_chunk)
+    guarded(row, "ours_layer_ms", our_layer)
+    if T <= sdpa_max:
+        guarded(row, "sdpa_mla_ms", sdpa)
+    torch.cuda.empty_cache()
+    print(f"prefill T={T:8d}: {row}", flush=True)
+    return row
+
+
+def plot(report, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.8))
+    dec = report["decode"]
+    Bs = [r["B"] for r in dec]
+    curves = [("ours_default", "ours fused (1 launch)"), ("fla_kernel", "fla fused_recurrent_kda (kernel only)"),
+              ("torch", "PyTorch twin")]  # fmt: skip
+    for key, label in curves:
+        a.plot(Bs, [r[key]["graph_us"] for r in dec], marker="o", label=label)
+    floor = [r["state_bytes"] / report["copy_bandwidth_Bps"] * 1e6 for r in dec]
+    a.plot(Bs, floor, "k--", label="state bytes / copy bandwidth")
+    a.set(xscale="log", yscale="log", xlabel="batch (sequences)", ylabel="us per layer step (CUDA graph, median)",
+          title="KDA decode step, 32 heads x 128")  # fmt: skip
+    a.legend(fontsize=8)
+    pre = report["prefill"]
+    curves = [("fla_chunk_ms", "o", "fla chunk_kda (fwd)"), ("ours_layer_ms", "s", "our KDA layer (fwd)"),
+              ("sdpa_mla_ms", "^", "SDPA causal, MLA shape")]  # fmt: skip
+    for key, marker, label in curves:
+        pts = [(r["T"], r[key]) for r in pre if isinstance(r.get(key), float)]
+        if pts:
+            b.plot(*zip(*pts), marker=marker, label=label)
+    b.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms (median)", title="Prefill per layer, B = 1, bf16")
+    b.legend(fontsize=8)
+    m = report["metadata"]
+    fig.suptitle(f"{m['card']} | torch {m['torch']} | triton {m['triton']} | fla-core {m['fla-core']} | "
+                 f"{m['date_utc'][:10]} | commit {m['git_commit']}", fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64, 256], help="(default: %(default)s)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 65536, 262144, 1048576],
+                    help="(default: %(default)s)")  # fmt: skip
+    ap.add_argument("--sdpa-max", type=int, default=131072, help="(default: %(default)s)")
+    ap.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results", help="(default: %(default)s)")
+    args = ap.parse_args()
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"metadata": metadata(), "dims": {"H": H, "K": K, "V": K, "conv": W}}
+    report["copy_bandwidth_Bps"] = copy_bandwidth()
+    print(f"{report['metadata']}\ncopy bandwidth (read + write): {report['copy_bandwidth_Bps'] / 1e12:.2f} TB/s",
+          flush=True)  # fmt: skip
+    report["decode"] = bench_decode(args.batches, report["copy_bandwidth_Bps"])
+    (args.out_dir / "kda_gpu.json").write_text(json.dumps(report, indent=1))
+    report["prefill"] = bench_prefill(args.lengths, args.sdpa_max)
+    (args.out_dir / "kda_gpu.json").write_text(json.dumps(report, indent=1))
+    plot(report, args.out_dir / "kda_gpu.png")
+    print(f"wrote {args.out_dir / 'kda_gpu.json'} and kda_gpu.png")
+
+
+if __name__ == "__main__":
+    main()
