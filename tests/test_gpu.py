@@ -67,21 +67,24 @@ def test_chunk_varlen_gives_each_sequence_its_own_result():
 
 
 @pytest.mark.parametrize("B", [1, 5, 64])
-def test_fused_decode_matches_its_torch_twin(B):
-    # released layer dims: 32 heads x 128, conv kernel 4; activations bf16, state float32, all updated in place
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
+def test_fused_decode_matches_its_torch_twin(B, dtype, tol):
+    # released layer dims: 32 heads x 128, conv kernel 4; state float32; windows and state updated in place.
+    # In bf16 the twin rounds the conv output to bf16 (as prefill does) where the kernel keeps float32: the
+    # tolerance is bf16's rounding.
     H, K, W = 32, 128, 4
     D = H * K
     gen = torch.Generator(device="cuda").manual_seed(B)
     rnd = lambda *shape, s=1.0: torch.randn(*shape, device="cuda", generator=gen) * s  # noqa: E731
-    xq, xk, xv = (rnd(B, D).bfloat16() for _ in range(3))
-    windows = [rnd(B, D, W - 1).bfloat16() for _ in range(3)]
-    weights = [rnd(D, 1, W, s=0.5).bfloat16() for _ in range(3)]
-    g_raw, A_log, dt_bias, b_raw = rnd(B, D, s=3.0).bfloat16(), rnd(1, 1, H, 1), rnd(D), rnd(B, H).bfloat16()
+    xq, xk, xv = (rnd(B, D).to(dtype) for _ in range(3))
+    windows = [rnd(B, D, W - 1).to(dtype) for _ in range(3)]
+    weights = [rnd(D, 1, W, s=0.5).to(dtype) for _ in range(3)]
+    g_raw, A_log, dt_bias, b_raw = rnd(B, D, s=3.0).to(dtype), rnd(1, 1, H, 1), rnd(D), rnd(B, H).to(dtype)
     state = rnd(B, H, K, K)
     twin_windows, twin_state = [w.clone() for w in windows], state.clone()
     o_twin = kda_decode_torch(xq, xk, xv, *twin_windows, *weights, g_raw, A_log, dt_bias, b_raw, twin_state)
     o = kernels.kda_decode_fused(xq, xk, xv, *windows, *weights, g_raw, A_log, dt_bias, b_raw, state)
-    assert rel_rms(o, o_twin) < 1e-4 and rel_rms(state, twin_state) < 1e-4
+    assert rel_rms(o, o_twin) < tol and rel_rms(state, twin_state) < tol
     for a, b in zip(windows, twin_windows):
         assert torch.equal(a, b)
 
