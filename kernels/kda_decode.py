@@ -5,7 +5,8 @@ PyTorch twin (same signature, same in-place effect): `kda_decode_torch` in model
 
 One program per (sequence, head) owns that head's q/k/v conv channels and its [K, V] state, so the in-place updates
 race with nothing; the state is walked in [K, BV] tiles. Fixed launch configuration: nothing is tuned at run time,
-so a new batch size costs no tuning.
+so a new batch size costs no tuning (BV = 64 with 4 warps was the fastest of the swept configurations on an H200 at
+every batch from 1 to 256: benchmarks/kda_gpu.py).
 """
 
 import torch
@@ -86,7 +87,7 @@ def kda_decode_fused(
     _kda_decode_kernel[(B * H,)](
         xq, xk, xv, conv_q, conv_k, conv_v, wq, wk, wv, g_raw, A_log, dt_bias, b_raw, state, o,
         K**-0.5 if scale is None else scale,
-        H=H, K=K, V=V, W=W, WP=triton.next_power_of_2(max(W - 1, 2)), BV=block_v or min(V, 32),
+        H=H, K=K, V=V, W=W, WP=triton.next_power_of_2(max(W - 1, 2)), BV=block_v or min(V, 64),
         num_warps=num_warps or 4,
     )  # fmt: skip
     return o
