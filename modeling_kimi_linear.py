@@ -112,7 +112,7 @@ def kda_chunk_torch(q, k, v, g, beta, scale=None, initial_state=None, output_fin
 
     q, k: [B, T, H, K] (L2-normalised), v: [B, T, H, V], g: [B, T, H, K] log-decay (<= 0), beta: [B, T, H],
     initial_state: [B, H, K, V] or None. Returns o [B, T, H, V] (v's dtype) and the final state [B, H, K, V]
-    in float32 (None unless output_final_state).
+    in float32 (None unless output_final_state). Computes in float32, or in float64 when q is float64.
 
     Inside a chunk the delta-rule updates are folded with a unit-lower-triangular solve (the UT transform) and
     decays are cumulative sums G of g. Pairwise decays exp(G_t - G_i), i <= t, are only ever formed with a
@@ -129,8 +129,10 @@ def kda_chunk_torch(q, k, v, g, beta, scale=None, initial_state=None, output_fin
     pad = -T % C
     N = (T + pad) // C
 
-    def chunked(x):  # [B, T, H, D] -> [B, H, N, C, D] float32, zero-padded (padding is an identity step)
-        x = F.pad(x.float(), (0, 0, 0, 0, 0, pad))
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # float64 only for references
+
+    def chunked(x):  # [B, T, H, D] -> [B, H, N, C, D] in acc, zero-padded (padding is an identity step)
+        x = F.pad(x.to(acc), (0, 0, 0, 0, 0, pad))
         return x.view(B, N, C, H, -1).permute(0, 3, 1, 2, 4)
 
     q, k, v, g, beta = (chunked(x) for x in (q, k, v, g, beta.unsqueeze(-1)))
@@ -171,7 +173,7 @@ def kda_chunk_torch(q, k, v, g, beta, scale=None, initial_state=None, output_fin
     k_end = (k * torch.exp(G[..., -1:, :] - G)).transpose(-1, -2)  # [B, H, N, K, C]
     decay_end = torch.exp(G[..., -1, :]).unsqueeze(-1)  # [B, H, N, K, 1]
 
-    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.float()
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(acc)
     out = []
     for n in range(N):
         u = u_v[:, :, n] - w[:, :, n] @ S  # [B, H, C, V]

@@ -134,3 +134,11 @@ def test_short_conv_matches_direct_sum_and_carries_state():
     y1, s1 = short_conv(x[:, :5], w)
     y2, s2 = short_conv(x[:, 5:], w, s1)
     assert torch.allclose(torch.cat([y1, y2], 1), y, atol=1e-6) and torch.allclose(s2, state)
+
+
+def test_chunk_keeps_float64_for_references():
+    q, k, v, g, beta, h0 = (t.double() for t in kda_inputs(1, 70, 2, 8, 8, seed=4))
+    o, s = kda_chunk_torch(q, k, v, g, beta, initial_state=h0)
+    ro, rs = kda_recurrent_reference(q, k, v, g, beta, initial_state=h0)
+    assert o.dtype == s.dtype == torch.float64
+    assert rel_err(o, ro) < 1e-12 and rel_err(s, rs) < 1e-12
