@@ -19,6 +19,7 @@ Departures from a vanilla decoder-only transformer, in forward order:
   CPU tensor) the plain PyTorch code in this file runs.
 """
 
+import itertools
 import math
 import shutil
 from dataclasses import fields
@@ -468,7 +469,8 @@ class KimiLinearMoE(nn.Module):
         token = order // ids.shape[1]
         counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
         out = torch.zeros_like(flat)
-        for e, (start, stop) in enumerate(zip([0, *_cumsum(counts)[:-1]], _cumsum(counts))):
+        ends = list(itertools.accumulate(counts))
+        for e, (start, stop) in enumerate(zip([0, *ends], ends)):
             if start == stop:
                 continue
             rows = token[start:stop]
@@ -477,14 +479,6 @@ class KimiLinearMoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(shape)
-
-
-def _cumsum(xs):
-    total, out = 0, []
-    for x in xs:
-        total += x
-        out.append(total)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
