@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -98,6 +97,10 @@ class CheckpointReader:
             self._open = {file: safe_open(self.folder / file, framework="pt")}  # one shard open at a time
         return self._open[file].get_tensor(name)
 
+    def close(self):
+        """Drop the open shard (its memory map)."""
+        self._open = {}
+
     def items(self):
         """(name, tensor) shard by shard, in file order, so each shard is read once."""
         for name in sorted(self.location, key=lambda n: (self.location[n], n)):
@@ -117,45 +120,154 @@ def _numel(shape):
     return n
 
 
-class ShardWriter:
-    """Writes tensors into shards of at most max_shard_bytes (a single tensor larger than that gets its own shard)
-    and, on close, model.safetensors (one shard) or model-0000i-of-0000n.safetensors + the index."""
+ST_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
 
-    def __init__(self, folder, max_shard_bytes=5 * 2**30, metadata=None):
+
+def plan_shards(entries, max_bytes):
+    """Group [(name, nbytes)], in order, into shards of at most max_bytes (a larger tensor gets its own shard)."""
+    shards, current, size = [], [], 0
+    for name, nbytes in entries:
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+class _Shard:
+    """One safetensors file written tensor by tensor: the header first, then each tensor's bytes as it comes, hashed
+    on the way; nothing but the tensor in hand is held in memory. specs: [(name, st_dtype, shape)] in write order."""
+
+    def __init__(self, path, specs, metadata):
+        self.path, self.specs, self.i = Path(path), specs, 0
+        header, offset = {"__metadata__": metadata}, 0
+        for name, st_dtype, shape in specs:
+            n = _numel(shape) * _DTYPE_BYTES[st_dtype]
+            header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+        self.f = open(self.path, "wb")
+        self.hash = hashlib.sha256()
+        self._write(struct.pack("<Q", len(raw)) + raw)
+
+    def _write(self, data):
+        self.f.write(data)
+        self.hash.update(data)
+
+    def add(self, name, tensor):
+        want, st_dtype, shape = self.specs[self.i]
+        if name != want or ST_DTYPES.get(tensor.dtype) != st_dtype or tuple(tensor.shape) != tuple(shape):
+            raise CheckpointError(
+                f"{self.path.name}: expected {want} {st_dtype} {list(shape)} next, got {name} "
+                f"{ST_DTYPES.get(tensor.dtype, tensor.dtype)} {list(tensor.shape)}."
+            )
+        t = tensor.detach().contiguous().cpu()
+        if t.numel():
+            self._write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self.i += 1
+
+    def close(self):
+        self.f.close()
+        if self.i != len(self.specs):
+            raise CheckpointError(f"{self.path.name} got {self.i} of its {len(self.specs)} tensors.")
+        return self.hash.hexdigest()
+
+
+class ShardWriter:
+    """Writes a checkpoint as shards of at most max_shard_bytes (a single larger tensor gets its own shard):
+    model.safetensors when one shard is enough, else model-0000i-of-0000n.safetensors and the index. Streams: each
+    tensor goes to disk when added, so memory holds one tensor at a time whatever the shard size.
+
+    specs, [(name, torch dtype, shape)] in the order tensors will be added, lets every shard be laid out up front
+    and written once. Without specs, each shard's data is spilled to a side file and copied behind its header when
+    the shard is full (memory stays flat; the bytes are written twice). `hashes` maps file name -> sha256 after
+    close."""
+
+    def __init__(self, folder, max_shard_bytes=5 * 2**30, metadata=None, specs=None):
         self.folder = Path(folder)
         self.max = max_shard_bytes
         self.metadata = {"format": "pt", **(metadata or {})}
-        self.pending, self.pending_bytes, self.parts, self.weight_map, self.total = {}, 0, [], {}, 0
+        self.specs = None if specs is None else [(n, ST_DTYPES[d], tuple(s)) for n, d, s in specs]
+        self.names, self.total, self.hashes, self.files = set(), 0, {}, []  # files: [(temp path, [names])]
+        self._plan, self._shard, self._pending, self._spill, self._spill_size = None, None, [], None, 0
+        if self.specs is not None:
+            sizes = [(n, _numel(s) * _DTYPE_BYTES[d]) for n, d, s in self.specs]
+            by_name = {n: (n, d, s) for n, d, s in self.specs}
+            self._plan = [[by_name[n] for n in names] for names in plan_shards(sizes, self.max)]
 
     def add(self, name, tensor):
-        if name in self.weight_map or name in self.pending:
+        if name in self.names:
             raise CheckpointError(f"tensor {name} written twice.")
+        self.names.add(name)
         size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
         self.total += size
+        if self._plan is not None:
+            if self._shard is None or self._shard.i == len(self._shard.specs):
+                self._next_planned()
+            self._shard.add(name, tensor)
+            return
+        if self._pending and self._spill_size + size > self.max:
+            self._finish_spilled()
+        if self._spill is None:
+            self._spill = open(self.folder / f".part-{len(self.files):05d}.data", "wb")
+        t = tensor.detach().contiguous().cpu()
+        if t.numel():
+            self._spill.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        self._pending.append((name, ST_DTYPES[t.dtype], tuple(t.shape)))
+        self._spill_size += size
 
-    def _flush(self):
-        part = self.folder / f".part-{len(self.parts):05d}.safetensors"
-        save_file(self.pending, part, metadata=self.metadata)
-        self.parts.append((part, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+    def _next_planned(self):
+        if self._shard is not None:
+            self.hashes[len(self.files) - 1] = self._shard.close()
+        if len(self.files) == len(self._plan):
+            raise CheckpointError("more tensors added than the specs listed.")
+        specs = self._plan[len(self.files)]
+        path = self.folder / f".part-{len(self.files):05d}.safetensors"
+        self.files.append((path, [n for n, _, _ in specs]))
+        self._shard = _Shard(path, specs, self.metadata)
+
+    def _finish_spilled(self):
+        path = self.folder / f".part-{len(self.files):05d}.safetensors"
+        specs, self._pending = self._pending, []
+        shard = _Shard(path, specs, self.metadata)  # the header, then the spilled bytes behind it
+        if self._spill is not None:
+            self._spill.close()
+            spill = Path(self._spill.name)
+            with open(spill, "rb") as data:
+                while chunk := data.read(64 * 2**20):
+                    shard._write(chunk)
+            spill.unlink()
+        shard.i = len(specs)  # the bytes went in whole, in spec order
+        self.hashes[len(self.files)] = shard.close()
+        self.files.append((path, [n for n, _, _ in specs]))
+        self._spill, self._spill_size = None, 0
 
     def close(self):
-        if self.pending or not self.parts:
-            self._flush()
-        n = len(self.parts)
-        if n == 1:
-            self.parts[0][0].rename(self.folder / SINGLE)
-            return
-        for i, (part, names) in enumerate(self.parts, 1):
-            final = f"model-{i:05d}-of-{n:05d}.safetensors"
-            part.rename(self.folder / final)
-            self.weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
-        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if self._plan is not None:
+            if self._shard is None:  # an empty checkpoint
+                self._next_planned()
+            if len(self.files) != len(self._plan):
+                raise CheckpointError(f"only {len(self.names)} of the {len(self.specs)} listed tensors were added.")
+            self.hashes[len(self.files) - 1] = self._shard.close()
+        elif self._pending or not self.files:
+            self._finish_spilled()
+        n = len(self.files)
+        finals = [SINGLE] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        self.hashes = {final: self.hashes[i] for i, final in enumerate(finals)}
+        weight_map = {}
+        for (path, names), final in zip(self.files, finals):
+            path.rename(self.folder / final)
+            weight_map.update({name: final for name in names})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
     def __enter__(self):
         return self
