@@ -76,7 +76,7 @@ def write_source(folder, shard_bytes):
 
     from kimi_linear.configuration_kimi_linear import KimiLinearConfig
     from kimi_linear.modeling_kimi_linear import KimiLinearForCausalLM
-    from kimi_linear_conversion.io import ShardWriter
+    from kimi_linear_conversion.io import ShardWriter, numel
 
     config = json.loads((REPO / ".." / "shared" / "reference" / "official_config_48b_a3b.json").read_text())
     config.update(SCALE)
@@ -89,22 +89,15 @@ def write_source(folder, shard_bytes):
             writer.add(name, torch.empty(shape).normal_(0, 0.02, generator=gen))
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (folder / "tiktoken.model").write_text("IQ== 0\n")
-    largest = max(shapes, key=lambda n: _numel(shapes[n]))
+    largest = max(shapes, key=lambda n: numel(shapes[n]))
     return {
         "config": config,
         "num_tensors": len(shapes),
-        "num_parameters": sum(_numel(s) for s in shapes.values()),
-        "bytes": 4 * sum(_numel(s) for s in shapes.values()),
-        "largest_tensor": {"name": largest, "shape": list(shapes[largest]), "bytes": 4 * _numel(shapes[largest])},
+        "num_parameters": sum(numel(s) for s in shapes.values()),
+        "bytes": 4 * sum(numel(s) for s in shapes.values()),
+        "largest_tensor": {"name": largest, "shape": list(shapes[largest]), "bytes": 4 * numel(shapes[largest])},
         "files": sorted(p.name for p in folder.iterdir()),
     }
-
-
-def _numel(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def run_child(tool, args):
@@ -237,7 +230,7 @@ def main():
             runs[label] = run_child(tool, argv)
             runs[label]["argv"] = [tool, *argv]
             print(f"  {label}: {runs[label]['seconds']:.1f} s", flush=True)
-        outputs = {name: sorted(p.name for p in (work / name).iterdir()) for name in ("bf16", "bf16b", "ours")}
+        outputs = {name: sorted(p.name for p in (work / name).iterdir()) for name in ("bf16", "builtin", "ours")}
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -264,7 +257,7 @@ def main():
             f"{anon / gb:8.2f}G"
         )
     result = {
-        "what": "peak resident memory of conversion/reshard.py and conversion/from_released.py on a multi-GB "
+        "what": "peak resident memory of conversion/reshard.py, convert_layout.py and from_released.py on a multi-GB "
         "checkpoint, against its largest tensor",
         "metadata": metadata(),
         "source": source,

@@ -150,7 +150,8 @@ def main(argv=None):
     except (CheckpointError, FileExistsError) as err:
         ap.exit(1, f"error: {err}\n")
     print(f"wrote {path} ({args.to} layout)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -37,6 +37,7 @@ from kimi_linear_conversion.io import (
     CheckpointReader,
     atomic_output,
     holds_model,
+    numel,
     tensor_sha256,
 )
 
@@ -243,20 +244,13 @@ def build_manifest(folder, file_sha256=None, tensor_checksums=False, source=None
         "created_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "files": {f: {"size": (folder / f).stat().st_size, "sha256": file_sha256[f]} for f in shards + index},
         "num_tensors": len(tensors),
-        "num_parameters": sum(_numel(t["shape"]) for t in tensors.values()),
+        "num_parameters": sum(numel(t["shape"]) for t in tensors.values()),
         "total_tensor_bytes": sum(reader.nbytes(n) for n in reader.location),
         "tensors": tensors,
     }
     if source is not None:
         manifest["source"] = source
     return manifest
-
-
-def _numel(shape):
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def write_manifest(folder, manifest):

@@ -107,13 +107,13 @@ class CheckpointReader:
             yield name, self.get(name)
 
     def nbytes(self, name):
-        return _numel(self.shapes[name]) * _DTYPE_BYTES[self.dtypes[name]]
+        return numel(self.shapes[name]) * _DTYPE_BYTES[self.dtypes[name]]
 
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def _numel(shape):
+def numel(shape):
     n = 1
     for d in shape:
         n *= d
@@ -148,7 +148,7 @@ class _Shard:
         self.path, self.specs, self.i = Path(path), specs, 0
         header, offset = {"__metadata__": metadata}, 0
         for name, st_dtype, shape in specs:
-            n = _numel(shape) * _DTYPE_BYTES[st_dtype]
+            n = numel(shape) * _DTYPE_BYTES[st_dtype]
             header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -198,7 +198,7 @@ class ShardWriter:
         self.names, self.total, self.hashes, self.files = set(), 0, {}, []  # files: [(temp path, [names])]
         self._plan, self._shard, self._pending, self._spill, self._spill_size = None, None, [], None, 0
         if self.specs is not None:
-            sizes = [(n, _numel(s) * _DTYPE_BYTES[d]) for n, d, s in self.specs]
+            sizes = [(n, numel(s) * _DTYPE_BYTES[d]) for n, d, s in self.specs]
             by_name = {n: (n, d, s) for n, d, s in self.specs}
             self._plan = [[by_name[n] for n in names] for names in plan_shards(sizes, self.max)]
 

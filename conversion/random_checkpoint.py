@@ -11,12 +11,11 @@ Weights depend only on the config and --seed. The output is written to a tempora
 
 import argparse
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from kimi_linear_conversion.io import atomic_output
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>"]
 
@@ -49,26 +48,16 @@ def make_random_checkpoint(config, out, seed=0, dtype="float32", tokenizer=True,
     from kimi_linear.configuration_kimi_linear import KimiLinearConfig
     from kimi_linear.modeling_kimi_linear import KimiLinearForCausalLM
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; choose another --out or pass --overwrite.")
     cfg = KimiLinearConfig(**load_config_dict(config))
     if tokenizer and cfg.vocab_size < 256 + len(SPECIAL_TOKENS):
         raise ValueError(f"vocab_size {cfg.vocab_size} cannot hold the byte tokenizer (259 ids); pass tokenizer=False.")
     torch.manual_seed(seed)
     model = KimiLinearForCausalLM(cfg).to(getattr(torch, dtype)).eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    out = Path(out)
+    with atomic_output(out, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer:
             byte_tokenizer().save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

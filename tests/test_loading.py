@@ -164,7 +164,7 @@ def test_mismatched_checkpoints_name_the_tensor(tmp_path, change, message):
 
 def test_random_checkpoint_refuses_to_overwrite(tmp_path):
     out = make_random_checkpoint(tiny_config_dict(), tmp_path / "m")
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(FileExistsError, match="already holds a model"):
         make_random_checkpoint(tiny_config_dict(), out)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written temp folder left
 
