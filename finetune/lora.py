@@ -1,0 +1,554 @@
+"""LoRA fine-tuning of a Kimi Linear checkpoint: every part of the hybrid (KDA, MLA, dense MLP, shared and routed
+experts) can carry an adapter; the router stays frozen.
+
+    python finetune/lora.py --model /ckpt/tiny --data train.jsonl --out ./my-lora --steps 200
+    python finetune/lora.py --model /ckpt/kimi --data chat.jsonl --messages-column messages --targets kda,mla \\
+        --rank 16 --alpha 32 --max-length 2048 --gradient-checkpointing --out ./chat-lora --merge-to ./kimi-chat
+
+The checkpoint loads with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` and `AutoTokenizer`.
+The data is a local jsonl / json / parquet / csv / text file (or a folder of them) read with `datasets`, or a Hub
+dataset id already in the local cache. Each example is one sequence (no packing): tokenized, truncated to
+--max-length, padded per batch on the right (labels -100 on padding). --out receives the adapter
+(adapter_config.json + adapter_model.safetensors), `train_log.json` (arguments and every step's loss, learning rate,
+gradient norm and tokens) and `loss.png`. --merge-to writes a merged full checkpoint with
+`kimi_linear_conversion.merge_lora.merge_lora`.
+
+Library: `train_lora(model, data, out, ...)` returns a `LoraResult` (the trained PeftModel, the step log, paths);
+`lora_targets(model, targets)` gives the list of module names a target specification selects and
+`target_regex(model, names)` the compact regex handed to PEFT.
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+KDA_KIND, MLA_KIND = "linear_attention", "full_attention"  # config.layer_types values
+KDA_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "f_a_proj", "f_b_proj", "g_a_proj", "g_b_proj", "b_proj")
+MLA_PROJ = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+EXPERT_PROJ = ("w1", "w2", "w3")
+PRESETS = {
+    "kda": "KDA layers: self_attn.{" + ",".join(KDA_PROJ) + "}",
+    "mla": "MLA layers: self_attn.{" + ",".join(MLA_PROJ) + "}",
+    "mlp": "dense layers: mlp.{" + ",".join(MLP_PROJ) + "}",
+    "shared": "MoE layers: block_sparse_moe.shared_experts.{" + ",".join(MLP_PROJ) + "}",
+    "experts": "MoE layers: block_sparse_moe.experts.N.{" + ",".join(EXPERT_PROJ) + "}",
+    "all": "all of the above",
+}
+LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+DATA_BUILDERS = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+    ".txt": "text",
+    ".text": "text",
+    ".arrow": "arrow",
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Targets
+# ---------------------------------------------------------------------------------------------------------------
+def _base(model):
+    """The KimiLinearForCausalLM under a PeftModel (or the model itself)."""
+    get = getattr(model, "get_base_model", None)
+    return get() if get is not None else model
+
+
+def preset_modules(model, preset):
+    """Full module names (as in `model.named_modules()`) of one preset; [] if the model has none of them."""
+    model = _base(model)
+    kinds = list(model.config.layer_types)
+    linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    names = []
+    for name in sorted(linear, key=_natural):
+        m = LAYER.match(name)
+        if m is None:
+            continue
+        kind, rest = kinds[int(m.group(1))], m.group(2)
+        if preset == "kda":
+            ok = kind == KDA_KIND and rest in {f"self_attn.{p}" for p in KDA_PROJ}
+        elif preset == "mla":
+            ok = kind == MLA_KIND and rest in {f"self_attn.{p}" for p in MLA_PROJ}
+        elif preset == "mlp":
+            ok = rest in {f"mlp.{p}" for p in MLP_PROJ}
+        elif preset == "shared":
+            ok = rest in {f"block_sparse_moe.shared_experts.{p}" for p in MLP_PROJ}
+        elif preset == "experts":
+            ok = re.fullmatch(r"block_sparse_moe\.experts\.\d+\.w[123]", rest) is not None
+        else:
+            raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
+        if ok:
+            names.append(name)
+    return names
+
+
+def _natural(name):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def lora_targets(model, targets="all"):
+    """Module names selected by `targets`: a preset name, a module name (matched like PEFT: the full name or a
+    dotted suffix of it, nn.Linear modules only), or a comma-separated list / iterable of those. Raises ValueError
+    naming any entry that selects nothing. The router (block_sparse_moe.gate) is never selected by a preset."""
+    model = _base(model)
+    entries = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else [str(t).strip() for t in targets]
+    entries = [t for t in entries if t]
+    if not entries:
+        raise ValueError("no LoRA targets given")
+    modules = dict(model.named_modules())
+    linear = [n for n, m in modules.items() if isinstance(m, torch.nn.Linear)]
+    chosen = set()
+    for entry in entries:
+        if entry == "all":
+            found = [n for p in PRESETS if p != "all" for n in preset_modules(model, p)]
+        elif entry in PRESETS:
+            found = preset_modules(model, entry)
+        else:
+            found = [n for n in linear if n == entry or n.endswith("." + entry)]
+            if not found:
+                other = [n for n in modules if n and (n == entry or n.endswith("." + entry))]
+                hint = (
+                    f" (it names {len(other)} module(s) that are not nn.Linear, e.g. {other[0]!r} of type "
+                    f"{type(modules[other[0]]).__name__}; LoRA here wraps nn.Linear only)"
+                    if other
+                    else ""
+                )
+                raise ValueError(
+                    f"LoRA target {entry!r} matches no module of this model{hint}. Presets: {', '.join(PRESETS)}; "
+                    "or a module name such as 'q_proj', 'self_attn.kv_b_proj', 'experts.0.w1'."
+                )
+        if not found:
+            raise ValueError(
+                f"LoRA target preset {entry!r} ({PRESETS[entry]}) matches no module of this model "
+                f"(layer_types {sorted(set(model.config.layer_types))}, "
+                f"mlp_types {sorted(set(model.config.mlp_types))})."
+            )
+        chosen.update(found)
+    return sorted(chosen, key=_natural)
+
+
+def target_regex(model, names):
+    """A compact regex that PEFT fullmatches against module names and that selects exactly `names`: layers with the
+    same set of adapted sub-modules share one alternation, and a projection adapted in every routed expert of a
+    layer is written `experts\\.\\d+\\.w1` (the released model has 256 experts x 3 projections x 26 layers)."""
+    model = _base(model)
+    names = set(names)
+    all_names = [n for n, _ in model.named_modules() if n]
+    per_layer, loose = {}, []
+    for name in names:
+        m = LAYER.match(name)
+        if m is None:
+            loose.append(re.escape(name))
+        else:
+            per_layer.setdefault(int(m.group(1)), set()).add(m.group(2))
+    groups = {}
+    for layer, rests in per_layer.items():
+        n_exp = len(getattr(getattr(model.model.layers[layer], "block_sparse_moe", None), "experts", []))
+        patterns = set()
+        experts = {}
+        for rest in rests:
+            m = re.fullmatch(r"block_sparse_moe\.experts\.(\d+)\.(\w+)", rest)
+            if m:
+                experts.setdefault(m.group(2), set()).add(int(m.group(1)))
+            else:
+                patterns.add(re.escape(rest))
+        for leaf, ids in experts.items():
+            if n_exp and len(ids) == n_exp:
+                patterns.add(rf"block_sparse_moe\.experts\.\d+\.{re.escape(leaf)}")
+            else:
+                patterns.update(rf"block_sparse_moe\.experts\.{i}\.{re.escape(leaf)}" for i in sorted(ids))
+        groups.setdefault(tuple(sorted(patterns)), []).append(layer)
+    parts = list(loose)
+    for patterns, layers in sorted(groups.items(), key=lambda kv: min(kv[1])):
+        layer_alt = "|".join(str(i) for i in sorted(layers))
+        parts.append(rf"model\.layers\.(?:{layer_alt})\.(?:{'|'.join(patterns)})")
+    regex = "(?:" + "|".join(parts) + ")"
+    matched = {n for n in all_names if re.fullmatch(regex, n)}
+    if matched != names:  # cannot happen by construction; a cheap guard against a silent wrong adapter
+        raise AssertionError(f"target regex selects {sorted(matched ^ names)[:5]} wrongly")
+    return regex
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------------
+def load_data(data, split="train", config_name=None, data_format=None):
+    """A `datasets.Dataset` from a local file or folder (builder from the extension or `data_format`) or a Hub id
+    from the local cache. A Dataset passed in is returned as is."""
+    import datasets
+
+    if isinstance(data, (datasets.Dataset, datasets.IterableDataset)):
+        return data
+    if isinstance(data, datasets.DatasetDict):
+        return data[split]
+    path = Path(str(data))
+    if path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix.lower() in DATA_BUILDERS)
+        if not files:
+            raise ValueError(f"{path}: no data files ({', '.join(sorted(DATA_BUILDERS))}) in it")
+        if all(f.stat().st_size == 0 for f in files):
+            raise ValueError(f"the dataset is empty: {path} holds no data")
+        builder = data_format or DATA_BUILDERS.get(files[0].suffix.lower())
+        if builder is None:
+            raise ValueError(
+                f"{path}: cannot tell the format from the extension {files[0].suffix!r}; pass --data-format "
+                "(json, parquet, csv, text, arrow)"
+            )
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train")
+    return datasets.load_dataset(str(data), config_name, split=split)
+
+
+def tokenize_dataset(dataset, tokenizer, max_length, text_column="text", messages_column=None, add_eos=True):
+    """A list of token-id lists, one per example, each at most max_length long (examples with < 2 tokens dropped).
+    Raises ValueError for a missing column, a tokenizer without a chat template (messages), or no usable example."""
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty")
+    columns = list(dataset.column_names or [])
+    column = messages_column or text_column
+    if column not in columns:
+        what = "messages" if messages_column else "text"
+        raise ValueError(f"the dataset has no {what} column {column!r}; its columns are {columns}")
+    if messages_column and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"--messages-column {messages_column!r} needs a tokenizer with a chat template, and this tokenizer has "
+            "none; render the conversations to text first and use --text-column"
+        )
+    eos = tokenizer.eos_token_id if add_eos else None
+    sequences = []
+    for row in dataset:
+        value = row[column]
+        if messages_column:
+            text = tokenizer.apply_chat_template(value, tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            if value is None:
+                continue
+            ids = tokenizer(str(value))["input_ids"]
+            if eos is not None and len(ids) and ids[-1] != eos:
+                ids = ids + [eos]
+        ids = list(ids)[:max_length]
+        if len(ids) >= 2:
+            sequences.append(ids)
+    if not sequences:
+        raise ValueError(f"the dataset ({len(dataset)} rows) has no example with at least 2 tokens in {column!r}")
+    return sequences
+
+
+def collate(sequences, pad_id):
+    """Right-padded input_ids, attention_mask and labels (-100 on padding)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def batches(sequences, batch_size, seed):
+    """Endless iterator of (epoch, batch of sequences), reshuffled each epoch with a seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    epoch = 0
+    while True:
+        order = torch.randperm(len(sequences), generator=gen).tolist()
+        for i in range(0, len(order), batch_size):
+            yield epoch, [sequences[j] for j in order[i : i + batch_size]]
+        epoch += 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class LoraResult:
+    model: object  # the trained peft.PeftModel (train mode off)
+    log: list = field(default_factory=list)  # per step: step, epoch, loss, lr, grad_norm, tokens, seconds
+    out: Path | None = None
+    merged: Path | None = None
+    targets: list = field(default_factory=list)
+
+
+def _resolve_local(path):
+    if Path(path).is_dir():
+        return Path(path)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(str(path), local_files_only=True))
+
+
+def train_lora(
+    model,
+    data,
+    out,
+    *,
+    tokenizer=None,
+    text_column="text",
+    messages_column=None,
+    split="train",
+    data_config=None,
+    data_format=None,
+    max_length=1024,
+    batch_size=4,
+    steps=None,
+    epochs=1,
+    lr=2e-4,
+    warmup_steps=0,
+    weight_decay=0.0,
+    max_grad_norm=1.0,
+    rank=8,
+    alpha=16,
+    dropout=0.0,
+    targets="all",
+    gradient_checkpointing=False,
+    seed=0,
+    dtype="auto",
+    device=None,
+    merge_to=None,
+    overwrite_merge=False,
+    progress=True,
+    plot=True,
+):
+    """Attach a LoRA to `model` (a checkpoint path / Hub id, or an already loaded model with `tokenizer`), train it on
+    `data` (see `load_data`), save the adapter, step log and loss plot to `out`, optionally merge into `merge_to`.
+    Runs `steps` optimizer steps if given, else `epochs` passes over the data. Returns a LoraResult."""
+    import peft
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if max_length < 2:
+        raise ValueError("max_length must be at least 2")
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    if steps is not None and steps < 1:
+        raise ValueError("steps must be at least 1")
+    base_path = None
+    if isinstance(model, (str, os.PathLike)):
+        base_path = str(model)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(base_path, trust_remote_code=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            base_path, trust_remote_code=True, dtype=dtype if dtype == "auto" else getattr(torch, dtype)
+        )
+    elif merge_to is not None:
+        raise ValueError("merge_to needs the base checkpoint path as `model` (the merge reads its files)")
+    if tokenizer is None:
+        raise ValueError("pass the tokenizer when `model` is an already loaded model")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    # Data first: a bad dataset fails before any training state exists.
+    dataset = load_data(data, split=split, config_name=data_config, data_format=data_format)
+    sequences = tokenize_dataset(dataset, tokenizer, max_length, text_column, messages_column)
+    per_epoch = math.ceil(len(sequences) / batch_size)
+    total = int(steps) if steps is not None else max(1, int(math.ceil(epochs * per_epoch)))
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+    names = lora_targets(model, targets)
+    config = peft.LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_regex(model, names),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(model, config).to(device)
+    if gradient_checkpointing:
+        base = model.get_base_model()  # newer transformers call it activation checkpointing
+        if hasattr(base, "activation_checkpointing_enable"):
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+    def schedule(step):  # multiplier of lr for optimizer step `step` (0-based): linear warmup, then linear decay
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total - step) / max(1, total - warmup_steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = []
+    stream = batches(sequences, batch_size, seed)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="lora", unit="step", dynamic_ncols=True)
+    start = time.perf_counter()
+    seen_tokens = 0
+    for step in range(total):
+        epoch, seqs = next(stream)
+        batch = {k: v.to(device) for k, v in collate(seqs, pad_id).items()}
+        t0 = time.perf_counter()
+        loss = model(**batch, use_cache=False).loss
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}")
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+        current_lr = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        tokens = int(batch["attention_mask"].sum())
+        seen_tokens += tokens
+        dt = time.perf_counter() - t0
+        entry = {
+            "step": step + 1,
+            "epoch": epoch,
+            "loss": float(loss.detach()),
+            "lr": current_lr,
+            "grad_norm": float(grad_norm),
+            "tokens": tokens,
+            "seconds": dt,
+        }
+        log.append(entry)
+        if bar is not None:
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{seen_tokens / max(elapsed, 1e-9):.0f}")
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - start
+    model.eval()
+
+    model.save_pretrained(out)
+    summary = {
+        "base": base_path,
+        "targets": targets,
+        "adapted_modules": len(names),
+        "trainable_parameters": sum(p.numel() for p in params),
+        "examples": len(sequences),
+        "steps": total,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "lr": lr,
+        "warmup_steps": warmup_steps,
+        "rank": rank,
+        "alpha": alpha,
+        "gradient_checkpointing": gradient_checkpointing,
+        "seed": seed,
+        "seconds": elapsed,
+        "tokens": seen_tokens,
+        "tokens_per_second": seen_tokens / max(elapsed, 1e-9),
+        "log": log,
+    }
+    (out / "train_log.json").write_text(json.dumps(summary, indent=1))
+    if plot:
+        plot_losses(log, out / "loss.png")
+
+    merged = None
+    if merge_to is not None:
+        from kimi_linear_conversion.merge_lora import merge_lora
+
+        merged = Path(merge_lora(_resolve_local(base_path), out, merge_to, overwrite=overwrite_merge))
+    return LoraResult(model=model, log=log, out=out, merged=merged, targets=names)
+
+
+def plot_losses(log, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([e["step"] for e in log], [e["loss"] for e in log], marker="." if len(log) < 50 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title("LoRA fine-tuning")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint folder or cached Hub id (loaded with trust_remote_code)")
+    ap.add_argument("--data", required=True, help="jsonl/json/parquet/csv/txt file or folder, or a cached Hub dataset")
+    ap.add_argument("--out", required=True, help="folder for the adapter, train_log.json and loss.png")
+    ap.add_argument("--data-format", help="datasets builder when the extension does not tell (json, parquet, text...)")
+    ap.add_argument("--data-config", help="Hub dataset configuration name")
+    ap.add_argument("--split", default="train", help="Hub dataset split (default: %(default)s)")
+    ap.add_argument("--text-column", default="text", help="(default: %(default)s)")
+    ap.add_argument("--messages-column", help="chat data: a column of [{role, content}] rendered by the chat template")
+    ap.add_argument("--max-length", type=int, default=1024, help="tokens per sequence (default: %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=4, help="(default: %(default)s)")
+    group = ap.add_mutually_exclusive_group()
+    group.add_argument("--steps", type=int, help="optimizer steps (overrides --epochs)")
+    group.add_argument("--epochs", type=float, default=1.0, help="passes over the data (default: %(default)s)")
+    ap.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default: %(default)s)")
+    ap.add_argument("--warmup-steps", type=int, default=0, help="linear warmup, then linear decay to 0")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: %(default)s)")
+    ap.add_argument("--max-grad-norm", type=float, default=1.0, help="clip norm, 0 = off (default: %(default)s)")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA r (default: %(default)s)")
+    ap.add_argument("--alpha", type=float, default=16, help="LoRA alpha (default: %(default)s)")
+    ap.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout (default: %(default)s)")
+    ap.add_argument(
+        "--targets",
+        default="all",
+        help=f"preset ({', '.join(PRESETS)}) or comma list of presets / module names (default: %(default)s)",
+    )
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute each layer in the backward")
+    ap.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="base dtype")
+    ap.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    ap.add_argument("--merge-to", help="also write base + adapter merged into this folder (released layout)")
+    ap.add_argument("--overwrite-merge", action="store_true", help="replace a model already in --merge-to")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    result = train_lora(
+        args.model,
+        args.data,
+        args.out,
+        text_column=args.text_column,
+        messages_column=args.messages_column,
+        split=args.split,
+        data_config=args.data_config,
+        data_format=args.data_format,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        steps=args.steps,
+        epochs=args.epochs,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm,
+        rank=args.rank,
+        alpha=args.alpha,
+        dropout=args.dropout,
+        targets=args.targets,
+        gradient_checkpointing=args.gradient_checkpointing,
+        seed=args.seed,
+        dtype=args.dtype,
+        device=args.device,
+        merge_to=args.merge_to,
+        overwrite_merge=args.overwrite_merge,
+        progress=not args.no_progress,
+    )
+    first, last = result.log[0]["loss"], result.log[-1]["loss"]
+    steps = len(result.log)
+    print(f"adapter: {result.out} ({len(result.targets)} modules, {steps} steps, loss {first:.4f} -> {last:.4f})")
+    if result.merged is not None:
+        print(f"merged: {result.merged}")
+
+
+if __name__ == "__main__":
+    main()
