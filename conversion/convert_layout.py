@@ -30,7 +30,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from kimi_linear_conversion.io import MODEL_FILES, CheckpointError, CheckpointReader, ShardWriter, atomic_output
+from kimi_linear_conversion.io import (
+    MODEL_FILES,
+    CheckpointError,
+    CheckpointReader,
+    ShardWriter,
+    atomic_output,
+    parse_size,
+)
 from kimi_linear_conversion.layouts import RULES, builtin_config, fill, match, plan, released_config, released_view
 
 LAYOUTS = ("builtin", "released")
@@ -123,15 +130,6 @@ def _copy_other_files(src, dst, to):
         here = Path(modeling_kimi_linear.__file__).resolve().parent
         for name in modeling_kimi_linear.CODE_FILES:
             shutil.copyfile(here / name, dst / name)
-
-
-def parse_size(text):
-    """'5GB', '500MB', '2GiB' or a number of bytes."""
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 5GB, 500MB or a number of bytes)")
-    power = " KMGT".index(m.group(2).upper() or " ")
-    return int(float(m.group(1)) * (1024 if m.group(3) or power == 0 else 1000) ** power)
 
 
 def main(argv=None):

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from kimi_linear_conversion.io import CheckpointError, CheckpointReader, ShardWriter, atomic_output
+from kimi_linear_conversion.io import CheckpointError, CheckpointReader, ShardWriter, atomic_output, parse_size
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -274,14 +274,6 @@ def merge_lora(base_dir, adapter_dir, out, dtype=None, max_shard_bytes=5 * 2**30
     return out
 
 
-def _size(text):
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", text, re.IGNORECASE)
-    if m is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 5GiB, 500MB, 1000000).")
-    return int(float(m[1]) * units[(m[2] or "").upper()])
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, prog="merge_lora.py"
@@ -295,7 +287,7 @@ def main(argv=None):
         choices=["float32", "bfloat16", "float16"],
         help="cast the merged weights (default: %(default)s = keep each tensor's dtype)",
     )
-    ap.add_argument("--max-shard-size", type=_size, default="5GiB", help="largest shard (default: %(default)s)")
+    ap.add_argument("--max-shard-size", type=parse_size, default="5GiB", help="largest shard (default: %(default)s)")
     ap.add_argument("--overwrite", action="store_true", help="replace an output folder that holds a model")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)

@@ -17,7 +17,6 @@ complete.
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -41,26 +40,12 @@ from kimi_linear_conversion.io import (
     ShardWriter,
     atomic_output,
     holds_model,
+    parse_size,
 )
 
 KEEP_FP32 = ("A_log", "dt_bias", "e_score_correction_bias")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 FLOAT_ST = {"BF16", "F16", "F32", "F64"}
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
-
-
-def parse_size(text):
-    """'5GB' -> 5e9, '512MiB' -> 2**29, '1.5GB' -> 1.5e9, 1000 -> 1000."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in UNITS:
-        raise ValueError(f"cannot read the size {text!r}: use e.g. 5GB, 500MB, 2GiB or a number of bytes")
-    size = int(float(m.group(1)) * UNITS[m.group(2).upper()])
-    if size <= 0:
-        raise ValueError(f"the shard size must be positive, got {text!r}")
-    return size
 
 
 def target_st_dtype(name, st_dtype, dtype, cast_all):

@@ -17,6 +17,26 @@ from kimi_linear.configuration_kimi_linear import KimiLinearConfig  # noqa: E402
 from kimi_linear.modeling_kimi_linear import KimiLinearForCausalLM  # noqa: E402
 
 
+def _importable(name):
+    try:
+        __import__(name)
+        return True
+    except ImportError:
+        return False
+
+
+# transformers' built-in Kimi Linear (>= 5.17), the independent second implementation, when it can run here: it binds
+# fla's Triton kernels whenever fla imports, and then fails on CPU tensors.
+import transformers  # noqa: E402
+
+Builtin = getattr(transformers, "KimiLinearForCausalLM", None)
+needs_builtin = pytest.mark.skipif(
+    Builtin is None or _importable("fla"),
+    reason="needs transformers' built-in kimi_linear (>= 5.17), and fla not importable (it would send CPU tensors "
+    "to Triton)",
+)
+
+
 def tiny_config_dict(**overrides):
     """A small model in the released config.json format: 3:1 KDA:MLA, dense layer 0, MoE after."""
     d = json.loads((ROOT / "conversion" / "configs" / "tiny.json").read_text())

@@ -4,21 +4,9 @@ saved checkpoint (released layout, converted on its side) and must compute the s
 import pytest
 import torch
 
-from conftest import build_model, rel_err
+from conftest import Builtin, build_model, needs_builtin, rel_err
 
-transformers = pytest.importorskip("transformers")
-Builtin = getattr(transformers, "KimiLinearForCausalLM", None)
-try:
-    import fla  # noqa: F401
-
-    FLA = True
-except ImportError:
-    FLA = False
-pytestmark = [
-    pytest.mark.skipif(Builtin is None, reason="this transformers has no built-in kimi_linear"),
-    # The built-in class binds fla's Triton kernels whenever fla imports, and then fails on CPU tensors.
-    pytest.mark.skipif(FLA, reason="fla is importable: transformers' built-in class would send CPU tensors to Triton"),
-]
+pytestmark = needs_builtin
 
 
 @pytest.fixture(scope="module")

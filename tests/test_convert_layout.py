@@ -7,26 +7,15 @@ import shutil
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, rel_err, tiny_config_dict
+from conftest import ROOT, Builtin, needs_builtin, rel_err, tiny_config_dict
 from kimi_linear.modeling_kimi_linear import KimiLinearForCausalLM
-from kimi_linear_conversion.convert_layout import convert_layout, main, parse_size
-from kimi_linear_conversion.io import CheckpointError, CheckpointReader
+from kimi_linear_conversion.convert_layout import convert_layout, main
+from kimi_linear_conversion.io import CheckpointError, CheckpointReader, parse_size
 from kimi_linear_conversion.random_checkpoint import make_random_checkpoint
 
-transformers = pytest.importorskip("transformers")
-Builtin = getattr(transformers, "KimiLinearForCausalLM", None)
-try:
-    import fla  # noqa: F401
-
-    FLA = True
-except ImportError:
-    FLA = False
-# The built-in class binds fla's Triton kernels whenever fla imports, and then fails on CPU tensors.
-needs_builtin = pytest.mark.skipif(
-    Builtin is None or FLA, reason="no built-in kimi_linear in this transformers, or fla importable (Triton on CPU)"
-)
 TINY = ROOT / "conversion" / "configs" / "tiny.json"
 E = tiny_config_dict()["num_experts"]
 KDA_LAYERS = [i - 1 for i in tiny_config_dict()["linear_attn_config"]["kda_layers"]]

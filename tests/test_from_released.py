@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 from conftest import ROOT, tiny_config_dict
 from kimi_linear.modeling_kimi_linear import AUTO_MAP, CODE_FILES, KimiLinearForCausalLM
 from kimi_linear_conversion.from_released import MANIFEST, RELEASED_CODE_FILES, from_released, main, verify
-from kimi_linear_conversion.io import INDEX, CheckpointError, tensor_sha256
+from kimi_linear_conversion.io import INDEX, CheckpointError, parse_size, tensor_sha256
 from kimi_linear_conversion.random_checkpoint import make_random_checkpoint
-from kimi_linear_conversion.reshard import KEEP_FP32, parse_size, reshard
+from kimi_linear_conversion.reshard import KEEP_FP32, reshard
 
 RELEASED_AUTO_MAP = {
     "AutoConfig": "configuration_kimi.KimiLinearConfig",

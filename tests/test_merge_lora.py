@@ -14,7 +14,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import ROOT, rel_err
+from conftest import ROOT, Builtin, needs_builtin, rel_err
 from kimi_linear.modeling_kimi_linear import CODE_FILES, KimiLinearForCausalLM
 from kimi_linear_conversion.merge_lora import main as merge_main
 from kimi_linear_conversion.merge_lora import merge_lora
@@ -107,20 +107,10 @@ def test_merged_equals_adapter(fp32):
     assert rel_err(logits(auto), want) < 1e-5
 
 
-builtin = getattr(transformers, "KimiLinearForCausalLM", None)
-try:
-    import fla  # noqa: F401
-
-    FLA = True
-except ImportError:
-    FLA = False
-
-
-@pytest.mark.skipif(builtin is None, reason="this transformers has no built-in kimi_linear")
-@pytest.mark.skipif(FLA, reason="fla is importable: transformers' built-in class would send CPU tensors to Triton")
+@needs_builtin
 def test_builtin_class_loads_merged(fp32):
     _, _, out, peft_model = fp32
-    theirs, info = builtin.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
+    theirs, info = Builtin.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert rel_err(logits(theirs.eval()), logits(peft_model)) < 1e-4
 
