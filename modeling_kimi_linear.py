@@ -14,7 +14,10 @@ Departures from a vanilla decoder-only transformer, in forward order:
   is all that is cached; decode attends on the latents directly (kv_b_proj absorbed into query and output).
 - MoE: sigmoid router in float32; the correction bias only picks experts (grouped top-k), the weights come
   from the unbiased scores, renormalised and scaled; plus a shared expert.
-- Padding: padded positions are identity steps for the KDA state and conv windows, and masked keys for MLA.
+- Padding and packing: a batch with padding, or with several documents packed into a row (position_ids that
+  restart at 0, or flash-attention style cu_seq_lens_q), runs KDA on its real tokens only, one variable-length
+  sequence per document (state and conv windows start afresh at each document), and MLA attends within the
+  document: packed rows compute exactly what separate rows would.
 - The fast GPU kernels live in the separately installed `kimi_linear_kernels` package; without it (or on a
   CPU tensor) the plain PyTorch code in this file runs.
 """
@@ -96,16 +99,21 @@ def short_conv(x, weight, state=None):
 # ---------------------------------------------------------------------------------------------------------------
 # KDA math in plain PyTorch (the specification the GPU kernels are tested against)
 # ---------------------------------------------------------------------------------------------------------------
+def _f32(x):
+    """x in float32 for the math, or left in float64 (the precision of references)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def l2norm(x, eps=1e-6):
-    x = x.float()
+    x = _f32(x)
     return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
 
 
 def kda_gate(g, A_log, dt_bias):
     """Per-channel log-decay, <= 0. g [..., H, K] (f_b(f_a(x))), A_log [1, 1, H, 1] or [H], dt_bias [H*K]."""
     H, K = g.shape[-2:]
-    g = g.float() + dt_bias.float().view(H, K)
-    return -torch.exp(A_log.float().view(H, 1)) * F.softplus(g)
+    g = _f32(g) + _f32(dt_bias).view(H, K)
+    return -torch.exp(_f32(A_log).view(H, 1)) * F.softplus(g)
 
 
 def kda_chunk_torch(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=True, chunk_size=64):
@@ -216,6 +224,103 @@ def kda_decode_torch(xq, xk, xv, conv_q, conv_k, conv_v, wq, wk, wv, g_raw, A_lo
     return o
 
 
+def short_conv_varlen(x, weight, windows, segs):
+    """short_conv over variable-length sequences packed in one row. x [N, D] (the real tokens, sequence after
+    sequence), windows [S, D, W-1] each sequence's starting window (zeros: a fresh start). Returns y [N, D] and
+    each sequence's final window [S, D, W-1]. Each sequence is laid out behind its own window, so no tap ever reads
+    another sequence."""
+    W = weight.shape[-1]
+    S, N = windows.shape[0], x.shape[0]
+    ext = x.new_empty(x.shape[1], N + S * (W - 1))  # [D, N + S*(W-1)]
+    ext[:, segs.token_slot(W)] = x.t()
+    ext[:, segs.window_slots(W)] = windows.to(x.dtype).permute(1, 0, 2).reshape(x.shape[1], -1)
+    y = F.silu(F.conv1d(ext[None], weight.to(x.dtype), groups=x.shape[1])[0])  # [D, N + (S-1)*(W-1)]
+    y = y[:, segs.token_slot(W) - (W - 1)].t()
+    final = ext[:, segs.final_window_slots(W)].view(x.shape[1], S, W - 1).permute(1, 0, 2)
+    return y, final
+
+
+def kda_prefill_torch(q, k, v, g, beta, A_log, dt_bias, initial_state=None, output_final_state=True, cu_seqlens=None):
+    """One KDA layer's prefill from the raw projections: q, k [B, T, H, K] after the conv (not yet normalised),
+    v [B, T, H, V], g = f_b(f_a(x)) [B, T, H, K] before the gate, beta = b_proj(x) [B, T, H] before the sigmoid.
+    cu_seqlens [S+1] (with B == 1): S variable-length sequences, each starting from its own initial_state row.
+    Returns o [B, T, H, V] and the final states (float32). The twin of kimi_linear_kernels.kda_prefill."""
+    g = kda_gate(g, A_log, dt_bias)
+    q, k, beta = l2norm(q), l2norm(k), torch.sigmoid(_f32(beta))
+    if cu_seqlens is None:
+        return kda_chunk_torch(q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state)
+    bounds = cu_seqlens.tolist()
+    outs, finals = [], []
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        h0 = initial_state[i : i + 1] if initial_state is not None else None
+        o, h = kda_chunk_torch(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], initial_state=h0)
+        outs.append(o)
+        finals.append(h)
+    return torch.cat(outs, dim=1), (torch.cat(finals) if output_final_state else None)
+
+
+class Segments:
+    """The real tokens of a [B, T] batch as variable-length sequences: padding dropped, packed documents split.
+
+    idx [N]: flat positions (row * T + column) of the real tokens, in order; cu_seqlens [S+1]; row [S]: the batch
+    row of each sequence; first / last [S]: the sequence opens / closes its row (only a row's first sequence
+    continues a cached state, only its last one leaves a state behind)."""
+
+    def __init__(self, real, starts=None):
+        B, T = real.shape
+        device = real.device
+        self.shape = (B, T)
+        self.idx = real.flatten().nonzero().squeeze(1)
+        rows = self.idx // T
+        new = torch.ones_like(rows, dtype=torch.bool)
+        new[1:] = rows[1:] != rows[:-1]
+        if starts is not None:
+            new |= starts.flatten()[self.idx]
+        begin = new.nonzero().squeeze(1)
+        self.cu_seqlens = torch.cat([begin, begin.new_tensor([len(self.idx)])]).to(device)
+        self.num_seqs = len(begin)
+        self.seq_of_token = new.long().cumsum(0) - 1
+        self.row = rows[begin]
+        self.first = torch.ones_like(self.row, dtype=torch.bool)
+        self.first[1:] = self.row[1:] != self.row[:-1]
+        self.last = torch.ones_like(self.first)
+        self.last[:-1] = self.row[1:] != self.row[:-1]
+
+    def gather(self, x):  # [B, T, ...] -> [N, ...]
+        return x.reshape(-1, *x.shape[2:])[self.idx]
+
+    def scatter(self, y):  # [N, ...] -> [B, T, ...], zeros at padding
+        out = y.new_zeros(self.shape[0] * self.shape[1], *y.shape[1:])
+        out[self.idx] = y
+        return out.view(*self.shape, *y.shape[1:])
+
+    # short_conv_varlen's layout: sequence s sits behind its own (W-1)-slot window
+    def token_slot(self, W):
+        return torch.arange(len(self.idx), device=self.idx.device) + (self.seq_of_token + 1) * (W - 1)
+
+    def window_slots(self, W):
+        starts = self.cu_seqlens[:-1] + torch.arange(self.num_seqs, device=self.idx.device) * (W - 1)
+        return (starts[:, None] + torch.arange(W - 1, device=self.idx.device)).flatten()
+
+    def final_window_slots(self, W):
+        ends = self.cu_seqlens[1:] + (torch.arange(self.num_seqs, device=self.idx.device) + 1) * (W - 1)
+        return (ends[:, None] - (W - 1) + torch.arange(W - 1, device=self.idx.device)).flatten()
+
+    def per_sequence(self, row_tensor, fresh):
+        """Starting values for each sequence: the row's cached tensor for a row's first sequence, else zeros.
+        row_tensor [B, ...] or None; fresh: a zero tensor [...] of one row's shape."""
+        if row_tensor is None:
+            return fresh.expand(self.num_seqs, *fresh.shape).clone()
+        picked = row_tensor[self.row]
+        return torch.where(self.first.view(-1, *[1] * fresh.dim()), picked, torch.zeros_like(picked))
+
+    def per_row(self, seq_tensor, row_tensor, fresh):
+        """What each row keeps after the step: its last sequence's value; rows without real tokens keep theirs."""
+        out = fresh.expand(self.shape[0], *fresh.shape).clone() if row_tensor is None else row_tensor.clone()
+        out[self.row[self.last]] = seq_tensor[self.last].to(out.dtype)
+        return out
+
+
 def _kda_backend(x):
     """The kernels package when it can serve this tensor (CUDA with fla), else None: plain PyTorch."""
     return _kernels if _kernels is not None and _kernels.kda_backend(x) != "torch" else None
@@ -246,41 +351,77 @@ class KimiDeltaAttention(nn.Module):
         self.o_norm = KimiLinearGatedRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.o_proj = nn.Linear(proj, hidden, bias=False)
 
-    def forward(self, x, state=None, pad_mask=None):
-        """x [B, T, hidden]; state: this layer's KDALayerState (updated in place) or None;
-        pad_mask [B, T] bool (True = real token) or None."""
-        B, T, _ = x.shape
-        H, D = self.num_heads, self.head_dim
-        if state is not None and state.recurrent is not None and T == 1 and pad_mask is None:
-            o = self._decode(x[:, 0], state).unsqueeze(1)
-        else:
-            o = self._prefill(x, state, pad_mask)
-        gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, H, D)
-        o = self.o_norm(o.to(x.dtype), gate).reshape(B, T, H * D)
-        return self.o_proj(o)
+    # Inference prefill longer than this runs in pieces through the state (exact: the state carries everything),
+    # so activation memory stays bounded at a million tokens.
+    prefill_piece = 1 << 17
 
-    def _prefill(self, x, state, pad_mask):
+    def forward(self, x, state=None, segs=None):
+        """x [B, T, hidden]; state: this layer's KDALayerState (updated in place) or None; segs: Segments when the
+        batch has padding or packed documents, else None."""
+        B, T, _ = x.shape
+        if segs is not None:
+            return segs.scatter(self._varlen(segs.gather(x), state, segs))
+        if state is not None and state.recurrent is not None and T == 1:
+            o = self._decode(x[:, 0], state).unsqueeze(1)
+        elif T > self.prefill_piece and not torch.is_grad_enabled():
+            state = state if state is not None else KDALayerState()
+            piece = self.prefill_piece
+            o = torch.cat([self._prefill(x[:, i : i + piece], state) for i in range(0, T, piece)], dim=1)
+        else:
+            o = self._prefill(x, state)
+        return self._output(x, o)
+
+    def _output(self, x, o):
+        *lead, _ = x.shape
+        gate = self.g_b_proj(self.g_a_proj(x)).view(*lead, self.num_heads, self.head_dim)
+        return self.o_proj(self.o_norm(o.to(x.dtype), gate).reshape(*lead, -1))
+
+    def _raw(self, x):
+        """The pre-kernel projections: q, k, v before the conv [.., H*D]; g before the gate [.., H, D]; beta logits."""
+        g = self.f_b_proj(self.f_a_proj(x)).unflatten(-1, (self.num_heads, self.head_dim))
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x), g, self.b_proj(x)
+
+    def _chunk(self, x):
+        fast = _kda_backend(x)
+        return fast.kda_prefill if fast is not None else kda_prefill_torch
+
+    def _prefill(self, x, state):
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         conv = state.conv if state is not None and state.conv is not None else (None, None, None)
-        x_in = x if pad_mask is None else x * pad_mask[..., None].to(x.dtype)  # padding enters the conv as zeros
-        q, cq = short_conv(self.q_proj(x_in), self.q_conv1d.weight, conv[0])
-        k, ck = short_conv(self.k_proj(x_in), self.k_conv1d.weight, conv[1])
-        v, cv = short_conv(self.v_proj(x_in), self.v_conv1d.weight, conv[2])
-        q, k, v = q.view(B, T, H, D), k.view(B, T, H, D), v.view(B, T, H, D)
-        g = kda_gate(self.f_b_proj(self.f_a_proj(x)).view(B, T, H, D), self.A_log, self.dt_bias)  # [B, T, H, D]
-        beta = torch.sigmoid(self.b_proj(x).float())  # [B, T, H]
-        q, k = l2norm(q), l2norm(k)
-        if pad_mask is not None:  # padded tokens: no decay, no write (an identity step for the state)
-            keep = pad_mask[..., None, None]
-            k, g = torch.where(keep, k, 0.0), torch.where(keep, g, 0.0)
+        xq, xk, xv, g, beta = self._raw(x)
+        q, cq = short_conv(xq, self.q_conv1d.weight, conv[0])
+        k, ck = short_conv(xk, self.k_conv1d.weight, conv[1])
+        v, cv = short_conv(xv, self.v_conv1d.weight, conv[2])
+        q, k, v = (t.view(B, T, H, D) for t in (q, k, v))
         h0 = state.recurrent if state is not None else None
-        fast = _kda_backend(x)
-        chunk = fast.kda_chunk if fast is not None else kda_chunk_torch
-        o, h = chunk(q, k, v, g, beta, initial_state=h0, output_final_state=state is not None)
+        o, h = self._chunk(x)(q, k, v, g, beta, self.A_log, self.dt_bias, initial_state=h0,
+                              output_final_state=state is not None)  # fmt: skip
         if state is not None:
             state.update(conv=(cq, ck, cv), recurrent=h, num_tokens=T)
         return o
+
+    def _varlen(self, x, state, segs):
+        """x [N, hidden]: the real tokens of the batch, sequence after sequence (Segments)."""
+        H, D = self.num_heads, self.head_dim
+        width = self.q_conv1d.weight.shape[-1]
+        cached = state is not None and state.recurrent is not None
+        xq, xk, xv, g, beta = self._raw(x)
+        fresh_window = x.new_zeros(H * D, width - 1)
+        convs, windows = [], []
+        for i, (t, conv) in enumerate(zip((xq, xk, xv), (self.q_conv1d, self.k_conv1d, self.v_conv1d))):
+            start = segs.per_sequence(state.conv[i] if cached else None, fresh_window)
+            y, end = short_conv_varlen(t, conv.weight, start, segs)
+            convs.append(y.view(1, -1, H, D))
+            windows.append(segs.per_row(end, state.conv[i] if cached else None, fresh_window))
+        fresh_state = x.new_zeros(H, D, D, dtype=torch.float32)
+        h0 = segs.per_sequence(state.recurrent if cached else None, fresh_state) if state is not None else None
+        o, h = self._chunk(x)(*convs, g[None], beta[None], self.A_log, self.dt_bias, initial_state=h0,
+                              output_final_state=state is not None, cu_seqlens=segs.cu_seqlens)  # fmt: skip
+        if state is not None:
+            recurrent = segs.per_row(h, state.recurrent if cached else None, fresh_state)
+            state.update(conv=windows, recurrent=recurrent, num_tokens=segs.shape[1])
+        return self._output(x, o[0])
 
     def _decode(self, x, state):
         """One token per sequence, x [B, hidden]: conv windows and recurrent state are updated in place."""
@@ -324,9 +465,9 @@ class KimiMLAAttention(nn.Module):
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
-    def forward(self, x, state=None, key_mask=None):
-        """x [B, T, hidden]; state: this layer's MLALayerState or None; key_mask [B, cached + T] bool
-        (True = real token) or None."""
+    def forward(self, x, state=None, mask=None):
+        """x [B, T, hidden]; state: this layer's MLALayerState or None; mask: boolean [B, 1, T, cached + T]
+        (True = attend; attention_mask()) or None for plain causal attention."""
         B, T, _ = x.shape
         h = self.num_heads
         q = self.query(x).view(B, T, h, self.q_head_dim).transpose(1, 2)  # [B, h, T, 192]
@@ -335,7 +476,6 @@ class KimiMLAAttention(nn.Module):
         if state is not None:
             latent = state.append(latent)  # [B, past_len + T, 576]
         S = latent.shape[1]
-        mask = _attention_mask(key_mask, T, S, x.device)  # [B, 1, T, S] bool, or None for plain causal
         # Decode attends on the latents directly (kv_b_proj absorbed); prefill expands per head.
         # Absorption reads kv_b_proj.weight, so it is skipped when an adapter wraps kv_b_proj.
         if type(self.kv_b_proj) is nn.Linear and T * 8 <= S:
@@ -374,19 +514,23 @@ class KimiMLAAttention(nn.Module):
         return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)
 
 
-def _attention_mask(key_mask, T, S, device):
+def build_attention_mask(key_mask, T, S, device, segs=None):
     """Boolean [B, 1, T, S] mask (True = attend) for T queries at the end of S keys, or None when a plain causal
-    mask (or none, for T == 1) says it all. Each query always sees itself, so no row is empty."""
-    if key_mask is None or bool(key_mask.all()):
+    mask (or none, for T == 1) says it all. key_mask [B, S] marks real tokens; segs (packed documents, S == T)
+    confines each token to its own document. Each query always sees itself, so no row is empty."""
+    if segs is None and (key_mask is None or bool(key_mask.all())):
         if T == 1 or T == S:
             return None
         key_mask = None
     qpos = torch.arange(S - T, S, device=device)[:, None]
     kpos = torch.arange(S, device=device)[None, :]
-    allowed = kpos <= qpos  # [T, S]
-    if key_mask is not None:
-        allowed = (allowed & key_mask[:, None, :].bool()) | (kpos == qpos)
-    return allowed.expand(key_mask.shape[0] if key_mask is not None else 1, T, S)[:, None]
+    allowed = (kpos <= qpos)[None]  # [1, T, S]
+    if segs is not None:
+        doc = segs.scatter(segs.seq_of_token + 1) - 1  # [B, T]: -1 at padding
+        allowed = allowed & (doc[:, :, None] == doc[:, None, :]) & (doc[:, None, :] >= 0)
+    elif key_mask is not None:
+        allowed = allowed & key_mask[:, None, :].bool()
+    return (allowed | (kpos == qpos))[:, None]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -497,12 +641,12 @@ class KimiLinearDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = KimiLinearRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = KimiLinearRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x, state=None, pad_mask=None, key_mask=None):
+    def forward(self, x, state=None, segs=None, mask=None):
         h = self.input_layernorm(x)
         if self.kind == KDA:
-            h = self.self_attn(h, state=state, pad_mask=pad_mask)
+            h = self.self_attn(h, state=state, segs=segs)
         else:
-            h = self.self_attn(h, state=state, key_mask=key_mask)
+            h = self.self_attn(h, state=state, mask=mask)
         x = x + h
         ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
         return x + ffn(self.post_attention_layernorm(x))
@@ -803,7 +947,7 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
             raise TypeError(f"Kimi Linear needs a KimiLinearCache, got {type(cache).__name__}.")
         past = cache.get_seq_length() if cache is not None else 0
 
-        key_mask = pad_mask = None
+        key_mask = None
         if attention_mask is not None:
             if (
                 attention_mask.dim() != 2
@@ -814,19 +958,44 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
                     "attention_mask must be a 2D 0/1 tensor [batch, cached + new tokens] "
                     f"(expected [{B}, {past + T}], got {list(attention_mask.shape)})."
                 )
-            key_mask = attention_mask.bool()
-            if not bool(key_mask.all()):
-                pad_mask = key_mask[:, -T:]
-                if bool(pad_mask.all()):
-                    pad_mask = None
-            else:
-                key_mask = None
+            key_mask = None if bool(attention_mask.all()) else attention_mask.bool()
+        segs = _segments(key_mask, position_ids, kwargs.get("cu_seq_lens_q"), B, T, past, x.device)
+        packed = segs is not None and segs.packed
+        mask = build_attention_mask(key_mask, T, past + T, x.device, segs if packed else None)
 
         states = cache.layers if cache is not None else [None] * len(self.layers)
         for layer, state in zip(self.layers, states):
-            x = layer(x, state=state, pad_mask=pad_mask, key_mask=key_mask)
+            x = layer(x, state=state, segs=segs, mask=mask)
         x = self.norm(x)
         return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache if use_cache else None})
+
+
+def _segments(key_mask, position_ids, cu_seq_lens, B, T, past, device):
+    """Segments for a batch with padding among its new tokens or with packed documents, else None.
+    Documents start where position_ids restart at 0 (transformers' DataCollatorWithFlattening, and any packing
+    that numbers positions per document) or at cu_seq_lens (flash-attention style, one row)."""
+    real = key_mask[:, -T:] if key_mask is not None else None
+    starts = None
+    if cu_seq_lens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seq_lens_q describes one packed row; got a batch of {B} rows.")
+        starts = torch.zeros(1, T, dtype=torch.bool, device=device)
+        starts[0, cu_seq_lens[:-1].to(device).clamp_max(T - 1)] = True
+    elif position_ids is not None and T > 1:
+        position_ids = position_ids.view(-1, T).expand(B, T)
+        starts = (position_ids == 0).to(device)
+    if starts is not None and not bool(starts[:, 1:].any()):
+        starts = None
+    if real is None and starts is None:
+        return None
+    segs = Segments(real if real is not None else torch.ones(B, T, dtype=torch.bool, device=device), starts)
+    segs.packed = segs.num_seqs > len(torch.unique(segs.row))
+    if segs.packed and past:
+        raise ValueError(
+            "Packed documents (position_ids restarting at 0, or cu_seq_lens_q) cannot continue a cache: "
+            "pass each document as its own row, or run packed batches without a cache (use_cache=False)."
+        )
+    return segs if segs.packed or real is not None else None
 
 
 class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
@@ -867,9 +1036,11 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
+            position_ids=position_ids,
             cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            cu_seq_lens_q=kwargs.get("cu_seq_lens_q"),
         )
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:

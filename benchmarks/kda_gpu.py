@@ -2,7 +2,7 @@
 batch and prefill time vs length, with their baselines measured in the same run.
 
     python benchmarks/kda_gpu.py --out-dir benchmarks/results           # on a CUDA machine with fla-core
-    bash .ci/gpu-bench                                                  # the same on the lent card (no internet)
+    bash .ci/gpu bench                                                  # the same on the lent card (no internet)
 
 Decode (one token per sequence, in place on the cache's tensors), for B in --batches:
   ours        kimi_linear_kernels.kda_decode_fused: conv windows + SiLU + L2 norm + gate + beta + state update +
@@ -15,9 +15,11 @@ Each is timed eagerly (triton.testing.do_bench, launch overhead included) and re
 hold them. Bandwidth counts the float32 state read and written once per step; the card's copy
 bandwidth (bytes read + written by a 1 GiB device-to-device copy) is measured in the same run.
 
-Prefill (B = 1, bfloat16), for T in --lengths: fla chunk_kda forward (the path our model calls), our whole KDA
-layer forward (projections, convs, gate, chunk_kda, gated norm, output), and SDPA causal attention at MLA's
-shape (32 heads, q/k 192, v 128) up to --sdpa-max tokens.
+Prefill (B = 1, bfloat16), for T in --lengths, forward and (up to --train-max tokens) forward + backward: fla's
+chunk_kda with the L2 norm, gate and sigmoid inside (the call our model makes), our whole KDA layer (projections,
+convs, chunk_kda, gated norm, output; inference prefill beyond 128k tokens in pieces through the state), and SDPA
+causal attention at MLA's shape (32 heads, q/k 192, v 128) up to --sdpa-max tokens. Median of as many runs as fit
+in 2 s after one untimed call.
 
 Writes kda_gpu.json and kda_gpu.png to --out-dir and prints a table.
 """
@@ -163,7 +165,7 @@ def decode_row(B, copy_bw):
     return row
 
 
-def bench_prefill(lengths, sdpa_max):
+def bench_prefill(lengths, sdpa_max, train_max):
     cfg = KimiLinearConfig(
         hidden_size=2304, num_hidden_layers=1, num_attention_heads=32, head_dim=72, num_experts=0,
         linear_attn_config={"kda_layers": [1], "full_attn_layers": [], "num_heads": H, "head_dim": K,
@@ -173,45 +175,72 @@ def bench_prefill(lengths, sdpa_max):
     with torch.no_grad():
         layer.A_log.copy_(torch.empty(1, 1, H, 1).uniform_(1, 16).log())
         layer.dt_bias.copy_(torch.empty(D).uniform_(-4, -1))
-    return [prefill_row(T, layer, sdpa_max) for T in lengths]
+    return [prefill_row(T, layer, sdpa_max, train_max) for T in lengths]
 
 
-def prefill_row(T, layer, sdpa_max):
-    from fla.ops.kda import chunk_kda
-
-    row = {"T": T}
-
-    def fla_chunk():
-        q = F.normalize(torch.randn(1, T, H, K, device="cuda"), dim=-1).bfloat16()
-        k = F.normalize(torch.randn(1, T, H, K, device="cuda"), dim=-1).bfloat16()
-        v = torch.randn(1, T, H, K, device="cuda").bfloat16()
-        g = -torch.rand(1, T, H, K, device="cuda") * 0.1
-        beta = torch.rand(1, T, H, device="cuda").bfloat16()
-        run = lambda: chunk_kda(q=q, k=k, v=v, g=g, beta=beta, output_final_state=True)  # noqa: E731
-        start = time.perf_counter()
-        run()
+def measure(fn, budget_s=2.0, max_reps=20):
+    """Median seconds of fn() after one untimed call; as many repetitions as fit in budget_s (at least one)."""
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(max(1, min(max_reps, int(budget_s / max(first, 1e-6))))):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
         torch.cuda.synchronize()
-        row["fla_chunk_first_call_s"] = time.perf_counter() - start
-        return do_bench(run, warmup=5, rep=50, return_mode="median")
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
 
-    def our_layer():
-        x = torch.randn(1, T, 2304, device="cuda").bfloat16()
-        with torch.no_grad():
-            return do_bench(lambda: layer(x), warmup=3, rep=20, return_mode="median")
 
-    def sdpa():
-        qa = torch.randn(1, 32, T, 192, device="cuda").bfloat16()
-        ka = torch.randn(1, 32, T, 192, device="cuda").bfloat16()
-        va = torch.randn(1, 32, T, 128, device="cuda").bfloat16()
-        return do_bench(lambda: F.scaled_dot_product_attention(qa, ka, va, is_causal=True), warmup=3, rep=20,
-                        return_mode="median")  # fmt: skip
+def prefill_row(T, layer, sdpa_max, train_max):
+    row = {"T": T}
+    rnd = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16)  # noqa: E731
 
-    guarded(row, "fla_chunk_ms", fla_chunk)
-    guarded(row, "ours_layer_ms", our_layer)
-    if T <= sdpa_max:
-        guarded(row, "sdpa_mla_ms", sdpa)
+    def fla(train):
+        def run():
+            # fla's chunk_kda with the L2 norm, gate and sigmoid inside (kimi_linear_kernels.kda_prefill is this
+            # call): the kernel work of a KDA layer, without the projections, convs and output norm around it
+            args = [rnd(1, T, H, K), rnd(1, T, H, K), rnd(1, T, H, K), rnd(1, T, H, K), rnd(1, T, H)]
+            args = [a.requires_grad_(train) for a in args]
+            A_log, dt_bias = layer.A_log.detach().reshape(-1), layer.dt_bias.detach()
+            step = lambda: kernels.kda_prefill(*args, A_log, dt_bias, output_final_state=True)  # noqa: E731
+            if not train:
+                with torch.no_grad():
+                    return measure(step)
+            return measure(lambda: step()[0].sum().backward())
+
+        return run
+
+    def ours(train):
+        def run():
+            x = rnd(1, T, 2304).requires_grad_(train)
+            if not train:
+                with torch.no_grad():
+                    return measure(lambda: layer(x))
+            return measure(lambda: layer(x).sum().backward())
+
+        return run
+
+    def sdpa(train):
+        def run():
+            qa, ka, va = (rnd(1, 32, T, d).requires_grad_(train) for d in (192, 192, 128))
+            attn = lambda: F.scaled_dot_product_attention(qa, ka, va, is_causal=True)  # noqa: E731
+            return measure(lambda: attn().sum().backward()) if train else measure(attn)
+
+        return run
+
+    for name, fn in (("fla_chunk", fla), ("ours_layer", ours), ("sdpa_mla", sdpa)):
+        if name != "sdpa_mla" or T <= sdpa_max:
+            guarded(row, f"{name}_ms", fn(False))
+        if T <= train_max and (name != "sdpa_mla" or T <= sdpa_max):
+            guarded(row, f"{name}_train_ms", fn(True))
+    layer.zero_grad(set_to_none=True)
     torch.cuda.empty_cache()
-    print(f"prefill T={T:8d}: {row}", flush=True)
+    print(f"prefill T={T:8d}: " + "  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
+                                             for k, v in row.items() if k != "T"), flush=True)  # fmt: skip
     return row
 
 
@@ -234,12 +263,13 @@ def plot(report, path):
           title="KDA decode step, 32 heads x 128")  # fmt: skip
     a.legend(fontsize=8)
     pre = report["prefill"]
-    curves = [("fla_chunk_ms", "o", "fla chunk_kda (fwd)"), ("ours_layer_ms", "s", "our KDA layer (fwd)"),
-              ("sdpa_mla_ms", "^", "SDPA causal, MLA shape")]  # fmt: skip
-    for key, marker, label in curves:
-        pts = [(r["T"], r[key]) for r in pre if isinstance(r.get(key), float)]
-        if pts:
-            b.plot(*zip(*pts), marker=marker, label=label)
+    curves = [("fla_chunk", "o", "fla chunk_kda"), ("ours_layer", "s", "our KDA layer"),
+              ("sdpa_mla", "^", "SDPA causal, MLA shape")]  # fmt: skip
+    for i, (key, marker, label) in enumerate(curves):
+        for suffix, style, what in (("_ms", "-", "fwd"), ("_train_ms", ":", "fwd+bwd")):
+            pts = [(r["T"], r[key + suffix]) for r in pre if isinstance(r.get(key + suffix), float)]
+            if pts:
+                b.plot(*zip(*pts), marker=marker, ls=style, color=f"C{i}", label=f"{label} ({what})")
     b.set(xscale="log", yscale="log", xlabel="tokens", ylabel="ms (median)", title="Prefill per layer, B = 1, bf16")
     b.legend(fontsize=8)
     m = report["metadata"]
@@ -254,7 +284,8 @@ def main():
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64, 256], help="(default: %(default)s)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 8192, 65536, 262144, 1048576],
                     help="(default: %(default)s)")  # fmt: skip
-    ap.add_argument("--sdpa-max", type=int, default=131072, help="(default: %(default)s)")
+    ap.add_argument("--sdpa-max", type=int, default=1048576, help="(default: %(default)s)")
+    ap.add_argument("--train-max", type=int, default=65536, help="longest fwd+bwd timed (default: %(default)s)")
     ap.add_argument("--out-dir", type=Path, default=REPO / "benchmarks" / "results", help="(default: %(default)s)")
     args = ap.parse_args()
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -264,7 +295,7 @@ def main():
           flush=True)  # fmt: skip
     report["decode"] = bench_decode(args.batches, report["copy_bandwidth_Bps"])
     (args.out_dir / "kda_gpu.json").write_text(json.dumps(report, indent=1))
-    report["prefill"] = bench_prefill(args.lengths, args.sdpa_max)
+    report["prefill"] = bench_prefill(args.lengths, args.sdpa_max, args.train_max)
     (args.out_dir / "kda_gpu.json").write_text(json.dumps(report, indent=1))
     plot(report, args.out_dir / "kda_gpu.png")
     print(f"wrote {args.out_dir / 'kda_gpu.json'} and kda_gpu.png")

@@ -2,10 +2,12 @@
 own package).
 
 One dispatch point: `kda_backend(tensor)` says which implementation serves a tensor. CUDA tensors go to the Triton
-path when a tested fla-core is installed (fla's `chunk_kda` for prefill and training, this package's fused
-`kda_decode_fused` for one-token decode); everything else (CPU tensors above all, whatever is installed) stays on
-the plain PyTorch path in `modeling_kimi_linear.py`, whose functions are the twins. `force_backend("torch")` pins
-the plain path for tests. fla is called by keyword only: its positional order has changed between releases.
+path when a tested fla-core is installed: `kda_prefill` (fla's `chunk_kda` with the L2 norm, gate and beta fused in;
+prefill and training, dense or variable-length) and this package's `kda_decode_fused` (one launch per decode step,
+nothing tuned). fla's autotuned kernels start from pre-chosen configurations (kernels/tuned.py). Everything else
+(CPU tensors above all, whatever is installed) stays on the plain PyTorch path in `modeling_kimi_linear.py`, whose
+functions are the twins. `force_backend("torch")` pins the plain path for tests. fla is called by keyword only: its
+positional order has changed between releases.
 """
 
 import importlib.metadata
@@ -51,6 +53,7 @@ def _load_fla():
 
                 _fla = (chunk_kda, fused_recurrent_kda)
                 logger.info("Kimi Linear KDA: using %s on CUDA tensors", reason)
+                _pin_tuned()
             except ImportError as err:
                 reason = f"fla-core failed to import ({err})"
                 usable = False
@@ -58,6 +61,17 @@ def _load_fla():
             _fla = False
             logger.info("Kimi Linear KDA: plain PyTorch (%s)", reason)
     return _fla
+
+
+def _pin_tuned():
+    """Pre-chosen configurations for fla's autotuned kernels (kernels/tuned.py): a fresh process skips the
+    autotuning sweep. A failure here only costs that sweep, never correctness."""
+    try:
+        from .tuned import pin
+
+        pin()
+    except Exception as err:  # noqa: BLE001
+        logger.warning("Kimi Linear: could not pin fla kernel configurations (%s); fla autotunes as usual", err)
 
 
 def kda_backend(x):
@@ -73,22 +87,30 @@ def kda_backend(x):
     return "torch"
 
 
-def kda_chunk(q, k, v, g, beta, initial_state=None, output_final_state=True, cu_seqlens=None):
-    """fla's chunk_kda on L2-normalised q, k [B, T, H, K], v [B, T, H, V], log-decay g [B, T, H, K] (float32),
-    beta [B, T, H]. Returns o [B, T, H, V] and the float32 final state [B, H, K, V]."""
+def kda_prefill(q, k, v, g, beta, A_log, dt_bias, initial_state=None, output_final_state=True, cu_seqlens=None):
+    """One KDA layer's prefill or training step from the raw projections, with the q/k L2 norm, the forget gate
+    -exp(A_log) * softplus(g + dt_bias) and beta's sigmoid inside fla's kernels (no float32 copies of q, k, g
+    around the kernel). q, k [B, T, H, K] after the conv, v [B, T, H, V], g = f_b(f_a(x)) [B, T, H, K],
+    beta = b_proj(x) [B, T, H], A_log with H elements, dt_bias [H*K]; cu_seqlens [S+1] with B == 1 for S
+    variable-length sequences (initial_state [S, H, K, V]). Twin: kda_prefill_torch in modeling_kimi_linear.py."""
     chunk_kda, _ = _load_fla()
     if initial_state is not None:
         initial_state = initial_state.float()
     return chunk_kda(
-        q=q.to(v.dtype),
-        k=k.to(v.dtype),
+        q=q,
+        k=k,
         v=v,
-        g=g.float(),
-        beta=beta.to(v.dtype),
+        g=g,
+        beta=beta,
+        A_log=A_log.reshape(-1).float(),
+        dt_bias=dt_bias.float(),
         initial_state=initial_state,
         output_final_state=output_final_state,
-        use_qk_l2norm_in_kernel=False,
+        use_qk_l2norm_in_kernel=True,
+        use_gate_in_kernel=True,
+        use_beta_sigmoid_in_kernel=True,
         cu_seqlens=cu_seqlens,
+        cu_seqlens_cpu=cu_seqlens.cpu() if cu_seqlens is not None else None,
     )
 
 

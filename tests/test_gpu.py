@@ -5,8 +5,8 @@ import torch
 
 import kimi_linear_kernels as kernels
 from conftest import build_model, tiny_config_dict
-from kimi_linear.modeling_kimi_linear import KimiLinearCache, kda_chunk_torch, kda_decode_torch
-from test_kda import kda_inputs
+from kimi_linear.configuration_kimi_linear import KDA
+from kimi_linear.modeling_kimi_linear import KimiLinearCache, kda_decode_torch, kda_prefill_torch
 
 pytestmark = [
     pytest.mark.gpu,
@@ -26,44 +26,62 @@ def need_fla():
         pytest.skip(reason)
 
 
-def gpu_inputs(B, T, H, K, seed, dtype=torch.bfloat16):
-    q, k, v, g, beta, h0 = kda_inputs(B, T, H, K, K, seed=seed)
-    return [x.cuda().to(dtype) for x in (q, k, v)] + [g.cuda(), beta.cuda().to(dtype), h0.cuda()]
+def raw_inputs(B, T, H=32, K=128, seed=0):
+    """Raw projections as the layer feeds them to kda_prefill, at the released head shape (fla's pinned kernel
+    configurations are for it), bf16 on the GPU: q, k after the conv (not normalised), v, g before the gate, beta
+    logits; A_log and dt_bias initialised as the model does."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, g = (torch.randn(B, T, H, K, generator=gen) for _ in range(4))
+    beta = torch.randn(B, T, H, generator=gen)
+    A_log = torch.empty(H).uniform_(1, 16, generator=gen).log()
+    dt = torch.empty(H * K).uniform_(-6.9, -2.3, generator=gen).exp()
+    dt_bias = dt + torch.log(-torch.expm1(-dt))
+    h0 = torch.randn(B, H, K, K, generator=gen)
+    bf = [x.cuda().bfloat16() for x in (q, k, v, g, beta)]
+    return bf + [A_log.cuda(), dt_bias.cuda(), h0.cuda()]
+
+
+def _cuda_model():
+    lac = dict(tiny_config_dict()["linear_attn_config"], num_heads=32, head_dim=128)  # the released head shape
+    return build_model(linear_attn_config=lac).cuda()
 
 
 @pytest.mark.parametrize("T", [63, 64, 1000, 8192])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_chunk_forward_and_backward_match_float64(T, with_state):
-    # fla's own tolerances (relative RMS): output and state 5e-3; dq, dk, dv, dh0 8e-3; dg, dbeta 2e-2
-    q, k, v, g, beta, h0 = gpu_inputs(1, T, 4, 128, seed=T)
+def test_prefill_forward_and_backward_match_float64(T, with_state):
+    # fla's own tolerances (relative RMS): output and state 5e-3; dq, dk, dv, dh0 8e-3; dg, dbeta 2e-2 (and the
+    # gate's parameters A_log, dt_bias, computed inside the kernel here, with the gate's 2e-2)
+    *inputs, h0 = raw_inputs(1, T, seed=T)
     h0 = h0 if with_state else None
-    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, g, beta)]
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     h0_leaf = h0.clone().requires_grad_(True) if with_state else None
-    ref = [t.detach().double().requires_grad_(True) for t in (q, k, v, g, beta)]
+    ref = [t.detach().double().requires_grad_(True) for t in inputs]
     h0_ref = h0.double().requires_grad_(True) if with_state else None
-    w_o = torch.randn(1, T, 4, 128, device="cuda", dtype=torch.float64)
-    w_s = torch.randn(1, 4, 128, 128, device="cuda", dtype=torch.float64)
+    w_o = torch.randn(1, T, 32, 128, device="cuda", dtype=torch.float64)
+    w_s = torch.randn(1, 32, 128, 128, device="cuda", dtype=torch.float64)
 
-    o, s = kernels.kda_chunk(*leaves, initial_state=h0_leaf)
+    o, s = kernels.kda_prefill(*leaves, initial_state=h0_leaf)
     ((o.double() * w_o).sum() + (s.double() * w_s).sum()).backward()
-    ro, rs = kda_chunk_torch(*ref, initial_state=h0_ref)
+    ro, rs = kda_prefill_torch(*ref, initial_state=h0_ref)
     ((ro * w_o).sum() + (rs * w_s).sum()).backward()
     assert rel_rms(o, ro) < 5e-3 and rel_rms(s, rs) < 5e-3
-    limits = {"q": 8e-3, "k": 8e-3, "v": 8e-3, "g": 2e-2, "beta": 2e-2}
+    limits = {"q": 8e-3, "k": 8e-3, "v": 8e-3, "g": 2e-2, "beta": 2e-2, "A_log": 2e-2, "dt_bias": 2e-2}
     for (name, limit), a, b in zip(limits.items(), leaves, ref):
         assert rel_rms(a.grad, b.grad) < limit, name
     if with_state:
         assert rel_rms(h0_leaf.grad, h0_ref.grad) < 8e-3
 
 
-def test_chunk_varlen_gives_each_sequence_its_own_result():
+def test_prefill_varlen_gives_each_sequence_its_own_result():
     lengths = [100, 1, 333, 64]
-    q, k, v, g, beta, _ = gpu_inputs(1, sum(lengths), 4, 128, seed=9)
+    q, k, v, g, beta, A_log, dt_bias, _ = raw_inputs(1, sum(lengths), seed=9)
+    h0 = torch.randn(len(lengths), 32, 128, 128, device="cuda")
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda")
-    o, s = kernels.kda_chunk(q, k, v, g, beta, cu_seqlens=cu)
+    o, s = kernels.kda_prefill(q, k, v, g, beta, A_log, dt_bias, initial_state=h0, cu_seqlens=cu)
     for i, (a, b) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
-        ro, rs = kernels.kda_chunk(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b])
-        assert rel_rms(o[:, a:b], ro) < 1e-3 and rel_rms(s[i : i + 1], rs) < 1e-3
+        part = [t[:, a:b] for t in (q, k, v, g, beta)]
+        ro, rs = kda_prefill_torch(*[t.double() for t in part], A_log, dt_bias, initial_state=h0[i : i + 1].double())
+        assert rel_rms(o[:, a:b], ro) < 5e-3 and rel_rms(s[i : i + 1], rs) < 5e-3
 
 
 @pytest.mark.parametrize("B", [1, 5, 64])
@@ -91,8 +109,7 @@ def test_fused_decode_matches_its_torch_twin(B, dtype, tol):
 
 @torch.no_grad()
 def test_model_on_cuda_with_triton_path_matches_torch_path():
-    lac = dict(tiny_config_dict()["linear_attn_config"], num_heads=2, head_dim=64)
-    model = build_model(linear_attn_config=lac).cuda()
+    model = _cuda_model()
     ids = torch.randint(3, 512, (2, 200), generator=torch.Generator().manual_seed(0)).cuda()
     assert kernels.kda_backend(ids.float()) == "triton"
     fast = model(ids).logits
@@ -116,3 +133,46 @@ def test_cpu_model_never_reaches_triton_on_a_gpu_machine():
     assert kernels.kda_backend(ids.float()) == "torch"
     out = model(ids).logits  # would raise inside Triton if a CPU tensor reached it
     assert torch.isfinite(out).all()
+
+
+@torch.no_grad()
+def test_model_padded_batch_runs_varlen_and_matches_each_row_alone():
+    model = _cuda_model()
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 512, (n,), generator=gen) for n in (7, 130, 64)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):  # left padding, as generate() pads
+        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
+    cache = KimiLinearCache(model.config)
+    out = model(ids.cuda(), attention_mask=mask.cuda(), cache=cache).logits
+    for i, p in enumerate(prompts):
+        alone_cache = KimiLinearCache(model.config)
+        alone = model(p[None].cuda(), cache=alone_cache).logits[0]
+        assert rel_rms(out[i, width - len(p) :], alone) < 5e-3
+        for kind, a, b in zip(model.config.layer_types, cache.layers, alone_cache.layers):
+            for x, y in zip(a.tensors(), b.tensors()):  # KDA: windows and state per row; MLA: the row's latents
+                assert rel_rms(x[i] if kind == KDA else x[i, width - len(p) :], y[0]) < 5e-3, kind
+
+
+def test_model_packed_row_trains_like_separate_rows_on_cuda():
+    from transformers import DataCollatorWithFlattening
+
+    model = _cuda_model().train()
+    gen = torch.Generator().manual_seed(6)
+    docs = [torch.randint(3, 512, (n,), generator=gen) for n in (37, 1, 200, 64)]
+    batch = DataCollatorWithFlattening()([{"input_ids": d.tolist()} for d in docs])
+    logits = model(batch["input_ids"].cuda(), position_ids=batch["position_ids"].cuda(), use_cache=False).logits
+    ce = torch.nn.functional.cross_entropy
+    packed = ce(logits[0, :-1].float(), batch["labels"][0, 1:].cuda(), ignore_index=-100, reduction="sum")
+    packed.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    alone = sum(ce(model(d[None].cuda(), use_cache=False).logits[0, :-1].float(), d[1:].cuda(), reduction="sum")
+                for d in docs if len(d) > 1)  # fmt: skip
+    alone.backward()
+    assert rel_rms(packed, alone) < 1e-3
+    for name, p in model.named_parameters():
+        if name in grads:
+            assert rel_rms(grads[name], p.grad) < 2e-2, name

@@ -6,7 +6,7 @@ import torch
 
 from conftest import build_model, rel_err, tiny_config
 from kimi_linear.configuration_kimi_linear import KDA
-from kimi_linear.modeling_kimi_linear import KimiLinearCache, KimiLinearMoE, _attention_mask
+from kimi_linear.modeling_kimi_linear import KimiLinearCache, KimiLinearMoE, build_attention_mask
 
 
 def ids_for(B, T, seed=0, vocab=512):
@@ -102,7 +102,7 @@ def test_latent_attention_equals_expanded_attention(tiny_model):
     latent = torch.randn(B, S, mla.kv_lora_rank + mla.rope)
     key_mask = torch.ones(B, S, dtype=torch.bool)
     key_mask[0, :11] = False
-    for mask in (None, _attention_mask(key_mask, T, S, q.device)):
+    for mask in (None, build_attention_mask(key_mask, T, S, q.device)):
         assert rel_err(mla._attend_latent(q, latent, mask), mla._attend_expanded(q, latent, mask)) < 1e-5
 
 

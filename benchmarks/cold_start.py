@@ -1,0 +1,185 @@
+"""Cold start on the GPU: how long the first prefill and the first training step of a fresh process take, with
+fla's own autotuning and with this repo's pre-chosen configurations (kernels/tuned.py), and whether a prompt of
+a length not seen before costs anything over a warm call of that length.
+
+    python benchmarks/cold_start.py --out-dir benchmarks/results            # on a CUDA machine with fla-core
+
+Each mode runs in its own fresh process with an empty Triton cache (TRITON_CACHE_DIR in a new temporary folder),
+on the bench_1b_hybrid model (benchmarks/configs/, random weights, bf16):
+  autotune   KIMI_FLA_PINNED=0: fla autotunes every kernel on first use (the baseline)
+  pinned     the pre-chosen configurations (the default)
+Per mode: first prefill of --prefill-len tokens and its warm median; first training step (forward + backward,
+--train-len tokens, loss over all positions) and its warm median; then, for each --new-lengths, the first prefill at
+that length against the warm median at the same length. "Compile + tune" = first call - warm call.
+With --record PATH, the autotune mode then runs every other path the model takes and writes the configurations it
+chose to PATH (kernels/tuned.py format), and the pinned mode uses that file; without it, the pinned mode uses the
+file installed with kimi_linear_kernels.
+
+Writes cold_start.json and cold_start.png to --out-dir and prints a table.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIG = HERE / "configs" / "bench_1b_hybrid.json"
+
+
+def child(args):
+    t_start = time.perf_counter()
+    import torch
+
+    from kimi_linear.configuration_kimi_linear import KimiLinearConfig
+    from kimi_linear.modeling_kimi_linear import KimiLinearForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = KimiLinearForCausalLM(KimiLinearConfig(**json.loads(CONFIG.read_text()))).bfloat16()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ids = lambda T: torch.randint(3, model.config.vocab_size, (1, T), device="cuda", generator=gen)  # noqa: E731
+    out = {"mode": args.child, "setup_s": time.perf_counter() - t_start}
+
+    def first_and_warm(fn, reps=3):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        first = time.perf_counter() - start
+        warm = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            warm.append(time.perf_counter() - start)
+        warm = sorted(warm)[len(warm) // 2]
+        return {"first_s": first, "warm_s": warm, "overhead_s": first - warm}
+
+    def prefill(T):
+        x = ids(T)
+        model.eval()
+
+        @torch.no_grad()
+        def run():
+            model(x, logits_to_keep=1)
+
+        return run
+
+    def train_step(T):
+        x = ids(T)
+        model.train()
+
+        def step():
+            model(x, labels=x, use_cache=False).loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        return step
+
+    out["first_prefill"] = first_and_warm(prefill(args.prefill_len))
+    print(f"[{args.child}] first prefill {out['first_prefill']}", flush=True)
+    out["first_train_step"] = first_and_warm(train_step(args.train_len))
+    print(f"[{args.child}] first training step {out['first_train_step']}", flush=True)
+    out["new_lengths"] = {}
+    for T in args.new_lengths:
+        out["new_lengths"][T] = r = first_and_warm(prefill(T))
+        r["over_warm"] = r["overhead_s"] / r["warm_s"]
+        print(f"[{args.child}] new length {T}: {r}", flush=True)
+    out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    if args.record:
+        from kimi_linear_kernels.tuned import exercise, record
+
+        exercise()  # every other path the model takes (varlen, initial states, batch 2), so its choices are kept too
+        record(args.record, card=torch.cuda.get_device_name(0))
+        out["recorded"] = str(args.record)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_mode(mode, args):
+    env = dict(os.environ, TRITON_CACHE_DIR=tempfile.mkdtemp(prefix=f"triton-{mode}-"))
+    env["KIMI_FLA_PINNED"] = "0" if mode == "autotune" else "1"
+    if mode == "pinned" and args.record:
+        env["KIMI_FLA_TUNED"] = str(args.record)  # the choices the autotune run just made
+    cmd = [sys.executable, __file__, "--child", mode, "--prefill-len", str(args.prefill_len),
+           "--train-len", str(args.train_len), "--new-lengths", *map(str, args.new_lengths)]  # fmt: skip
+    if mode == "autotune" and args.record:
+        cmd += ["--record", str(args.record)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    sys.stdout.write(proc.stdout)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-5000:])
+        raise SystemExit(f"{mode} run failed ({proc.returncode})")
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    result["process_wall_s"] = time.perf_counter() - start
+    return result
+
+
+def plot(report, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = report["modes"]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels = ["first prefill", "first training step"]
+    width = 0.38
+    for i, m in enumerate(modes):
+        vals = [m["first_prefill"]["overhead_s"], m["first_train_step"]["overhead_s"]]
+        bars = ax.bar([j + i * width for j in range(2)], vals, width, label=m["mode"])
+        ax.bar_label(bars, fmt="%.1f s")
+    ax.axhline(30, color="k", ls="--", lw=1, label="30 s target")
+    ax.set_xticks([j + width / 2 for j in range(2)], labels)
+    ax.set_ylabel("compile + tune (first call - warm call), s")
+    meta = report["metadata"]
+    ax.set_title(f"Cold start, bench_1b_hybrid | {meta['card']} | fla-core {meta['fla-core']} | "
+                 f"triton {meta['triton']} | {meta['date_utc'][:10]}", fontsize=8)  # fmt: skip
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prefill-len", type=int, default=8192, help="(default: %(default)s)")
+    ap.add_argument("--train-len", type=int, default=4096, help="(default: %(default)s)")
+    ap.add_argument(
+        "--new-lengths",
+        type=int,
+        nargs="+",
+        default=[32768, 50001, 131072],
+        help="(default: %(default)s; an odd length checks Triton's per-divisibility specialisation)",
+    )
+    ap.add_argument("--modes", nargs="+", default=["autotune", "pinned"], choices=["autotune", "pinned"])
+    ap.add_argument("--record", type=Path, help="the autotune mode writes its chosen configurations here")
+    ap.add_argument("--out-dir", type=Path, default=HERE / "results", help="(default: %(default)s)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    sys.path.insert(0, str(HERE))
+    from kda_gpu import metadata
+
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"metadata": metadata(), "config": CONFIG.name, "prefill_len": args.prefill_len,
+              "train_len": args.train_len, "modes": []}  # fmt: skip
+    for mode in args.modes:
+        report["modes"].append(run_mode(mode, args))
+    (args.out_dir / "cold_start.json").write_text(json.dumps(report, indent=1))
+    print(f"\n{'mode':10s} {'prefill first/warm s':>22s} {'train first/warm s':>22s}  new lengths (first/warm s)")
+    for m in report["modes"]:
+        p, t = m["first_prefill"], m["first_train_step"]
+        new = "  ".join(f"{T}: {r['first_s']:.2f}/{r['warm_s']:.2f}" for T, r in m["new_lengths"].items())
+        cells = f"{p['first_s']:10.1f}/{p['warm_s']:<10.3f} {t['first_s']:10.1f}/{t['warm_s']:<10.3f}"
+        print(f"{m['mode']:10s} {cells}  {new}")
+    plot(report, args.out_dir / "cold_start.png")
+    print(f"wrote {args.out_dir / 'cold_start.json'} and cold_start.png")
+
+
+if __name__ == "__main__":
+    main()

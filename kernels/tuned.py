@@ -1,0 +1,150 @@
+"""Pre-chosen launch configurations for fla-core's autotuned Triton kernels, so a fresh process compiles one
+configuration per kernel instead of benchmarking every candidate (fla's first chunk_kda forward + backward spends
+minutes autotuning; see benchmarks/cold_start.py).
+
+A configuration file holds, per autotuned kernel (module and attribute name inside fla), the autotuner's choices
+keyed exactly as the autotuner keys them (its key arguments and argument dtypes), plus the fla-core, Triton and
+GPU architecture they were chosen on. `pin()` fills the autotuners' caches with those choices, only when all
+three match this machine: any other shape, version or card autotunes as usual (slow once, never wrong).
+KIMI_FLA_PINNED=0 turns pinning off; KIMI_FLA_TUNED=path reads another file.
+
+Record a file on the card (in a process that does not pin, so that the autotuners run):
+    KIMI_FLA_PINNED=0 python -m kimi_linear_kernels.tuned --out kernels/tuned_sm90.json
+"""
+
+import argparse
+import importlib
+import importlib.metadata
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+
+
+def default_file(capability):
+    return HERE / f"tuned_sm{capability[0]}{capability[1]}.json"
+
+
+def _autotuners():
+    """(module, attribute, autotuner) for every Triton autotuner fla has defined so far."""
+    from triton.runtime.autotuner import Autotuner
+
+    for name, module in list(sys.modules.items()):
+        if name.startswith("fla.") and module is not None:
+            for attr, value in list(vars(module).items()):
+                if isinstance(value, Autotuner):
+                    yield name, attr, value
+
+
+def _identity():
+    import torch
+
+    return {
+        "fla-core": importlib.metadata.version("fla-core"),
+        "triton": importlib.metadata.version("triton"),
+        "capability": list(torch.cuda.get_device_capability()),
+    }
+
+
+def record(path, card=None):
+    """Write the choices every fla autotuner has made in this process to `path` (atomically)."""
+    kernels = {}
+    for module, attr, tuner in _autotuners():
+        entries = [
+            {"key": list(key), "kwargs": dict(cfg.kwargs), "num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+             "num_ctas": cfg.num_ctas, "maxnreg": cfg.maxnreg}
+            for key, cfg in tuner.cache.items()
+        ]  # fmt: skip
+        if entries:
+            kernels[f"{module}:{attr}"] = entries
+    data = {**_identity(), "card": card, "kernels": dict(sorted(kernels.items()))}
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+    return data
+
+
+_pinned = set()
+
+
+def pin(path=None):
+    """Fill fla's autotuner caches from a configuration file; returns the number of choices pinned (0 when the file
+    does not match this machine's fla-core, Triton and GPU architecture, or with KIMI_FLA_PINNED=0)."""
+    if os.environ.get("KIMI_FLA_PINNED", "1") == "0":
+        return 0
+    import triton
+
+    ident = _identity()
+    path = path or os.environ.get("KIMI_FLA_TUNED") or default_file(ident["capability"])
+    path = Path(path)
+    if path in _pinned or not path.exists():
+        return 0
+    data = json.loads(path.read_text())
+    mismatch = [k for k in ("fla-core", "triton", "capability") if data.get(k) != ident[k]]
+    if mismatch:
+        logger.info("Kimi Linear: %s was tuned for another %s; fla autotunes as usual", path.name, mismatch)
+        return 0
+    count = 0
+    for where, entries in data["kernels"].items():
+        module, attr = where.split(":")
+        try:
+            tuner = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            continue
+        for e in entries:
+            cfg = triton.Config(e["kwargs"], num_warps=e["num_warps"], num_stages=e["num_stages"],
+                                num_ctas=e["num_ctas"], maxnreg=e["maxnreg"])  # fmt: skip
+            tuner.cache.setdefault(tuple(e["key"]), cfg)
+            count += 1
+    _pinned.add(path)
+    logger.info("Kimi Linear: pinned %d fla kernel configurations from %s", count, path.name)
+    return count
+
+
+def exercise(batches=(1, 2), T=4096, H=32, K=128):
+    """Run every fla path the model takes (prefill and training; dense and varlen; with and without a state) at the
+    released head shape, so that each autotuner makes its choice."""
+    import torch
+
+    import kimi_linear_kernels as kernels
+
+    def raw(B, T):
+        q, k, v, g = (torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        beta = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16)
+        A_log = torch.rand(H, device="cuda").mul(15).add(1).log()
+        return [q, k, v, g, beta, A_log, torch.randn(H * K, device="cuda")]
+
+    for B in batches:
+        for with_state in (False, True):
+            for varlen in (False, True):
+                args = raw(1, T * B) if varlen else raw(B, T)
+                cu = torch.tensor([0, T // 3, T * B], device="cuda") if varlen else None
+                h0 = torch.randn(2 if varlen else B, H, K, K, device="cuda") if with_state else None
+                with torch.no_grad():
+                    kernels.kda_prefill(*args, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+                leaves = [a.requires_grad_(True) for a in args]
+                o, h = kernels.kda_prefill(*leaves, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+                (o.float().square().mean() + h.square().mean()).backward()
+    torch.cuda.synchronize()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True, help="configuration file to write")
+    args = ap.parse_args()
+    if os.environ.get("KIMI_FLA_PINNED") != "0":
+        ap.error("set KIMI_FLA_PINNED=0: recording needs the autotuners to run, not the pinned choices")
+    import torch
+
+    exercise()
+    data = record(args.out, card=torch.cuda.get_device_name(0))
+    print(f"wrote {args.out}: {sum(len(v) for v in data['kernels'].values())} choices, {len(data['kernels'])} kernels")
+
+
+if __name__ == "__main__":
+    main()
