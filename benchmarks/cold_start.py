@@ -96,7 +96,7 @@ def child(args):
         exercise()  # every other path the model takes (varlen, initial states, batch 2), so its choices are kept too
         record(args.record, card=torch.cuda.get_device_name(0))
         out["recorded"] = str(args.record)
-    print("RESULT " + json.dumps(out), flush=True)
+    Path(args.result).write_text(json.dumps(out))
 
 
 def run_mode(mode, args):
@@ -108,13 +108,13 @@ def run_mode(mode, args):
            "--train-len", str(args.train_len), "--new-lengths", *map(str, args.new_lengths)]  # fmt: skip
     if mode == "autotune" and args.record:
         cmd += ["--record", str(args.record)]
+    result_file = Path(env["TRITON_CACHE_DIR"]) / "result.json"
+    cmd += ["--result", str(result_file)]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    sys.stdout.write(proc.stdout)
+    proc = subprocess.run(cmd, env=env)  # output streams through: a run cut short still shows how far it got
     if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-5000:])
         raise SystemExit(f"{mode} run failed ({proc.returncode})")
-    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    result = json.loads(result_file.read_text())
     result["process_wall_s"] = time.perf_counter() - start
     return result
 
@@ -159,6 +159,7 @@ def main():
     ap.add_argument("--record", type=Path, help="the autotune mode writes its chosen configurations here")
     ap.add_argument("--out-dir", type=Path, default=HERE / "results", help="(default: %(default)s)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
