@@ -69,6 +69,39 @@ def record(path, card=None):
     return data
 
 
+# Key arguments that do not change which launch configuration is valid or best by much: a choice recorded for
+# one value serves the others (the varlen variant of a kernel shares its tiles with the dense one; the batch size
+# only changes the grid).
+LOOSE_KEYS = {"B", "IS_VARLEN"}
+
+
+class _LooseCache(dict):
+    """An autotuner's cache that answers a key it has not seen with the choice recorded for a key equal to it in
+    everything but LOOSE_KEYS (the dtype strings after the named keys included)."""
+
+    def __init__(self, names, *args):
+        super().__init__(*args)
+        self.loose = [i for i, n in enumerate(names) if n in LOOSE_KEYS]
+
+    def _strict(self, key):
+        return tuple(v for i, v in enumerate(key) if i not in self.loose)
+
+    def _find(self, key):
+        if dict.__contains__(self, key):
+            return key
+        want = self._strict(key)
+        return next((k for k in self.keys() if self._strict(k) == want), None)
+
+    def __contains__(self, key):
+        return self._find(key) is not None
+
+    def __getitem__(self, key):
+        found = self._find(key)
+        if found is None:
+            raise KeyError(key)
+        return dict.__getitem__(self, found)
+
+
 _pinned = set()
 
 
@@ -96,6 +129,8 @@ def pin(path=None):
             tuner = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError):
             continue
+        if not isinstance(tuner.cache, _LooseCache):
+            tuner.cache = _LooseCache(tuner.keys, tuner.cache)
         for e in entries:
             cfg = triton.Config(e["kwargs"], num_warps=e["num_warps"], num_stages=e["num_stages"],
                                 num_ctas=e["num_ctas"], maxnreg=e["maxnreg"])  # fmt: skip
@@ -106,9 +141,10 @@ def pin(path=None):
     return count
 
 
-def exercise(batches=(1,), T=4096, H=32, K=128):
-    """Run every fla path the model takes (prefill and training; dense and varlen; with and without a state) at the
-    released head shape, so that each autotuner makes its choice."""
+def exercise(batches=(1,), states=(False,), varlens=(False,), T=4096, H=32, K=128):
+    """Run fla's paths the model takes (prefill and training; dense and varlen; with and without a state) at the
+    released head shape, so that each autotuner makes its choice. The defaults run the dense path only: its choices
+    serve the varlen and batched variants too (LOOSE_KEYS)."""
     import torch
 
     import kimi_linear_kernels as kernels
@@ -123,8 +159,8 @@ def exercise(batches=(1,), T=4096, H=32, K=128):
 
     start = time.perf_counter()
     for B in batches:
-        for with_state in (False, True):
-            for varlen in (False, True):
+        for with_state in states:
+            for varlen in varlens:
                 args = raw(1, T * B) if varlen else raw(B, T)
                 cu = torch.tensor([0, T // 3, T * B], device="cuda") if varlen else None
                 h0 = torch.randn(2 if varlen else B, H, K, K, device="cuda") if with_state else None
