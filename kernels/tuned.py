@@ -30,15 +30,28 @@ def default_file(capability):
     return HERE / f"tuned_sm{capability[0]}{capability[1]}.json"
 
 
-def _autotuners():
-    """(module, attribute, autotuner) for every Triton autotuner fla has defined so far."""
+def _unwrap(value):
+    """The Autotuner inside a kernel object (often wrapped by @triton.heuristics), or None."""
     from triton.runtime.autotuner import Autotuner
 
-    for name, module in list(sys.modules.items()):
+    for _ in range(8):
+        if isinstance(value, Autotuner):
+            return value
+        value = getattr(value, "fn", None)
+    return None
+
+
+def _autotuners():
+    """(module, attribute, autotuner) for every Triton autotuner fla has defined so far, each once (modules
+    re-export kernels under other names)."""
+    seen = set()
+    for name, module in sorted(sys.modules.items()):
         if name.startswith("fla.") and module is not None:
             for attr, value in list(vars(module).items()):
-                if isinstance(value, Autotuner):
-                    yield name, attr, value
+                tuner = _unwrap(value)
+                if tuner is not None and id(tuner) not in seen:
+                    seen.add(id(tuner))
+                    yield name, attr, tuner
 
 
 def _identity():
@@ -126,8 +139,10 @@ def pin(path=None):
     for where, entries in data["kernels"].items():
         module, attr = where.split(":")
         try:
-            tuner = getattr(importlib.import_module(module), attr)
+            tuner = _unwrap(getattr(importlib.import_module(module), attr))
         except (ImportError, AttributeError):
+            continue
+        if tuner is None:
             continue
         if not isinstance(tuner.cache, _LooseCache):
             tuner.cache = _LooseCache(tuner.keys, tuner.cache)

@@ -81,3 +81,52 @@ def test_model_on_cpu_runs_with_fla_and_triton_installed():
     )
     assert without.returncode == 0, without.stderr[-3000:]
     assert with_fla.stdout == without.stdout
+
+
+@pytest.mark.skipif(not FLA_SITE, reason="set KIMI_FLA_SITE to a folder holding fla-core + triton (.ci/run does)")
+def test_pinned_configurations_round_trip_through_fla_autotuners(tmp_path):
+    # On fla's real kernel objects (most are wrapped by @triton.heuristics): choices recorded from the autotuners'
+    # caches come back into fresh caches, serve the loose variants (varlen, other batch sizes), and a file from
+    # another fla / Triton / GPU pins nothing. No GPU here: the machine identity is fixed by hand.
+    script = textwrap.dedent("""
+        import json, sys
+        sys.path.insert(0, sys.argv[1])
+        import fla.ops.kda  # noqa: F401  (defines the KDA kernels)
+        import kimi_linear_kernels.tuned as tuned
+        ident = {"fla-core": "0.6.0", "triton": "3.6.0", "capability": [9, 0]}
+        tuned._identity = lambda: dict(ident)
+        tuners = list(tuned._autotuners())
+        names = {m for m, _, _ in tuners}
+        assert {"fla.ops.kda.chunk_intra", "fla.ops.common.chunk_delta_h", "fla.ops.kda.wy_fast"} <= names, names
+        picked = {}
+        for m, a, t in tuners:
+            key = tuple(True if k == "IS_VARLEN" else 7 for k in t.keys) + ("torch.bfloat16",)
+            t.cache[key] = t.configs[-1]
+            picked[(m, a)] = (key, t.configs[-1])
+        data = tuned.record(sys.argv[2])
+        assert len(data["kernels"]) == len(tuners)
+        for _, _, t in tuners:
+            t.cache.clear()
+        assert tuned.pin(sys.argv[2]) == len(tuners)
+        for (m, a), (key, cfg) in picked.items():
+            t = tuned._unwrap(getattr(sys.modules[m], a))
+            assert t.cache[key].all_kwargs() == cfg.all_kwargs(), (m, a)
+            loose = tuple(False if k == "IS_VARLEN" else (3 if k == "B" else v) for k, v in zip(t.keys, key)) + key[-1:]
+            assert loose in t.cache and t.cache[loose].all_kwargs() == cfg.all_kwargs()
+            if any(k not in tuned.LOOSE_KEYS for k in t.keys):
+                strict = tuple(v + 1 if k not in tuned.LOOSE_KEYS else v for k, v in zip(t.keys, key)) + key[-1:]
+                assert strict not in t.cache, (m, a)
+        other = json.load(open(sys.argv[2]))
+        other["triton"] = "9.9.9"
+        json.dump(other, open(sys.argv[3], "w"))
+        assert tuned.pin(sys.argv[3]) == 0
+        print(len(tuners))
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", script, FLA_SITE, str(tmp_path / "a.json"), str(tmp_path / "b.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert int(out.stdout.split()[-1]) >= 20
