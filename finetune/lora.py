@@ -7,11 +7,19 @@ experts) can carry an adapter; the router stays frozen.
 
 The checkpoint loads with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` and `AutoTokenizer`.
 The data is a local jsonl / json / parquet / csv / text file (or a folder of them) read with `datasets`, or a Hub
-dataset id already in the local cache. Each example is one sequence (no packing): tokenized, truncated to
---max-length, padded per batch on the right (labels -100 on padding). --out receives the adapter
-(adapter_config.json + adapter_model.safetensors), `train_log.json` (arguments and every step's loss, learning rate,
-gradient norm and tokens) and `loss.png`. --merge-to writes a merged full checkpoint with
-`kimi_linear_conversion.merge_lora.merge_lora`.
+dataset id already in the local cache. Each example is tokenized (plain text with an EOS appended; chat data in
+--messages-column through the tokenizer's chat template) and truncated to --max-length; batches are padded on the
+right (labels -100 on padding). --pack packs whole documents into rows of --max-length tokens instead, with
+position_ids restarting at each document: the model then restarts KDA's state and conv windows there and keeps MLA
+inside the document, so a packed row trains exactly as its documents would as separate rows.
+--out receives the adapter (adapter_config.json + adapter_model.safetensors), `train_log.json` (arguments and every
+step's loss, learning rate, gradient norm and tokens) and `loss.png`. --merge-to writes a merged full checkpoint
+with `kimi_linear_conversion.merge_lora.merge_lora`.
+
+Long runs: --save-every N writes out/checkpoint-N (adapter, optimizer, scheduler, log); --resume continues from the
+newest one at the same step with the same data order. Several GPUs (data parallel):
+    accelerate launch --num_processes 2 finetune/lora.py --model ... --batch-size 16 ...
+--batch-size is the global batch, split over the processes; FSDP through an `accelerate config` file.
 
 Library: `train_lora(model, data, out, ...)` returns a `LoraResult` (the trained PeftModel, the step log, paths);
 `lora_targets(model, targets)` gives the list of module names a target specification selects and
@@ -23,6 +31,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,13 +264,48 @@ def collate(sequences, pad_id):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def batches(sequences, batch_size, seed):
-    """Endless iterator of (epoch, batch of sequences), reshuffled each epoch with a seeded generator."""
+def pack_documents(sequences, max_length):
+    """Whole documents, in order, greedily into rows of at most max_length tokens: a list of rows, each a list of
+    documents (token-id lists)."""
+    rows, row, used = [], [], 0
+    for seq in sequences:
+        if row and used + len(seq) > max_length:
+            rows.append(row)
+            row, used = [], 0
+        row.append(seq)
+        used += len(seq)
+    if row:
+        rows.append(row)
+    return rows
+
+
+def collate_packed(rows, pad_id):
+    """Packed rows (lists of documents): input_ids, attention_mask, position_ids restarting at 0 for each document
+    (the model restarts KDA's state and confines MLA to the document there), and labels with -100 on padding and on
+    each document's first token (nothing before it in its document predicts it)."""
+    flat = [[t for doc in row for t in doc] for row in rows]
+    batch = collate(flat, pad_id)
+    batch["position_ids"] = torch.zeros_like(batch["input_ids"])
+    for i, row in enumerate(rows):
+        start = 0
+        for doc in row:
+            batch["position_ids"][i, start : start + len(doc)] = torch.arange(len(doc))
+            batch["labels"][i, start] = -100
+            start += len(doc)
+    return batch
+
+
+def batches(sequences, batch_size, seed, skip=0):
+    """Endless iterator of (epoch, batch of sequences), reshuffled each epoch with a seeded generator; `skip` batches
+    are passed over first (resuming at the same place in the same order)."""
     gen = torch.Generator().manual_seed(seed)
     epoch = 0
     while True:
         order = torch.randperm(len(sequences), generator=gen).tolist()
         for i in range(0, len(order), batch_size):
+            if skip:
+                skip -= 1
+                continue
             yield epoch, [sequences[j] for j in order[i : i + batch_size]]
         epoch += 1
 
@@ -317,10 +361,20 @@ def train_lora(
     overwrite_merge=False,
     progress=True,
     plot=True,
+    pack=False,
+    save_every=None,
+    keep_checkpoints=2,
+    resume=False,
 ):
     """Attach a LoRA to `model` (a checkpoint path / Hub id, or an already loaded model with `tokenizer`), train it on
     `data` (see `load_data`), save the adapter, step log and loss plot to `out`, optionally merge into `merge_to`.
-    Runs `steps` optimizer steps if given, else `epochs` passes over the data. Returns a LoraResult."""
+    Runs `steps` optimizer steps if given, else `epochs` passes over the data. Returns a LoraResult.
+
+    pack: documents are packed whole into rows of max_length tokens (position_ids restart per document, so each
+    trains exactly as it would alone); save_every: a resumable checkpoint (adapter, optimizer, scheduler, step log)
+    in out/checkpoint-N every N steps, the newest keep_checkpoints kept; resume: continue from the newest checkpoint
+    in `out` at the same step, with the same data order. Under `accelerate launch` (WORLD_SIZE > 1) each of the
+    processes trains on its share of every batch (batch_size is the global batch) with data-parallel gradients."""
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -330,6 +384,25 @@ def train_lora(
         raise ValueError("batch_size must be at least 1")
     if steps is not None and steps < 1:
         raise ValueError("steps must be at least 1")
+    if save_every is not None and save_every < 1:
+        raise ValueError("save_every must be at least 1 (or None for no checkpoints)")
+    accelerator = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by accelerate launch / torchrun
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+
+        # routed experts that no token picked in a step leave their adapters without gradients
+        accelerator = Accelerator(
+            cpu=str(device) == "cpu" or not torch.cuda.is_available(),  # CPU processes: data parallel over gloo
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        if accelerator.num_processes == 1:
+            raise RuntimeError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but accelerate set up a single process")
+        if batch_size % accelerator.num_processes:
+            raise ValueError(
+                f"batch_size {batch_size} (the global batch) must divide evenly over {accelerator.num_processes} "
+                "processes"
+            )
+    main_process = accelerator is None or accelerator.is_main_process
     base_path = None
     if isinstance(model, (str, os.PathLike)):
         base_path = str(model)
@@ -342,11 +415,16 @@ def train_lora(
         raise ValueError("merge_to needs the base checkpoint path as `model` (the merge reads its files)")
     if tokenizer is None:
         raise ValueError("pass the tokenizer when `model` is an already loaded model")
+    if accelerator is not None:
+        device = accelerator.device
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
     # Data first: a bad dataset fails before any training state exists.
     dataset = load_data(data, split=split, config_name=data_config, data_format=data_format)
     sequences = tokenize_dataset(dataset, tokenizer, max_length, text_column, messages_column)
+    documents = len(sequences)
+    if pack:
+        sequences = pack_documents(sequences, max_length)
     per_epoch = math.ceil(len(sequences) / batch_size)
     total = int(steps) if steps is not None else max(1, int(math.ceil(epochs * per_epoch)))
     pad_id = tokenizer.pad_token_id
@@ -364,6 +442,7 @@ def train_lora(
     )
     torch.manual_seed(seed)
     model = peft.get_peft_model(model, config).to(device)
+    peft_model = model
     if gradient_checkpointing:
         base = model.get_base_model()  # newer transformers call it activation checkpointing
         if hasattr(base, "activation_checkpointing_enable"):
@@ -382,29 +461,50 @@ def train_lora(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    log = []
-    stream = batches(sequences, batch_size, seed)
+    run_key = {"base": base_path, "targets": names, "rank": rank, "alpha": alpha, "lr": lr, "steps": total,
+               "batch_size": batch_size, "max_length": max_length, "pack": pack, "seed": seed,
+               "examples": len(sequences)}  # fmt: skip
+    log, first_step = [], 0
+    if resume:
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise FileNotFoundError(f"resume: no checkpoint-N folder in {out}; start without --resume")
+        log, first_step = _load_checkpoint(ckpt, peft_model, opt, sched, run_key)
+    if accelerator is not None:
+        model, opt = accelerator.prepare(model, opt)
+    collate_fn = collate_packed if pack else collate
+    stream = batches(sequences, batch_size, seed, skip=first_step)
     bar = None
-    if progress:
+    if progress and main_process:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc="lora", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=first_step, desc="lora", unit="step", dynamic_ncols=True)
     start = time.perf_counter()
     seen_tokens = 0
-    for step in range(total):
-        epoch, seqs = next(stream)
-        batch = {k: v.to(device) for k, v in collate(seqs, pad_id).items()}
+    for step in range(first_step, total):
+        epoch, items = next(stream)
+        if accelerator is not None:  # this process's share of the global batch
+            items = items[accelerator.process_index :: accelerator.num_processes] or items[:1]
+        batch = {k: v.to(device) for k, v in collate_fn(items, pad_id).items()}
         t0 = time.perf_counter()
         loss = model(**batch, use_cache=False).loss
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}")
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+        clip = max_grad_norm if max_grad_norm else float("inf")
+        if accelerator is not None:
+            accelerator.backward(loss)
+            grad_norm = accelerator.clip_grad_norm_(params, clip)
+            loss = accelerator.reduce(loss.detach(), reduction="mean")
+        else:
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
         current_lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         tokens = int(batch["attention_mask"].sum())
+        if accelerator is not None:
+            tokens = int(accelerator.reduce(torch.tensor(tokens, device=device), reduction="sum"))
         seen_tokens += tokens
         dt = time.perf_counter() - t0
         entry = {
@@ -421,10 +521,17 @@ def train_lora(
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{seen_tokens / max(elapsed, 1e-9):.0f}")
             bar.update(1)
+        if save_every and (step + 1) % save_every == 0 and step + 1 < total and main_process:
+            _save_checkpoint(out, step + 1, peft_model, opt, sched, log, run_key, keep_checkpoints)
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - start
     model.eval()
+    model = peft_model
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if not main_process:
+        return LoraResult(model=model, log=log, out=out, targets=names)
 
     model.save_pretrained(out)
     summary = {
@@ -432,7 +539,10 @@ def train_lora(
         "targets": targets,
         "adapted_modules": len(names),
         "trainable_parameters": sum(p.numel() for p in params),
-        "examples": len(sequences),
+        "examples": documents,
+        "packed_rows": len(sequences) if pack else None,
+        "processes": accelerator.num_processes if accelerator is not None else 1,
+        "resumed_at_step": first_step if resume else None,
         "steps": total,
         "batch_size": batch_size,
         "max_length": max_length,
@@ -457,6 +567,56 @@ def train_lora(
 
         merged = Path(merge_lora(_resolve_local(base_path), out, merge_to, overwrite=overwrite_merge))
     return LoraResult(model=model, log=log, out=out, merged=merged, targets=names)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+TRAINER_STATE = "trainer_state.pt"
+
+
+def _checkpoints(out):
+    found = [(int(m.group(1)), p) for p in Path(out).glob("checkpoint-*") if (m := CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found) if (p / TRAINER_STATE).exists()]
+
+
+def latest_checkpoint(out):
+    """The newest complete checkpoint-N folder in `out`, or None."""
+    found = _checkpoints(out)
+    return found[-1] if found else None
+
+
+def _save_checkpoint(out, step, peft_model, opt, sched, log, run_key, keep):
+    """out/checkpoint-<step>: the adapter, optimizer, scheduler and step log; written beside and renamed into place,
+    so a run killed mid-write leaves the previous checkpoint as the newest."""
+    final = Path(out) / f"checkpoint-{step}"
+    tmp = Path(out) / f".checkpoint-{step}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(tmp)
+    state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "log": log, "run": run_key}
+    torch.save(state, tmp / TRAINER_STATE)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in _checkpoints(out)[:-keep] if keep else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(ckpt, peft_model, opt, sched, run_key):
+    import peft
+    from safetensors.torch import load_file
+
+    state = torch.load(ckpt / TRAINER_STATE, weights_only=True)
+    diff = {k: {"checkpoint": state["run"].get(k), "now": v} for k, v in run_key.items() if state["run"].get(k) != v}
+    if diff:
+        raise ValueError(
+            f"resume: {ckpt} was written by a run with other settings {diff}; resume with the same arguments, or "
+            "start afresh in another --out folder"
+        )
+    peft.set_peft_model_state_dict(peft_model, load_file(ckpt / "adapter_model.safetensors"))
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return list(state["log"]), int(state["step"])
 
 
 def plot_losses(log, path):
@@ -512,6 +672,10 @@ def main(argv=None):
     ap.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     ap.add_argument("--merge-to", help="also write base + adapter merged into this folder (released layout)")
     ap.add_argument("--overwrite-merge", action="store_true", help="replace a model already in --merge-to")
+    ap.add_argument("--pack", action="store_true", help="pack whole documents into rows of --max-length tokens")
+    ap.add_argument("--save-every", type=int, help="write a resumable checkpoint every N steps")
+    ap.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (default: %(default)s)")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     result = train_lora(
@@ -542,7 +706,13 @@ def main(argv=None):
         merge_to=args.merge_to,
         overwrite_merge=args.overwrite_merge,
         progress=not args.no_progress,
+        pack=args.pack,
+        save_every=args.save_every,
+        keep_checkpoints=args.keep_checkpoints,
+        resume=args.resume,
     )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # one report, from the main process
     first, last = result.log[0]["loss"], result.log[-1]["loss"]
     steps = len(result.log)
     print(f"adapter: {result.out} ({len(result.targets)} modules, {steps} steps, loss {first:.4f} -> {last:.4f})")

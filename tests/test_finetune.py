@@ -55,11 +55,14 @@ def setup(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(setup):
     root, ckpt, data = setup
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    result = train_lora(
-        str(ckpt), data, root / "adapter", targets="all", steps=12, lr=5e-3, merge_to=root / "merged", **FAST
-    )
-    return result
+    try:
+        return train_lora(
+            str(ckpt), data, root / "adapter", targets="all", steps=12, lr=5e-3, merge_to=root / "merged", **FAST
+        )
+    finally:
+        torch.set_num_threads(threads)
 
 
 def fixed_batch(tokenizer_dir, data):
@@ -193,3 +196,97 @@ def test_chat_messages_use_the_chat_template(setup, tmp_path):
         messages_column="messages", targets="mla", steps=1, plot=False, **FAST,
     )  # fmt: skip
     assert result.log[0]["tokens"] == 8 * len(tok("<user>hi</s><assistant>a cat sat 0</s>")["input_ids"])
+
+
+def test_packed_rows_train_like_separate_rows(setup, tmp_path):
+    # One step over the whole dataset either way: the first loss (mean over the same predicted tokens) and the
+    # gradient norm (the same gradients) agree; the packed run computes on far fewer rows.
+    root, ckpt, data = setup
+    kw = dict(targets="all", steps=1, max_length=160, progress=False, plot=False, lr=1e-3)
+    separate = train_lora(str(ckpt), data, tmp_path / "sep", batch_size=64, **kw)
+    packed = train_lora(str(ckpt), data, tmp_path / "packed", batch_size=64, pack=True, **kw)
+    a, b = separate.log[0], packed.log[0]
+    assert abs(a["loss"] - b["loss"]) < 1e-5 * a["loss"]
+    assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * a["grad_norm"]
+    summary = json.loads((tmp_path / "packed" / "train_log.json").read_text())
+    assert summary["examples"] == 64 and summary["packed_rows"] < 64
+
+
+def test_collate_packed_marks_documents():
+    from kimi_linear_finetune.lora import collate_packed, pack_documents
+
+    rows = pack_documents([[5, 6, 7], [8, 9], [10, 11, 12, 13]], max_length=5)
+    assert rows == [[[5, 6, 7], [8, 9]], [[10, 11, 12, 13]]]
+    batch = collate_packed(rows, pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [10, 11, 12, 13, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9], [-100, 11, 12, 13, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+
+
+def _cli(ckpt, data, out, *extra):
+    return [sys.executable, "-m", "kimi_linear_finetune.lora", "--model", str(ckpt), "--data", str(data),
+            "--out", str(out), "--max-length", "48", "--batch-size", "4", "--lr", "3e-3", "--no-progress",
+            *extra]  # fmt: skip
+
+
+def test_a_killed_run_resumes_at_the_same_step_and_reaches_the_same_losses(setup, tmp_path):
+    import signal
+    import time
+
+    root, ckpt, data = setup
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    steps = ["--steps", "80"]
+    whole = subprocess.run(_cli(ckpt, data, tmp_path / "whole", *steps), env=env, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(ckpt, data, out, *steps, "--save-every", "5"), env=env, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while not (out / "checkpoint-10" / "trainer_state.pt").exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+        assert time.time() < deadline, "no checkpoint-10 within 4 minutes"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "train_log.json").exists(), "the run finished before it was killed; the test proves nothing"
+    checkpoints = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*"))
+    assert checkpoints and len(checkpoints) <= 2  # the newest two are kept
+
+    resumed = subprocess.run(_cli(ckpt, data, out, *steps, "--save-every", "5", "--resume"), env=env,
+                             capture_output=True, text=True)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want = json.loads((tmp_path / "whole" / "train_log.json").read_text())
+    got = json.loads((out / "train_log.json").read_text())
+    assert got["resumed_at_step"] == checkpoints[-1] >= 10
+    assert [e["step"] for e in got["log"]] == list(range(1, 81))
+    for a, b in zip(want["log"], got["log"]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
+
+    # resuming with other settings is refused, naming them
+    other = subprocess.run(_cli(ckpt, data, out, "--steps", "80", "--rank", "4", "--resume"), env=env,
+                           capture_output=True, text=True)  # fmt: skip
+    assert other.returncode != 0 and "other settings" in other.stderr and "'rank'" in other.stderr
+
+
+def test_two_processes_data_parallel_follow_the_one_process_loss_curve(setup, tmp_path):
+    root, ckpt, data = setup
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    steps = ["--steps", "12", "--batch-size", "8"]
+    one = subprocess.run(_cli(ckpt, data, tmp_path / "one", *steps), env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    # torchrun sets the same WORLD_SIZE / RANK environment as `accelerate launch --multi_gpu` (which on CPUs wants
+    # MPI); the script's Accelerator then runs data parallel over gloo
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "kimi_linear_finetune.lora"]  # fmt: skip
+    cmd = launch + _cli(ckpt, data, tmp_path / "two", *steps)[3:]
+    two = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "train_log.json").read_text())
+    b = json.loads((tmp_path / "two" / "train_log.json").read_text())
+    assert b["processes"] == 2 and a["processes"] == 1
+    la, lb = [e["loss"] for e in a["log"]], [e["loss"] for e in b["log"]]
+    assert sum(e["tokens"] for e in a["log"]) == sum(e["tokens"] for e in b["log"])
+    # each process averages over its own tokens: equal to the one-process mean up to the rows' length spread
+    assert max(abs(x - y) / x for x, y in zip(la, lb)) < 0.02, (la, lb)
+    assert lb[-1] < lb[0] - 0.2
