@@ -538,7 +538,7 @@ class KimiLinearMoE(nn.Module):
             else None
         )
         self.grouped = True
-        self._stacked = None  # (w13, w2, data pointer of every expert weight view in them)
+        self._stacked = None  # (w13, w2, data pointer of every expert weight, in _expert_weights' order)
 
     def forward(self, x):
         shape = x.shape
@@ -555,32 +555,31 @@ class KimiLinearMoE(nn.Module):
         return out.view(shape)
 
     def _expert_weights(self):
-        """The routed experts' weights in stacking order, ([w1 0, w3 0, w1 1, w3 1, ...], [w2 0, w2 1, ...]), or None
-        when some projection is not a plain nn.Linear (an adapter wraps it). Reads the module dictionaries directly:
-        this runs every forward, for every expert."""
+        """Every routed expert's weight, [w1 0, w3 0, w2 0, w1 1, ...], or None when some projection is not a plain
+        nn.Linear (an adapter wraps it). Runs every forward, over every expert: reads the module dictionaries
+        directly."""
         linears = [ex._modules[name] for ex in self.experts._modules.values() for name in ("w1", "w3", "w2")]
         if any(type(m) is not nn.Linear for m in linears):
             return None
-        weights = [m._parameters["weight"] for m in linears]
-        return [w for i, w in enumerate(weights) if i % 3 != 2], weights[2::3]
+        return [m._parameters["weight"] for m in linears]
 
-    def _is_stacked(self, params):
-        return self._stacked is not None and [p.data_ptr() for p in itertools.chain(*params)] == self._stacked[2]
+    def _is_stacked(self, weights):
+        return self._stacked is not None and [w.data_ptr() for w in weights] == self._stacked[2]
 
     def _grouped_weights(self, x):
         """(w13, w2) for moe_experts_grouped, differentiable with respect to the expert parameters when autograd needs
         them and cast like nn.Linear's weights under autocast; None where moe_experts_loop must run instead."""
-        params = self._expert_weights() if _grouped_mm is not None else None
-        if params is None:
+        weights = self._expert_weights() if _grouped_mm is not None else None
+        if weights is None:
             return None
-        if not self._is_stacked(params):
-            self._stack(*params)
+        if not self._is_stacked(weights):
+            self._stack(weights)
             if self._stacked is None:
                 return None
         w13, w2, _ = self._stacked
-        p13, p2 = params
-        if torch.is_grad_enabled() and any(p.requires_grad for p in itertools.chain(p13, p2)):
-            w13, w2 = _StackedExperts.apply(w13, *p13), _StackedExperts.apply(w2, *p2)
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            w13 = _StackedExperts.apply(w13, *(w for i, w in enumerate(weights) if i % 3 != 2))
+            w2 = _StackedExperts.apply(w2, *weights[2::3])
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             if not _grouped_mm_takes(dtype, *w2.shape[1:]):
@@ -588,7 +587,7 @@ class KimiLinearMoE(nn.Module):
             w13, w2 = w13.to(dtype), w2.to(dtype)
         return w13, w2
 
-    def _stack(self, p13, p2):
+    def _stack(self, weights):
         """Copy the expert weights into stacked tensors and make each parameter a view of its block (one copy; the
         parameter objects stay, so optimizers and adapters keep them). Each view is exported through DLPack, so it
         owns a storage object of its own: savers that look for tensors sharing a storage (transformers',
@@ -596,29 +595,30 @@ class KimiLinearMoE(nn.Module):
         cannot be stacked for torch._grouped_mm (a device other than CPU or CUDA, mixed dtypes or devices, a dtype
         or widths it does not take)."""
         self._stacked = None
-        first, E = p2[0], len(p2)
-        H, I = first.shape
+        first, E = weights[0], len(weights) // 3
+        I, H = first.shape
         if (
             first.device.type not in ("cpu", "cuda")
-            or any(p.dtype != first.dtype or p.device != first.device for p in itertools.chain(p13, p2))
+            or any(w.dtype != first.dtype or w.device != first.device for w in weights)
             or not _grouped_mm_takes(first.dtype, H, I)
         ):
             return
         # outside inference_mode: stacked tensors made under it could never be used for training
         with torch.inference_mode(False), torch.no_grad():
-            w13 = torch.empty(2 * E, I, H, dtype=first.dtype, device=first.device)  # w1 0, w3 0, w1 1, ...
+            w13 = torch.empty(E, 2, I, H, dtype=first.dtype, device=first.device)  # [expert, w1 | w3, I, hidden]
             w2 = torch.empty(E, H, I, dtype=first.dtype, device=first.device)
-            for view, p in [*zip(w13, p13), *zip(w2, p2)]:
-                view.copy_(p)
-                p.data = torch.from_dlpack(view)
-        self._stacked = (w13.view(E, 2 * I, H), w2, [p.data_ptr() for p in itertools.chain(p13, p2)])
+            for i, w in enumerate(weights):
+                view = w13[i // 3, i % 3] if i % 3 != 2 else w2[i // 3]
+                view.copy_(w)
+                w.data = torch.from_dlpack(view)
+        self._stacked = (w13.view(E, 2 * I, H), w2, [w.data_ptr() for w in weights])
 
     def _apply(self, fn, recurse=True):
         # .to() / .cuda() / .half() convert parameters one by one: let go of stacked tensors they no longer live in
         # now, not at the next forward (they hold the whole layer's experts).
         super()._apply(fn, recurse)
-        params = self._expert_weights()
-        if params is None or not self._is_stacked(params):
+        weights = self._expert_weights()
+        if weights is None or not self._is_stacked(weights):
             self._stacked = None
         return self
 
