@@ -189,7 +189,7 @@ def main():
         "python": platform.python_version(),
         "dtype": args.dtype,
         "repeats": args.repeats,
-        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "git_commit": git("rev-parse", "--short", "HEAD") or os.environ.get("KIMI_COMMIT"),
         "model_file_modified_since_commit": bool(git("status", "--porcelain", "modeling_kimi_linear.py")),
         "loadavg_at_start": load_start,
         "loadavg_at_end": os.getloadavg(),
