@@ -21,6 +21,7 @@ Departures from a vanilla decoder-only transformer, in forward order:
   CPU tensor) the plain PyTorch code in this file runs.
 """
 
+import functools
 import itertools
 import math
 import shutil
@@ -451,14 +452,27 @@ class KimiLinearRouter(nn.Module):
         return ids, weights * self.scaling
 
 
-# torch._grouped_mm (torch >= 2.8) multiplies each expert's rows by that expert's weight in one call. It takes float32,
-# bfloat16 and float16 with 16-byte-aligned rows; on CUDA only bfloat16 on sm90/sm100 runs a fused kernel with the
-# offsets read on the device, other CUDA dtypes take torch's per-group fallback, which reads them on the host.
+# torch._grouped_mm multiplies each expert's rows by that expert's weight in one call. It takes float32, bfloat16 and
+# float16 with 16-byte-aligned rows; on CUDA only bfloat16 on sm90/sm100 runs a fused kernel with the offsets read
+# on the device, other CUDA dtypes take torch's per-group fallback, which reads them on the host.
 _grouped_mm = getattr(torch, "_grouped_mm", None)
 
 
 def _grouped_mm_takes(dtype, *widths):
     return dtype in (torch.float32, torch.bfloat16, torch.float16) and all(w * dtype.itemsize % 16 == 0 for w in widths)
+
+
+@functools.cache
+def _grouped_mm_runs(device_type, dtype):
+    """Whether this torch runs torch._grouped_mm on this device type and dtype (2.8 had it for CUDA only)."""
+    if _grouped_mm is None:
+        return False
+    try:
+        a, b = torch.zeros(2, 8, dtype=dtype, device=device_type), torch.zeros(2, 8, 8, dtype=dtype, device=device_type)
+        _grouped_mm(a, b.transpose(1, 2), offs=torch.tensor([1, 2], dtype=torch.int32, device=device_type))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
 def moe_experts_loop(x, ids, weights, experts):
@@ -569,7 +583,7 @@ class KimiLinearMoE(nn.Module):
     def _grouped_weights(self, x):
         """(w13, w2) for moe_experts_grouped, differentiable with respect to the expert parameters when autograd needs
         them and cast like nn.Linear's weights under autocast; None where moe_experts_loop must run instead."""
-        weights = self._expert_weights() if _grouped_mm is not None else None
+        weights = self._expert_weights()
         if weights is None:
             return None
         if not self._is_stacked(weights):
@@ -582,7 +596,7 @@ class KimiLinearMoE(nn.Module):
             w2 = _StackedExperts.apply(w2, *weights[2::3])
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-            if not _grouped_mm_takes(dtype, *w2.shape[1:]):
+            if not (_grouped_mm_takes(dtype, *w2.shape[1:]) and _grouped_mm_runs(x.device.type, dtype)):
                 return None
             w13, w2 = w13.to(dtype), w2.to(dtype)
         return w13, w2
@@ -593,7 +607,7 @@ class KimiLinearMoE(nn.Module):
         owns a storage object of its own: savers that look for tensors sharing a storage (transformers',
         accelerate's, safetensors) see independent tensors, as before. Leaves `_stacked` None where the weights
         cannot be stacked for torch._grouped_mm (a device other than CPU or CUDA, mixed dtypes or devices, a dtype
-        or widths it does not take)."""
+        or widths it does not take, a torch without it)."""
         self._stacked = None
         first, E = weights[0], len(weights) // 3
         I, H = first.shape
@@ -601,6 +615,7 @@ class KimiLinearMoE(nn.Module):
             first.device.type not in ("cpu", "cuda")
             or any(w.dtype != first.dtype or w.device != first.device for w in weights)
             or not _grouped_mm_takes(first.dtype, H, I)
+            or not _grouped_mm_runs(first.device.type, first.dtype)
         ):
             return
         # outside inference_mode: stacked tensors made under it could never be used for training
