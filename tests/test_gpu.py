@@ -198,7 +198,7 @@ class TestGroupedMoE:
             x = torch.randn(4, 1, 256, device="cuda", dtype=torch.bfloat16)
             static_x.copy_(x)
             graph.replay()
-            assert torch.equal(static_out, moe(x)), seed
+            assert rel_rms(static_out, moe(x)) < 1e-3, seed  # counts baked in at capture would be far off
 
     @torch.no_grad()
     def test_model_logits_grouped_equal_loop(self):
