@@ -25,6 +25,7 @@ import functools
 import itertools
 import math
 import shutil
+import weakref
 from dataclasses import fields
 from pathlib import Path
 
@@ -530,6 +531,12 @@ class _StackedExperts(torch.autograd.Function):
         return None, *(g if need else None for g, need in zip(parts, ctx.needs_input_grad[1:]))
 
 
+def _stacked_weights_gone(module_ref, ptrs):
+    module = module_ref()
+    if module is not None and module._stacked is not None and module._stacked[2] is ptrs:
+        module._stacked = None
+
+
 class KimiLinearMoE(nn.Module):
     """Router, routed experts and shared expert.
 
@@ -552,7 +559,8 @@ class KimiLinearMoE(nn.Module):
             else None
         )
         self.grouped = True
-        self._stacked = None  # (w13, w2, data pointer of every expert weight, in _expert_weights' order)
+        # (w13, w2, data pointer of every expert weight in _expert_weights' order, finalizer of the first weight)
+        self._stacked = None
 
     def forward(self, x):
         shape = x.shape
@@ -590,7 +598,7 @@ class KimiLinearMoE(nn.Module):
             self._stack(weights)
             if self._stacked is None:
                 return None
-        w13, w2, _ = self._stacked
+        w13, w2 = self._stacked[:2]
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
             w13 = _StackedExperts.apply(w13, *(w for i, w in enumerate(weights) if i % 3 != 2))
             w2 = _StackedExperts.apply(w2, *weights[2::3])
@@ -608,7 +616,7 @@ class KimiLinearMoE(nn.Module):
         accelerate's, safetensors) see independent tensors, as before. Leaves `_stacked` None where the weights
         cannot be stacked for torch._grouped_mm (a device other than CPU or CUDA, mixed dtypes or devices, a dtype
         or widths it does not take, a torch without it)."""
-        self._stacked = None
+        self._drop_stacked()
         first, E = weights[0], len(weights) // 3
         I, H = first.shape
         if (
@@ -626,7 +634,17 @@ class KimiLinearMoE(nn.Module):
                 view = w13[i // 3, i % 3] if i % 3 != 2 else w2[i // 3]
                 view.copy_(w)
                 w.data = torch.from_dlpack(view)
-        self._stacked = (w13.view(E, 2 * I, H), w2, [w.data_ptr() for w in weights])
+        ptrs = [w.data_ptr() for w in weights]
+        # The stacked tensors are let go when the first expert weight is: hooks that swap parameters in and out
+        # around every forward (accelerate's offloading) must not leave a copy of every layer's experts behind.
+        gone = weakref.finalize(weights[0], _stacked_weights_gone, weakref.ref(self), ptrs)
+        gone.atexit = False
+        self._stacked = (w13.view(E, 2 * I, H), w2, ptrs, gone)
+
+    def _drop_stacked(self):
+        if self._stacked is not None:
+            self._stacked[3].detach()
+            self._stacked = None
 
     def _apply(self, fn, recurse=True):
         # .to() / .cuda() / .half() convert parameters one by one: let go of stacked tensors they no longer live in
@@ -634,7 +652,7 @@ class KimiLinearMoE(nn.Module):
         super()._apply(fn, recurse)
         weights = self._expert_weights()
         if weights is None or not self._is_stacked(weights):
-            self._stacked = None
+            self._drop_stacked()
         return self
 
     def __getstate__(self):  # copies and pickles carry the parameters, not the stacked tensors

@@ -3,9 +3,11 @@
 weights following every way parameters change, saving and loading, and the hot path free of host syncs."""
 
 import copy
+import weakref
 
 import pytest
 import torch
+from accelerate.utils import set_module_tensor_to_device
 from peft import LoraConfig, get_peft_model
 from transformers.pytorch_utils import id_tensor_storage
 
@@ -178,6 +180,24 @@ def test_stacked_weights_follow_every_change_of_the_parameters():
     out = moe(x.bfloat16())
     assert moe._stacked[0].dtype == torch.bfloat16
     assert rel_err(out, reference(moe, x.bfloat16())) < 1e-2
+
+
+def test_stacked_copy_goes_with_the_parameters_living_in_it():
+    # accelerate's offloading puts each layer's weights in before its forward and swaps them for meta tensors after:
+    # the stacked tensors must go with them (or every layer would keep its experts on the device), and the next
+    # forward stacks the weights put back in.
+    moe, x = make_moe(), torch.randn(1, 6, 64)
+    saved = {n: p.detach().clone() for n, p in moe.experts.named_parameters()}
+    with torch.no_grad():
+        expected = reference(moe, x)
+        for _ in range(2):
+            assert rel_err(moe(x), expected) < 1e-6
+            stacked = weakref.ref(moe._stacked[0])
+            for name in saved:
+                set_module_tensor_to_device(moe.experts, name, "meta")
+            assert moe._stacked is None and stacked() is None
+            for name, value in saved.items():
+                set_module_tensor_to_device(moe.experts, name, "cpu", value=value)
 
 
 def test_stacked_parameters_stay_trainable_after_inference_mode():
