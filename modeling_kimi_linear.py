@@ -465,7 +465,7 @@ def _grouped_mm_takes(dtype, *widths):
 
 @functools.cache
 def _grouped_mm_runs(device_type, dtype):
-    """Whether this torch runs torch._grouped_mm on this device type and dtype (2.8 had it for CUDA only)."""
+    """Whether this torch build runs torch._grouped_mm on this device type and dtype (found once, by trying)."""
     if _grouped_mm is None:
         return False
     try:
