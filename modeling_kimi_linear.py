@@ -13,7 +13,9 @@ Departures from a vanilla decoder-only transformer, in forward order:
 - MLA with no positional encoding: one shared 576-value latent per token (c_kv 512 after its RMSNorm, k_pe 64)
   is all that is cached; decode attends on the latents directly (kv_b_proj absorbed into query and output).
 - MoE: sigmoid router in float32; the correction bias only picks experts (grouped top-k), the weights come
-  from the unbiased scores, renormalised and scaled; plus a shared expert.
+  from the unbiased scores, renormalised and scaled; plus a shared expert. The routed experts keep the released
+  per-expert modules but run as grouped matrix products over weights stacked once (no per-expert loop, no host
+  sync); adapter-wrapped experts run one by one.
 - Padding and packing: a batch with padding, or with several documents packed into a row (position_ids that
   restart at 0, or flash-attention style cu_seq_lens_q), runs KDA on its real tokens only, one variable-length
   sequence per document (state and conv windows start afresh at each document), and MLA attends within the
@@ -22,9 +24,11 @@ Departures from a vanilla decoder-only transformer, in forward order:
   CPU tensor) the plain PyTorch code in this file runs.
 """
 
+import functools
 import itertools
 import math
 import shutil
+import weakref
 from dataclasses import fields
 from pathlib import Path
 
@@ -593,7 +597,102 @@ class KimiLinearRouter(nn.Module):
         return ids, weights * self.scaling
 
 
+# torch._grouped_mm multiplies each expert's rows by that expert's weight in one call. It takes float32, bfloat16 and
+# float16 with 16-byte-aligned rows; on CUDA only bfloat16 on sm90/sm100 runs a fused kernel with the offsets read
+# on the device, other CUDA dtypes take torch's per-group fallback, which reads them on the host.
+_grouped_mm = getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_mm_takes(dtype, *widths):
+    return dtype in (torch.float32, torch.bfloat16, torch.float16) and all(w * dtype.itemsize % 16 == 0 for w in widths)
+
+
+@functools.cache
+def _grouped_mm_runs(device_type, dtype):
+    """Whether this torch build runs torch._grouped_mm on this device type and dtype (found once, by trying)."""
+    if _grouped_mm is None:
+        return False
+    try:
+        a, b = torch.zeros(2, 8, dtype=dtype, device=device_type), torch.zeros(2, 8, 8, dtype=dtype, device=device_type)
+        _grouped_mm(a, b.transpose(1, 2), offs=torch.tensor([1, 2], dtype=torch.int32, device=device_type))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def moe_experts_loop(x, ids, weights, experts):
+    """Routed experts one at a time: the reference for moe_experts_grouped, and the path for experts whose
+    projections an adapter wraps or whose dtype or widths torch._grouped_mm does not take.
+
+    x [N, hidden], ids [N, k] expert ids, weights [N, k] float32, experts: the KimiLinearExpert modules.
+    Returns sum_j weights[:, j] * experts[ids[:, j]](x), [N, hidden] in x's dtype. Reads the token count of every
+    expert on the host (a device sync) and launches work for each expert that has tokens."""
+    order = ids.flatten().argsort(stable=True)
+    token = order // ids.shape[1]
+    counts = torch.bincount(ids.flatten(), minlength=len(experts)).tolist()
+    out = torch.zeros_like(x)
+    ends = list(itertools.accumulate(counts))
+    for e, (start, stop) in enumerate(zip([0, *ends], ends)):
+        if start == stop:
+            continue
+        rows = token[start:stop]
+        y = experts[e](x[rows]) * weights.flatten()[order[start:stop], None].to(x.dtype)
+        out.index_add_(0, rows, y)
+    return out
+
+
+def moe_experts_grouped(x, ids, weights, w13, w2):
+    """The sum moe_experts_loop computes, as grouped matrix products over the (token, slot) assignments sorted by
+    expert: no per-expert loop, no host sync, every shape fixed by N, k and the weights.
+
+    x, ids, weights as in moe_experts_loop; w13 [E, 2I, hidden] holds each expert's w1 rows then its w3 rows,
+    w2 [E, hidden, I] (nn.Linear layouts). The group ends come from searchsorted on the sorted ids (bincount would
+    read its maximum on the host); the k expert outputs of a token are combined by one batched product, in a fixed
+    order (no atomic adds)."""
+    N, k = ids.shape
+    E, _, H = w13.shape
+    expert, order = ids.flatten().sort(stable=True)  # [N*k] assignments grouped by expert
+    ends = torch.searchsorted(expert, torch.arange(E, device=ids.device), right=True, out_int32=True)  # [E]
+    xs = x.index_select(0, order // k)  # [N*k, hidden]
+    gate, up = _grouped_mm(xs, w13.transpose(1, 2), offs=ends).chunk(2, dim=-1)  # [N*k, I] each
+    ys = _grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=ends)  # [N*k, hidden]
+    ys = torch.empty_like(ys).index_copy_(0, order, ys).view(N, k, H)  # back in (token, slot) order
+    return torch.bmm(weights.to(ys.dtype).unsqueeze(1), ys).squeeze(1)
+
+
+class _StackedExperts(torch.autograd.Function):
+    """A stacked weight tensor, as a function of the expert parameters that are views of it: forward returns it
+    without a copy, backward hands each parameter its slice of the gradient. Parameters are given in the order
+    their blocks appear along the stacked tensor's first two dimensions (w1 0, w3 0, w1 1, ... or w2 0, w2 1, ...)."""
+
+    @staticmethod
+    def forward(ctx, stacked, *params):
+        return stacked.view_as(stacked)
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = grad.reshape(len(ctx.needs_input_grad) - 1, -1, grad.shape[-1]).unbind(0)
+        return None, *(g if need else None for g, need in zip(parts, ctx.needs_input_grad[1:]))
+
+
+def _stacked_weights_gone(module_ref, ptrs):
+    module = module_ref()
+    if module is not None and module._stacked is not None and module._stacked[2] is ptrs:
+        module._stacked = None
+
+
 class KimiLinearMoE(nn.Module):
+    """Router, routed experts and shared expert.
+
+    The routed experts keep the released layout (experts.{e}.w1/w2/w3, one nn.Linear each) and run as grouped
+    matrix products (moe_experts_grouped). For that, the first forward copies their weights into two stacked
+    tensors and makes every expert parameter a view of them, so no copy is made per step and optimizers,
+    load_state_dict and in-place edits write straight into the stacked tensors. Each forward checks that every
+    expert projection is still a plain nn.Linear whose weight lives at its place in the stacked tensors, and
+    stacks again (one copy) where a parameter was replaced (.to(), loading by assignment, merging an adapter).
+    Experts wrapped by an adapter (PEFT LoRA) run through moe_experts_loop, so the adapter applies. Set `grouped`
+    to False to force moe_experts_loop."""
+
     def __init__(self, config: KimiLinearConfig):
         super().__init__()
         self.gate = KimiLinearRouter(config)
@@ -603,26 +702,105 @@ class KimiLinearMoE(nn.Module):
             if config.num_shared_experts
             else None
         )
+        self.grouped = True
+        # (w13, w2, data pointer of every expert weight in _expert_weights' order, finalizer of the first weight)
+        self._stacked = None
 
     def forward(self, x):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         ids, weights = self.gate(flat)  # [N, k]
-        # Sort the (token, slot) pairs by expert and run each expert once on its tokens.
-        order = ids.flatten().argsort(stable=True)
-        token = order // ids.shape[1]
-        counts = torch.bincount(ids.flatten(), minlength=len(self.experts)).tolist()
-        out = torch.zeros_like(flat)
-        ends = list(itertools.accumulate(counts))
-        for e, (start, stop) in enumerate(zip([0, *ends], ends)):
-            if start == stop:
-                continue
-            rows = token[start:stop]
-            y = self.experts[e](flat[rows]) * weights.flatten()[order[start:stop], None].to(flat.dtype)
-            out.index_add_(0, rows, y)
+        stacked = self._grouped_weights(flat) if self.grouped else None
+        if stacked is None:
+            out = moe_experts_loop(flat, ids, weights, self.experts)
+        else:
+            w13, w2 = stacked
+            out = moe_experts_grouped(flat.to(w13.dtype), ids, weights, w13, w2).to(flat.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(shape)
+
+    def _expert_weights(self):
+        """Every routed expert's weight, [w1 0, w3 0, w2 0, w1 1, ...], or None when some projection is not a plain
+        nn.Linear (an adapter wraps it). Runs every forward, over every expert: reads the module dictionaries
+        directly."""
+        linears = [ex._modules[name] for ex in self.experts._modules.values() for name in ("w1", "w3", "w2")]
+        if any(type(m) is not nn.Linear for m in linears):
+            return None
+        return [m._parameters["weight"] for m in linears]
+
+    def _is_stacked(self, weights):
+        return self._stacked is not None and [w.data_ptr() for w in weights] == self._stacked[2]
+
+    def _grouped_weights(self, x):
+        """(w13, w2) for moe_experts_grouped, differentiable with respect to the expert parameters when autograd needs
+        them and cast like nn.Linear's weights under autocast; None where moe_experts_loop must run instead."""
+        weights = self._expert_weights()
+        if weights is None:
+            return None
+        if not self._is_stacked(weights):
+            self._stack(weights)
+            if self._stacked is None:
+                return None
+        w13, w2 = self._stacked[:2]
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            w13 = _StackedExperts.apply(w13, *(w for i, w in enumerate(weights) if i % 3 != 2))
+            w2 = _StackedExperts.apply(w2, *weights[2::3])
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            if not (_grouped_mm_takes(dtype, *w2.shape[1:]) and _grouped_mm_runs(x.device.type, dtype)):
+                return None
+            w13, w2 = w13.to(dtype), w2.to(dtype)
+        return w13, w2
+
+    def _stack(self, weights):
+        """Copy the expert weights into stacked tensors and make each parameter a view of its block (one copy; the
+        parameter objects stay, so optimizers and adapters keep them). Each view is exported through DLPack, so it
+        owns a storage object of its own: savers that look for tensors sharing a storage (transformers',
+        accelerate's, safetensors) see independent tensors, as before. Leaves `_stacked` None where the weights
+        cannot be stacked for torch._grouped_mm (a device other than CPU or CUDA, mixed dtypes or devices, a dtype
+        or widths it does not take, a torch without it)."""
+        self._drop_stacked()
+        first, E = weights[0], len(weights) // 3
+        I, H = first.shape
+        if (
+            first.device.type not in ("cpu", "cuda")
+            or any(w.dtype != first.dtype or w.device != first.device for w in weights)
+            or not _grouped_mm_takes(first.dtype, H, I)
+            or not _grouped_mm_runs(first.device.type, first.dtype)
+        ):
+            return
+        # outside inference_mode: stacked tensors made under it could never be used for training
+        with torch.inference_mode(False), torch.no_grad():
+            w13 = torch.empty(E, 2, I, H, dtype=first.dtype, device=first.device)  # [expert, w1 | w3, I, hidden]
+            w2 = torch.empty(E, H, I, dtype=first.dtype, device=first.device)
+            for i, w in enumerate(weights):
+                view = w13[i // 3, i % 3] if i % 3 != 2 else w2[i // 3]
+                view.copy_(w)
+                w.data = torch.from_dlpack(view)
+        ptrs = [w.data_ptr() for w in weights]
+        # The stacked tensors are let go when the first expert weight is: hooks that swap parameters in and out
+        # around every forward (accelerate's offloading) must not leave a copy of every layer's experts behind.
+        gone = weakref.finalize(weights[0], _stacked_weights_gone, weakref.ref(self), ptrs)
+        gone.atexit = False
+        self._stacked = (w13.view(E, 2 * I, H), w2, ptrs, gone)
+
+    def _drop_stacked(self):
+        if self._stacked is not None:
+            self._stacked[3].detach()
+            self._stacked = None
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() convert parameters one by one: let go of stacked tensors they no longer live in
+        # now, not at the next forward (they hold the whole layer's experts).
+        super()._apply(fn, recurse)
+        weights = self._expert_weights()
+        if weights is None or not self._is_stacked(weights):
+            self._drop_stacked()
+        return self
+
+    def __getstate__(self):  # copies and pickles carry the parameters, not the stacked tensors
+        return {**self.__dict__, "_stacked": None}
 
 
 # ---------------------------------------------------------------------------------------------------------------

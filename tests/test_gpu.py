@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import kimi_linear_kernels as kernels
-from conftest import build_model, tiny_config_dict
+from conftest import build_model, tiny_config, tiny_config_dict
 from kimi_linear.configuration_kimi_linear import KDA
-from kimi_linear.modeling_kimi_linear import KimiLinearCache, kda_decode_torch, kda_prefill_torch
+from kimi_linear.modeling_kimi_linear import KimiLinearCache, KimiLinearMoE, kda_decode_torch, kda_prefill_torch
 
 pytestmark = [
     pytest.mark.gpu,
@@ -176,3 +176,107 @@ def test_model_packed_row_trains_like_separate_rows_on_cuda():
     for name, p in model.named_parameters():
         if name in grads:
             assert rel_rms(grads[name], p.grad) < 2e-2, name
+
+
+class TestGroupedMoE:
+    """Routed experts as grouped matrix products on CUDA in bfloat16 (torch._grouped_mm's fused kernel, sm90/sm100):
+    equal to the per-expert loop, and free of host syncs. These tests do not use fla-core."""
+
+    @pytest.fixture(autouse=True)
+    def need_fla(self):  # overrides the module's fixture: runs without fla-core
+        pass
+
+    @staticmethod
+    def moe(seed=0, **overrides):
+        cfg = dict(hidden_size=256, head_dim=64, moe_intermediate_size=128, num_experts=16, num_experts_per_token=4)
+        cfg.update(overrides)
+        torch.manual_seed(seed)
+        moe = KimiLinearMoE(tiny_config(**cfg))
+        with torch.no_grad():
+            for p in moe.parameters():
+                p.normal_(0, 0.05)
+            moe.gate.e_score_correction_bias.normal_(0, 0.3)
+        return moe.cuda().bfloat16()
+
+    @staticmethod
+    def loop(moe, x):
+        moe.grouped = False
+        try:
+            return moe(x)
+        finally:
+            moe.grouped = True
+
+    @pytest.mark.parametrize("shape", [(1, 1), (8, 1), (1, 512), (3, 100)])
+    def test_grouped_matches_loop_forward_and_backward(self, shape):
+        moe = self.moe()
+        x = torch.randn(*shape, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        x_ref = x.detach().clone().requires_grad_(True)
+        w_out = torch.randn(*shape, 256, device="cuda", dtype=torch.bfloat16)
+        out = moe(x)
+        assert moe._stacked is not None
+        ref = self.loop(moe, x_ref)
+        assert rel_rms(out, ref) < 1e-2
+        (out * w_out).sum().backward()
+        grads = {n: p.grad.clone() for n, p in moe.named_parameters() if p.grad is not None}
+        moe.zero_grad()
+        (ref * w_out).sum().backward()
+        assert rel_rms(x.grad, x_ref.grad) < 2e-2
+        for n, p in moe.named_parameters():
+            if p.grad is not None:
+                assert rel_rms(grads[n], p.grad) < 2e-2, n
+
+    def test_grouped_forward_and_backward_never_sync(self):
+        moe = self.moe()
+        x = torch.randn(2, 64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        moe(x).sum().backward()  # warm-up: stacks the experts, allocates
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.no_grad():
+                moe(x[:1, :1])  # decode
+                moe(x)  # prefill
+            moe(x).float().square().sum().backward()  # training
+            with pytest.raises(RuntimeError, match="synchroniz"):
+                self.loop(moe, x)  # the reference reads its counts on the host: the check itself works
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    @torch.no_grad()
+    def test_grouped_decode_step_replays_in_a_cuda_graph(self):
+        moe = self.moe()
+        static_x = torch.randn(4, 1, 256, device="cuda", dtype=torch.bfloat16)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                moe(static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = moe(static_x)
+        for seed in range(3):
+            x = torch.randn(4, 1, 256, device="cuda", dtype=torch.bfloat16)
+            static_x.copy_(x)
+            graph.replay()
+            assert rel_rms(static_out, moe(x)) < 1e-3, seed  # counts baked in at capture would be far off
+
+    @torch.no_grad()
+    def test_model_logits_grouped_equal_loop(self):
+        # float32: in bfloat16 both paths sit about 3% from float32 logits after 8 layers (routing flips included),
+        # too loose to compare them with each other; the bfloat16 kernel is compared per layer above. In float32
+        # torch._grouped_mm takes its per-group fallback on CUDA.
+        model = build_model().cuda()
+        ids = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(0)).cuda()
+        moes = [m for m in model.modules() if isinstance(m, KimiLinearMoE)]
+        try:
+            kernels.force_backend("torch")
+            grouped = model(ids).logits
+            assert all(m._stacked is not None for m in moes)
+            for m in moes:
+                m.grouped = False
+            loop = model(ids).logits
+        finally:
+            kernels.force_backend(None)
+            for m in moes:
+                m.grouped = True
+        assert rel_rms(grouped, loop) < 1e-4
