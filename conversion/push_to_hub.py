@@ -287,7 +287,7 @@ def model_card(config, reader, items, repo_id, *, base_model=None, license=DEFAU
     ]
     if has_tok:
         lines += [
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)',
             'inputs = tokenizer("To be, or not to be", return_tensors="pt")',
             "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))",
         ]

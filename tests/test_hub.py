@@ -80,7 +80,7 @@ PULL = textwrap.dedent("""
             assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
             with torch.no_grad():
                 logits[rev] = model(torch.arange(3, 40)[None]).logits
-        tok = AutoTokenizer.from_pretrained(repo, revision=revisions[0])
+        tok = AutoTokenizer.from_pretrained(repo, revision=revisions[0], trust_remote_code=True)
         assert tok.decode(tok("To be, or not")["input_ids"]) == "To be, or not"
         torch.save(logits, f"logits-{n}.pt")
         print(f"logits-{n}.pt", flush=True)
@@ -244,6 +244,10 @@ def test_model_card(hub, tmp_path):
     none = plan_upload(folder, REPO, progress=False, benchmark_results=False).card
     assert "## Measured results\n\nNone published with this upload." in none
 
+    (folder / "README.md").write_text("my own card\n")
+    kept = plan_upload(folder, REPO, progress=False, keep_readme=True)
+    assert kept.card == "" and [i.origin for i in kept.items if i.path == "README.md"] == ["folder"]
+
     results.write_text(json.dumps([{"benchmark": "mmlu", "value": "1.0", "card": "H100"}]))
     with pytest.raises(ValueError, match="row 0 has no date"):
         plan_upload(folder, REPO, progress=False, results=[results])
@@ -376,3 +380,11 @@ def test_server_runs_standalone(tmp_path, monkeypatch):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_offline_mode_is_refused_up_front(hub, tmp_path, monkeypatch):
+    folder = make_random_checkpoint(tiny_config_dict(), tmp_path / "m", seed=11)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PushError, match="HF_HUB_OFFLINE is set"):
+        push(folder, hub)
+    assert hub.log == []
