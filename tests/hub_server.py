@@ -114,11 +114,12 @@ class Store:
             d = self.path(repo)
             (d / "commits").mkdir(parents=True, exist_ok=True)
             (d / "objects").mkdir(exist_ok=True)
-            (d / "repo.json").write_text(json.dumps({"private": bool(private), "created": _now()}))
             (d / "refs.json").write_text("{}")
             sha = self.put_object(repo, GITATTRIBUTES)
             tree = {".gitattributes": _entry(GITATTRIBUTES, sha, lfs=False)}
             self.commit(repo, "main", tree, "initial commit", "", parent=None)
+            # written last: a repo exists once it has its first commit
+            _atomic_write(d / "repo.json", json.dumps({"private": bool(private), "created": _now()}).encode())
 
     def refs(self, repo):
         return json.loads((self.path(repo) / "refs.json").read_text())

@@ -56,8 +56,13 @@ def push(folder, hub, **kw):
 
 
 def local_logits(folder):
-    with torch.no_grad():
-        return KimiLinearForCausalLM.from_pretrained(folder).eval()(IDS).logits
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the pulling process: the same reduction order, so equal bit for bit
+    try:
+        with torch.no_grad():
+            return KimiLinearForCausalLM.from_pretrained(folder).eval()(IDS).logits
+    finally:
+        torch.set_num_threads(threads)
 
 
 def sha256(path):
@@ -73,6 +78,7 @@ PULL = textwrap.dedent("""
     import json, sys, torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     repo = sys.argv[1]
+    torch.set_num_threads(1)  # as local_logits(): bit-for-bit comparable whatever the machine's core count
     for n, line in enumerate(sys.stdin):  # a JSON list of revisions per line; answers with the file of their logits
         revisions, logits = json.loads(line), {}
         for rev in revisions:
