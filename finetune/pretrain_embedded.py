@@ -50,8 +50,8 @@ SHIPPED = "default_model"
 RESULTS = "pretrain_results.json"
 
 # The shipped hybrid: 8 layers of width 256, KDA 4 heads x 64, NoPE MLA 4 heads (64 + 32 / 64, latent 128),
-# dense layer 0, then MoE with 8 experts (top 2) of width 160 and one shared expert: about 13.6M parameters,
-# 27 MB in bfloat16 with a 4096-token vocabulary.
+# dense layer 0, then MoE with 8 experts (top 2) of width 160 and one shared expert: 12.98M parameters,
+# 26.0 MB in bfloat16 with a 4096-token vocabulary.
 MODEL_SIZES = {
     "small": dict(
         hidden_size=256, num_hidden_layers=8, kda_heads=4, kda_head_dim=64, num_attention_heads=4,
@@ -180,7 +180,7 @@ def encode_texts(tokenizer, texts):
     """One stream: each text's tokens followed by [EOS]. Checks that the tokens spell exactly the texts' bytes."""
     ids = []
     for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] + [tokenizer.eos_token_id]
     stream = torch.tensor(ids, dtype=torch.long)
     spelled = int(token_bytes(tokenizer)[stream].sum())
     expected = sum(len(t.encode("utf-8")) for t in texts)
@@ -313,7 +313,8 @@ class RouterBalance:
 @torch.no_grad()
 def evaluate(model, stream, nbytes, seq_len, batch_size, device, autocast=False):
     """Mean cross-entropy (nats per token) and bits per byte over `stream`, read in consecutive windows of seq_len
-    predicted tokens (the first token of each window is context only). [EOS] targets are not scored."""
+    tokens: every token after the first is predicted once, from the tokens before it in its window. [EOS] targets
+    are not scored."""
     was_training = model.training
     model.eval()
     nbytes = nbytes.to(device)
@@ -407,7 +408,7 @@ def measure_speed(config_dict, data, args, device, steps=3, warmup=2):
 
 
 def train_model(kind, config_dict, train, val, nbytes, steps, args, device):
-    """Train one model; returns (its best-validation state on the CPU, the log)."""
+    """Train one model; returns (the model on the CPU, its state at the best validation loss, the log)."""
     model = build_model(config_dict, args.seed).to(device).train()
     opt = make_optimizer(model, args.lr, args.weight_decay, device)
     balance = RouterBalance(model, args.balance_rate)
@@ -416,7 +417,7 @@ def train_model(kind, config_dict, train, val, nbytes, steps, args, device):
     eval_every = max(1, steps // args.evals)
     tokens_per_step = args.batch_size * args.seq_len
     log = {"steps": [], "validation": []}
-    best, best_val, best_step = None, float("inf"), None
+    best, best_val, best_step, eval_seconds = None, float("inf"), None, 0.0
     start = time.perf_counter()
     quiet_log = not sys.stderr.isatty()  # a log file: a line every few seconds, not ten a second
     bar = tqdm(range(steps), desc=kind, unit="step", disable=args.no_progress, mininterval=5 if quiet_log else 0.1)
@@ -442,18 +443,21 @@ def train_model(kind, config_dict, train, val, nbytes, steps, args, device):
             )
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{speed:,.0f}")
         if (step + 1) % eval_every == 0 or step == steps - 1:
+            eval_start = time.perf_counter()
             score = evaluate(model, val, nbytes, args.seq_len, args.batch_size, device, autocast=device.type == "cuda")
             log["validation"].append({"step": step + 1, **score})
             if score["loss"] < best_val:
                 best_val, best_step = score["loss"], step + 1
                 best = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            eval_seconds += time.perf_counter() - eval_start
     sync(device)
     seconds = time.perf_counter() - start
     balance.remove()
     log.update(
         seconds=seconds,
         tokens=steps * tokens_per_step,
-        tokens_per_s=steps * tokens_per_step / seconds,
+        validation_seconds=eval_seconds,
+        tokens_per_s=steps * tokens_per_step / (seconds - eval_seconds),  # training steps only
         best_step=best_step,
         best_validation_loss=best_val,
         first_loss=log["steps"][0]["loss"],
@@ -511,7 +515,7 @@ def write_json(path, data):
 def markdown_table(results):
     lines = [
         "| model | layers (K = KDA, M = MLA) | parameters | tokens trained | best step | held-out loss (nats/token) "
-        "| held-out bits/byte | tokens/s |",
+        "| held-out bits/byte | training tokens/s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for kind, r in results["models"].items():
@@ -540,9 +544,14 @@ def resolve_corpus(args):
     return fetch_corpus(args.corpus_cache)
 
 
-def eval_only(model_dir, corpus, seq_len=512, batch_size=16, device="cpu"):
-    """Held-out loss and bits per byte of a saved model folder, from the corpus (float32)."""
+def eval_only(model_dir, corpus, seq_len=None, batch_size=16, device="cpu"):
+    """Held-out loss and bits per byte of a saved model folder, from the corpus (float32). The window length is the
+    one the folder's pretrain_results.json records (else 512), unless given."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if seq_len is None:
+        recorded = Path(model_dir) / RESULTS
+        seq_len = json.loads(recorded.read_text())["training"]["seq_len"] if recorded.exists() else 512
 
     device = torch.device(device)
     _, parts = corpus_splits(corpus)
@@ -571,6 +580,8 @@ class deterministic:
 
 def run(args):
     device = torch.device(args.device)
+    if device.type == "cuda":  # training matmuls in TF32; the held-out scores turn it off again (deterministic)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if args.kda_backend != "auto":
         import kimi_linear_kernels
 
@@ -680,6 +691,7 @@ def run(args):
             "tokens": log["tokens"],
             "tokens_per_s": log["tokens_per_s"],
             "seconds": log["seconds"],
+            "validation_seconds": log["validation_seconds"],
             "best_step": log["best_step"],
             "validation_loss": log["best_validation_loss"],
             "first_train_loss": log["first_loss"],
@@ -717,7 +729,7 @@ def parse_args(argv=None):
     ap.add_argument("--vocab-size", type=int, default=4096, help="(default: %(default)s)")
     ap.add_argument("--tokens", type=int, default=20_000_000, help="training tokens per model (default: %(default)s)")
     ap.add_argument("--time-budget-s", type=float, help="instead of --tokens: seconds for all three models")
-    ap.add_argument("--seq-len", type=int, default=512, help="(default: %(default)s)")
+    ap.add_argument("--seq-len", type=int, help="(default: 512; with --eval-only, the one the model was scored with)")
     ap.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
     ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
     ap.add_argument("--warmup", type=float, default=0.05, help="warmup fraction of the steps (default: %(default)s)")
@@ -738,6 +750,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if not args.eval_only and not args.out:
         ap.error("--out is required (or --eval-only MODEL_DIR)")
+    if args.seq_len is None and not args.eval_only:
+        args.seq_len = 512
     return args
 
 

@@ -105,8 +105,16 @@ def test_shipped_folder_loads_and_eval_only_reproduces_the_held_out_loss(run, tm
     copy = tmp_path / "copy"
     shutil.copytree(out / "default_model", copy)
     files = {p.name for p in copy.iterdir()}
-    assert {"config.json", "model.safetensors", "modeling_kimi_linear.py", "configuration_kimi_linear.py",
-            "tokenizer.json", "tokenizer_config.json", "generation_config.json", "pretrain_results.json"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "modeling_kimi_linear.py",
+        "configuration_kimi_linear.py",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "pretrain_results.json",
+    } <= files
     config = json.loads((copy / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_kimi_linear.KimiLinearForCausalLM"
     assert json.loads((copy / "generation_config.json").read_text())["do_sample"] is True
@@ -120,8 +128,8 @@ def test_shipped_folder_loads_and_eval_only_reproduces_the_held_out_loss(run, tm
     generated = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert generated.shape == (1, ids.shape[1] + 5)
 
-    scores = main(["--eval-only", str(copy), "--corpus", str(corpus), "--seq-len", "32", "--json",
-                   str(tmp_path / "e.json"), "--device", "cpu"])  # fmt: skip
+    # the window length (32 here) comes from the folder's pretrain_results.json
+    scores = main(["--eval-only", str(copy), "--corpus", str(corpus), "--json", str(tmp_path / "e.json")])
     shipped = results["models"]["hybrid"]["held_out"]
     assert scores["tokens"] == shipped["tokens"] and scores["bytes"] == shipped["bytes"]
     assert scores["loss"] == pytest.approx(shipped["loss"], rel=1e-5)
