@@ -731,7 +731,7 @@ def parse_args(argv=None):
     ap.add_argument("--time-budget-s", type=float, help="instead of --tokens: seconds for all three models")
     ap.add_argument("--seq-len", type=int, help="(default: 512; with --eval-only, the one the model was scored with)")
     ap.add_argument("--batch-size", type=int, default=64, help="(default: %(default)s)")
-    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: %(default)s)")
+    ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: %(default)s)")
     ap.add_argument("--warmup", type=float, default=0.05, help="warmup fraction of the steps (default: %(default)s)")
     ap.add_argument("--weight-decay", type=float, default=0.1, help="(default: %(default)s)")
     ap.add_argument("--balance-rate", type=float, default=1e-3, help="router bias step (default: %(default)s)")
