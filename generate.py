@@ -4,10 +4,11 @@
     python generate.py --model /path/to/checkpoint "Hello" --max-new-tokens 100
     python generate.py --model org/name --greedy "Hello"            # a Hub id (or one in the local Hub cache)
 
-The embedded default model is, for now, a small Kimi Linear whose weights are created deterministically from
-conversion/configs/default.json (seed 0) on first use: RANDOM weights, so its text is noise. It exercises the
-whole path a real checkpoint takes: safetensors on disk, AutoModelForCausalLM with trust_remote_code, a real
-byte-level tokenizer, the KDA/MLA cache and streamed generation.
+The embedded default model is the folder default_model/ at the repo root when it is there: a small Kimi Linear
+(3 KDA : 1 MLA, MoE) trained on Shakespeare and Milton by finetune/pretrain_embedded.py. Without it, a Kimi Linear
+with RANDOM weights is created deterministically from conversion/configs/default.json (seed 0) on first use: its
+text is noise, but it goes through the whole path a real checkpoint takes (safetensors on disk,
+AutoModelForCausalLM with trust_remote_code, a real byte-level tokenizer, the KDA/MLA cache, streamed generation).
 """
 
 import argparse
@@ -18,16 +19,20 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_MODEL = ROOT / ".cache" / "default-model"
+EMBEDDED_MODEL = ROOT / "default_model"  # written by finetune/pretrain_embedded.py (its --out folder's default_model/)
+RANDOM_MODEL = ROOT / ".cache" / "default-model"
 
 
 def default_model():
-    if not (DEFAULT_MODEL / "model.safetensors").exists():
+    """(path, trained?) of the embedded model: the trained one if present, else the random stand-in."""
+    if (EMBEDDED_MODEL / "config.json").exists():
+        return EMBEDDED_MODEL, True
+    if not (RANDOM_MODEL / "model.safetensors").exists():
         from kimi_linear_conversion.random_checkpoint import make_random_checkpoint
 
-        print(f"[creating the default model (random weights) in {DEFAULT_MODEL}]", file=sys.stderr)
-        make_random_checkpoint(ROOT / "conversion" / "configs" / "default.json", DEFAULT_MODEL, seed=0, overwrite=True)
-    return DEFAULT_MODEL
+        print(f"[creating the default model (random weights) in {RANDOM_MODEL}]", file=sys.stderr)
+        make_random_checkpoint(ROOT / "conversion" / "configs" / "default.json", RANDOM_MODEL, seed=0, overwrite=True)
+    return RANDOM_MODEL, False
 
 
 def main():
@@ -50,13 +55,17 @@ def main():
 
     from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
-    path = args.model or default_model()
+    path, trained = (args.model, True) if args.model else default_model()
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
     start = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=dtype).to(args.device).eval()
-    if args.model is None:
-        print("[default model: RANDOM weights, the text below is noise]", file=sys.stderr)
+    if not trained:
+        print(
+            f"[warning: {EMBEDDED_MODEL.name}/ is not in the repo, so the default model has RANDOM weights and the "
+            "text below is noise; train it with finetune/pretrain_embedded.py or pass --model]",
+            file=sys.stderr,
+        )
     print(f"[loaded {path} in {time.perf_counter() - start:.1f}s on {args.device}, {dtype}]", file=sys.stderr)
 
     torch.manual_seed(args.seed)

@@ -7,7 +7,9 @@
 SOURCE is a folder, or a Hub id already in the local Hub cache ($HF_HOME/hub; nothing is downloaded). The output gets:
 - this repo's configuration_kimi_linear.py and modeling_kimi_linear.py (the released configuration_kimi.py and
   modeling_kimi.py are left out) and config.json with `auto_map` pointing at them, every other key unchanged;
-- every other non-weight file as is (tokenizer, tiktoken.model, chat template, generation config, ...);
+- this repo's tokenization_kimi.py in place of the released one (same class name, so the released
+  tokenizer_config.json and tiktoken.model load unchanged on transformers 5.x);
+- every other non-weight file as is (tokenizer_config.json, tiktoken.model, chat template, generation config, ...);
 - the safetensors shards and index unchanged: hard links when on the same filesystem, else copies (--copy forces
   copies, --symlink makes symbolic links); never rewritten;
 - kimi_linear_manifest.json: every tensor's name, shape, dtype and file, the sha256 of every shard (and of every
@@ -43,6 +45,8 @@ from kimi_linear_conversion.io import (
 
 MANIFEST = "kimi_linear_manifest.json"
 RELEASED_CODE_FILES = ("configuration_kimi.py", "modeling_kimi.py")
+# Replaced by this repo's file of the same name and class: the released one imports names transformers 5.x lacks.
+TOKENIZER_CODE = "tokenization_kimi.py"
 CHUNK = 16 * 2**20
 
 
@@ -284,7 +288,7 @@ def from_released(source, out, mode="link", tensor_checksums=False, overwrite=Fa
     shards, index = weight_files(src, reader)
     auto_map, code = _code_files()
     ours = {p.name for p in code}
-    skip = set(RELEASED_CODE_FILES) | ours | {"config.json"}
+    skip = set(RELEASED_CODE_FILES) | ours | {"config.json", TOKENIZER_CODE}
     stray = sorted(
         p.name for p in src.iterdir() if p.name.endswith(".safetensors") and p.name not in shards and p.is_file()
     )
@@ -296,6 +300,8 @@ def from_released(source, out, mode="link", tensor_checksums=False, overwrite=Fa
             copy_entry(src / name, tmp / name)
         for path in code:
             shutil.copyfile(path, tmp / path.name)
+        if (src / TOKENIZER_CODE).is_file():
+            shutil.copyfile(code[0].parent / TOKENIZER_CODE, tmp / TOKENIZER_CODE)
         config_out = dict(config)
         config_out["auto_map"] = dict(auto_map)
         (tmp / "config.json").write_text(json.dumps(config_out, indent=2, ensure_ascii=False) + "\n")
