@@ -280,3 +280,37 @@ def test_latent_decode_respects_a_lora_adapter_on_kv_b_proj():
     assert rel_err(torch.cat(steps, 1), full) < 1e-5
     with model.disable_adapter():
         assert rel_err(model(input_ids=ids, use_cache=False).logits, full) > 1e-3  # the adapter does change outputs
+
+
+@torch.no_grad()
+def test_bench_cache_per_token_is_a_quarter_of_all_mla_and_under_a_seventeenth_of_expanded_kv():
+    # The bench configs' attention dimensions (32 KDA heads x 128, latent 512 + 64, 32 MLA heads), with the
+    # hidden size, experts and vocabulary shrunk (they do not touch the cache). Bytes per additional token, float32.
+    import json
+    from pathlib import Path
+
+    from kimi_linear.configuration_kimi_linear import KimiLinearConfig
+    from kimi_linear.modeling_kimi_linear import KimiLinearForCausalLM
+
+    shrink = dict(hidden_size=64, head_dim=2, intermediate_size=64, moe_intermediate_size=16, num_experts=2,
+                  num_experts_per_token=1, vocab_size=300)  # fmt: skip
+    per_token, configs = {}, {}
+    for name in ("bench_1b_hybrid", "bench_1b_all_mla"):
+        d = json.loads((Path(__file__).parents[1] / "benchmarks" / "configs" / f"{name}.json").read_text())
+        configs[name] = cfg = KimiLinearConfig(**{**d, **shrink})
+        torch.manual_seed(0)
+        model = KimiLinearForCausalLM(cfg).eval()
+        totals = []
+        for T in (8, 24):
+            cache = KimiLinearCache(cfg)
+            model(ids_for(1, T, vocab=300), cache=cache)
+            totals.append(cache.nbytes()["total"])
+        per_token[name] = (totals[1] - totals[0]) / 16
+    hybrid, all_mla = per_token["bench_1b_hybrid"], per_token["bench_1b_all_mla"]
+    cfg = configs["bench_1b_hybrid"]
+    n_mla = len(cfg.layer_types) - cfg.layer_types.count(KDA)
+    assert hybrid == n_mla * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4  # 576 values per MLA layer only
+    assert hybrid / all_mla == 2 / 8  # the config's MLA share; KDA adds only its constant state
+    # the released remote code caches per-head keys (nope + rope) and values for every MLA layer
+    expanded = n_mla * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * 4
+    assert hybrid <= expanded / 17
