@@ -25,12 +25,14 @@ import argparse
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from kimi_linear_conversion.io import (
+    CLI_ERRORS,
     MODEL_FILES,
     CheckpointError,
     CheckpointReader,
@@ -145,8 +147,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         path = convert_layout(args.src, args.out, args.to, args.max_shard_size, args.overwrite, not args.no_progress)
-    except (CheckpointError, FileExistsError) as err:
-        ap.exit(1, f"error: {err}\n")
+    except CLI_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(f"wrote {path} ({args.to} layout)")
     return 0
 

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kimi_linear_conversion.io import (
+    CLI_ERRORS,
     INDEX,
     SINGLE,
     CheckpointError,
@@ -394,7 +395,7 @@ def main(argv=None):
         out = from_released(
             args.source, args.out, mode, args.tensor_checksums, args.overwrite, args.revision, not args.quiet
         )
-    except (CheckpointError, FileExistsError) as err:
+    except CLI_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

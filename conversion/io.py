@@ -282,6 +282,11 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 
 
+# What a conversion CLI reports as "error: ..." with exit status 1 (a bad input, an occupied or missing path); anything
+# else is a bug and keeps its traceback.
+CLI_ERRORS = (ValueError, FileExistsError, FileNotFoundError)
+
+
 def parse_size(text):
     """'5GB' -> 5e9, '512MiB' -> 2**29, '1.5GB' -> 1.5e9, 1000 -> 1000 (GB etc. are powers of 1000, as transformers)."""
     if isinstance(text, int):

@@ -34,11 +34,19 @@ import json
 import math
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
-from kimi_linear_conversion.io import CheckpointError, CheckpointReader, ShardWriter, atomic_output, parse_size
+from kimi_linear_conversion.io import (
+    CLI_ERRORS,
+    CheckpointError,
+    CheckpointReader,
+    ShardWriter,
+    atomic_output,
+    parse_size,
+)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -291,13 +299,17 @@ def main(argv=None):
     ap.add_argument("--overwrite", action="store_true", help="replace an output folder that holds a model")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    out = merge_lora(
-        args.base, args.adapter, args.out, args.dtype, args.max_shard_size, args.overwrite, progress=not args.quiet
-    )
+    try:
+        out = merge_lora(
+            args.base, args.adapter, args.out, args.dtype, args.max_shard_size, args.overwrite, progress=not args.quiet
+        )
+    except CLI_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     n = json.loads((out / "merge_info.json").read_text())["merged_count"]
     print(f"merged {n} tensors; wrote {out}")
-    return out
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -37,7 +37,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from kimi_linear_conversion.from_released import check_layout, read_config, sha256_file
-from kimi_linear_conversion.io import INDEX, SINGLE, CheckpointError, CheckpointReader, numel
+from kimi_linear_conversion.io import CLI_ERRORS, INDEX, SINGLE, CheckpointError, CheckpointReader, numel
 
 # Files the Hub's default .gitattributes stores with LFS (what a model folder holds), and its size rule. Only used
 # to predict the upload mode in --dry-run; on a real push the Hub decides.
@@ -622,7 +622,7 @@ def main(argv=None):
             datasets=args.dataset, tags=args.tag, results=args.results, benchmark_results=not args.no_results,
             keep_readme=args.keep_readme,
         )  # fmt: skip
-    except (ValueError, FileNotFoundError, PushError) as err:
+    except (*CLI_ERRORS, PushError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -34,6 +34,7 @@ from kimi_linear_conversion.from_released import (
 )
 from kimi_linear_conversion.io import (
     _DTYPE_BYTES,
+    CLI_ERRORS,
     ST_DTYPES,
     CheckpointError,
     CheckpointReader,
@@ -139,7 +140,7 @@ def main(argv=None):
             args.overwrite,
             not args.quiet,
         )
-    except (CheckpointError, FileExistsError, ValueError) as err:
+    except CLI_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

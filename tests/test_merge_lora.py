@@ -124,7 +124,8 @@ def test_rank_alpha_pattern_and_rslora(tmp_path, fp32):
         target_modules=["q_proj", "kv_b_proj", "down_proj", "w2"],
     )
     peft_model = make_adapter(base, tmp_path / "adapter", seed=3, **patterns)
-    out = merge_main([str(base), str(tmp_path / "adapter"), str(tmp_path / "merged"), "--quiet"])
+    assert merge_main([str(base), str(tmp_path / "adapter"), str(tmp_path / "merged"), "--quiet"]) == 0
+    out = tmp_path / "merged"
     before, after = load_file(base / "model.safetensors"), load_file(out / "model.safetensors")
     ad = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
     changed, seen = set(), {"r2": 0, "r6": 0, "a3": 0, "a20": 0}
@@ -273,3 +274,10 @@ def test_occupied_output_refused(tmp_path, fp32):
     assert not list(out.parent.glob(f".{out.name}.partial-*"))
     again = merge_lora(base, adapter, out, overwrite=True, progress=False)  # explicit overwrite works
     assert json.loads((again / "merge_info.json").read_text())["merged_count"] > 0
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys):
+    assert merge_main([str(tmp_path / "no-base"), str(tmp_path / "no-adapter"), str(tmp_path / "out"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
