@@ -1153,6 +1153,8 @@ def _segments(key_mask, position_ids, cu_seq_lens, B, T, past, device):
     Documents start where position_ids restart at 0 (transformers' DataCollatorWithFlattening, and any packing
     that numbers positions per document) or at cu_seq_lens (flash-attention style, one row)."""
     real = key_mask[:, -T:] if key_mask is not None else None
+    if real is not None and bool(real.all()):
+        real = None  # padding only among cached tokens (decode after a padded prompt): nothing to drop now
     starts = None
     if cu_seq_lens is not None:
         if B != 1:

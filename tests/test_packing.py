@@ -151,3 +151,31 @@ def test_varlen_prefill_twin_restarts_the_state_at_each_sequence():
             ref, S = kda_step_torch(*step, torch.sigmoid(beta[:, t]), S)
             assert rel_err(o[:, t], ref) < 1e-10
         assert rel_err(h[i : i + 1], S) < 1e-10
+
+
+@torch.no_grad()
+def test_decode_after_a_padded_prompt_takes_the_one_token_step():
+    # padding among the cached tokens only: the new token is real in every row, so KDA's recurrent decode step
+    # runs (not the variable-length prefill), and the result equals each row alone
+    from kimi_linear.modeling_kimi_linear import KimiDeltaAttention
+
+    model = build_model()
+    prompts = documents(seed=7, lengths=(5, 12))
+    ids = torch.zeros(2, 12, dtype=torch.long)
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, 12 - len(p) :], mask[i, 12 - len(p) :] = p, 1
+    cache = KimiLinearCache(model.config)
+    model(ids, attention_mask=mask, cache=cache)
+    calls = []
+    original = KimiDeltaAttention._decode
+    KimiDeltaAttention._decode = lambda self, *a: calls.append(1) or original(self, *a)
+    try:
+        nxt = torch.tensor([[7], [9]])
+        out = model(nxt, attention_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], 1), cache=cache).logits
+    finally:
+        KimiDeltaAttention._decode = original
+    assert len(calls) == model.config.layer_types.count("linear_attention")
+    for i, p in enumerate(prompts):
+        alone = model(torch.cat([p, nxt[i]])[None], use_cache=False).logits[0, -1]
+        assert rel_err(out[i, -1], alone) < 1e-5
