@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.bias import causal_lower_right
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -519,13 +520,16 @@ class KimiMLAAttention(nn.Module):
 
 
 def build_attention_mask(key_mask, T, S, device, segs=None):
-    """Boolean [B, 1, T, S] mask (True = attend) for T queries at the end of S keys, or None when a plain causal
-    mask (or none, for T == 1) says it all. key_mask [B, S] marks real tokens; segs (packed documents, S == T)
-    confines each token to its own document. Each query always sees itself, so no row is empty."""
+    """Boolean [B, 1, T, S] mask (True = attend) for T queries at the end of S keys, None when a plain causal mask
+    (or none, for T == 1) says it all, or torch's lower-right causal bias when only a cached prefix precedes the
+    queries. key_mask [B, S] marks real tokens; segs (packed documents, S == T) confines each token to its own
+    document. Each query always sees itself, so no row is empty."""
     if segs is None and (key_mask is None or bool(key_mask.all())):
         if T == 1 or T == S:
             return None
-        key_mask = None
+        # T new queries after S - T cached keys: causal aligned to the bottom right, never materialised as [T, S]
+        # (a chunked prefill of a million tokens would otherwise build terabytes of mask)
+        return causal_lower_right(T, S)
     qpos = torch.arange(S - T, S, device=device)[:, None]
     kpos = torch.arange(S, device=device)[None, :]
     allowed = (kpos <= qpos)[None]  # [1, T, S]

@@ -104,6 +104,21 @@ def test_latent_attention_equals_expanded_attention(tiny_model):
     key_mask[0, :11] = False
     for mask in (None, build_attention_mask(key_mask, T, S, q.device)):
         assert rel_err(mla._attend_latent(q, latent, mask), mla._attend_expanded(q, latent, mask)) < 1e-5
+    # no padding: the mask is torch's lower-right causal bias, never a [T, S] tensor; it must mean "query t (at
+    # position S - T + t) sees keys 0 .. S - T + t", written out here as a boolean mask
+    bias = build_attention_mask(torch.ones(B, S, dtype=torch.bool), T, S, q.device)
+    assert not isinstance(bias, torch.Tensor) or bias.dtype != torch.bool
+    explicit = (torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None])[None, None]
+    for attend in (mla._attend_latent, mla._attend_expanded):
+        assert rel_err(attend(q, latent, bias), mla._attend_expanded(q, latent, explicit)) < 1e-5
+
+
+@torch.no_grad()
+def test_generate_with_chunked_prefill_gives_the_same_tokens(tiny_model):
+    ids = ids_for(2, 150, seed=8)
+    plain = tiny_model.generate(ids, max_new_tokens=8, do_sample=False)
+    chunked = tiny_model.generate(ids, max_new_tokens=8, do_sample=False, prefill_chunk_size=32)
+    assert torch.equal(plain, chunked)
 
 
 def moe_reference(moe: KimiLinearMoE, x, groups, topk_group, bias_in_weights):
