@@ -481,9 +481,11 @@ class KimiMLAAttention(nn.Module):
         if state is not None:
             latent = state.append(latent)  # [B, past_len + T, 576]
         S = latent.shape[1]
-        # Decode attends on the latents directly (kv_b_proj absorbed); prefill expands per head.
-        # Absorption reads kv_b_proj.weight, so it is skipped when an adapter wraps kv_b_proj.
-        if type(self.kv_b_proj) is nn.Linear and T * 8 <= S:
+        # Decode (and a short continuation of a long cache) attends on the latents directly (kv_b_proj absorbed);
+        # prefill expands per head, where flash attention takes the 192/128 head dims (the latent path's 576 would
+        # leave SDPA a kernel that materialises [T, S] scores). Absorption reads kv_b_proj.weight, so it is
+        # skipped when an adapter wraps kv_b_proj.
+        if type(self.kv_b_proj) is nn.Linear and T <= 64 and T * 8 <= S:
             out = self._attend_latent(q, latent, mask)
         else:
             out = self._attend_expanded(q, latent, mask)
