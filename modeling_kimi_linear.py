@@ -20,6 +20,10 @@ Departures from a vanilla decoder-only transformer, in forward order:
   restart at 0, or flash-attention style cu_seq_lens_q), runs KDA on its real tokens only, one variable-length
   sequence per document (state and conv windows start afresh at each document), and MLA attends within the
   document: packed rows compute exactly what separate rows would.
+- Decode without per-token overhead: KimiLinearStaticCache preallocates every state (MLA latents up to a maximum
+  length) so that a decode step has fixed shapes and no host sync (the cached length lives on the device, MLA masks
+  the slots not yet written); on CUDA that step is captured once in a CUDA graph and replayed for every token
+  (generate(cache_implementation="static")).
 - The fast GPU kernels live in the separately installed `kimi_linear_kernels` package; without it (or on a
   CPU tensor) the plain PyTorch code in this file runs.
 """
