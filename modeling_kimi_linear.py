@@ -548,10 +548,12 @@ def _bmm_float32(a, b):
     if _BMM_OUT_DTYPE[0]:
         try:
             return torch.bmm(a, b, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise
         except (TypeError, RuntimeError, NotImplementedError) as err:
             _BMM_OUT_DTYPE[0] = False
-            logger.warning_once(f"Kimi Linear: torch.bmm has no float32 output for {a.dtype} here ({err}); MLA decode "
-                                f"scores are rounded to {a.dtype} before the softmax.")  # fmt: skip
+            why = f"torch.bmm has no float32 output for {a.dtype} here ({err})"
+            logger.warning_once(f"Kimi Linear: {why}; MLA decode scores are rounded to {a.dtype} before the softmax.")
     return torch.bmm(a, b).float()
 
 
@@ -1468,8 +1470,11 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
         if implementation in (None, "dynamic"):
             model_kwargs[_CACHE_FIELD] = KimiLinearCache(self.config)
         elif implementation == "static":
-            rows = batch_size * max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
-            length = max(max_cache_length, getattr(generation_config, "max_cache_len", None) or 0)
+            beams = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+            rows = batch_size * beams if batch_size is not None else None  # None: from the first forward
+            length = max(
+                max_cache_length or generation_config.max_length, getattr(generation_config, "max_cache_len", 0) or 0
+            )
             model_kwargs[_CACHE_FIELD] = KimiLinearStaticCache(self.config, max_length=length, batch_size=rows)
         else:
             raise ValueError(

@@ -22,7 +22,9 @@ prefill of a million tokens takes minutes and changes nothing in the decode step
 variant decodes on the same cache tensors as the graph variant, after it. TPOT: --steps greedy steps after --warmup
 untimed ones (the first graph step captures), wall time between device synchronisations, divided by the steps.
 A size that does not fit the card is reported as OOM. Also reported: cache bytes per token of context (per sequence),
-hybrid against all-MLA.
+hybrid against all-MLA. With a cold Triton cache the first prefill also pays fla's compilation and autotuning (about a
+minute per kernel set, once for ours and once for the built-in model); `--prefill-max 0` fills every context with
+random values and skips it, `--no-builtin` skips the built-in model.
 
 Writes decode_gpu.json (rows, card, versions, date, commit) and decode_gpu.png (TPOT vs context, log-log) to --out-dir
 and prints a table.
@@ -374,6 +376,7 @@ def main(argv=None):
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"), help="(default: %(default)s)")
     args = ap.parse_args(argv)
 
+    started = time.perf_counter()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -440,7 +443,8 @@ def main(argv=None):
     tmp.replace(out / "decode_gpu.json")
     plot(result, out / "decode_gpu.png")
     print(table(result))
-    print(f"[wrote {out / 'decode_gpu.json'} and {out / 'decode_gpu.png'}]", file=sys.stderr)
+    took = time.perf_counter() - started
+    print(f"[wrote {out / 'decode_gpu.json'} and {out / 'decode_gpu.png'} in {took:.0f} s]", file=sys.stderr)
 
 
 if __name__ == "__main__":
