@@ -20,6 +20,10 @@ Departures from a vanilla decoder-only transformer, in forward order:
   restart at 0, or flash-attention style cu_seq_lens_q), runs KDA on its real tokens only, one variable-length
   sequence per document (state and conv windows start afresh at each document), and MLA attends within the
   document: packed rows compute exactly what separate rows would.
+- Decode without per-token overhead: KimiLinearStaticCache preallocates every state (MLA latents up to a maximum
+  length) so that a decode step has fixed shapes and no host sync (the cached length lives on the device, MLA masks
+  the slots not yet written); on CUDA that step is captured once in a CUDA graph and replayed for every token
+  (generate(cache_implementation="static")).
 - The fast GPU kernels live in the separately installed `kimi_linear_kernels` package; without it (or on a
   CPU tensor) the plain PyTorch code in this file runs.
 """
@@ -507,6 +511,9 @@ class KimiMLAAttention(nn.Module):
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [h, 128, 512], [h, 128, 512]
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         q_lat = torch.cat([torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk), q_pe], dim=-1)  # [B, h, T, 576]
+        if q.shape[2] == 1:
+            o_lat = self._attend_one(q_lat[:, :, 0], latent, mask)  # [B, h, 512]
+            return torch.einsum("bhr,hvr->bhv", o_lat, w_uv)[:, :, None]
         key = latent[:, None]  # [B, 1, S, 576], shared by all heads
         value = latent[:, None, :, : self.kv_lora_rank]
         is_causal = mask is None and q.shape[2] > 1
@@ -519,6 +526,38 @@ class KimiMLAAttention(nn.Module):
             scale=self.scaling,
         )  # [B, h, T, 512]
         return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)
+
+    def _attend_one(self, q_lat, latent, mask):
+        """One query per row: q_lat [B, h, 576] against the shared latents [B, S, 576]; mask [B, 1, 1, S] (True =
+        attend) or None. Returns [B, h, 512]. Two batched products read the latents once for all heads (SDPA would
+        take them once per head); scores and softmax in float32."""
+        scores = _bmm_float32(q_lat, latent.transpose(1, 2)) * self.scaling  # [B, h, S]
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, 0], float("-inf"))
+        return torch.bmm(scores.softmax(-1).to(latent.dtype), latent[..., : self.kv_lora_rank])
+
+
+_BMM_OUT_DTYPE = [True]  # torch.bmm(..., out_dtype=float32) on CUDA half types, until it fails once
+
+
+def _bmm_float32(a, b):
+    """a @ b (batched) with float32 output. Half-precision CUDA inputs keep their dtype (no float32 copy of b, which
+    can be every cached latent) where torch.bmm takes out_dtype; elsewhere half inputs are upcast on the CPU, and on
+    a CUDA torch without out_dtype the product is rounded to the inputs' dtype."""
+    if a.dtype in (torch.float32, torch.float64):
+        return torch.bmm(a, b)
+    if not a.is_cuda:
+        return torch.bmm(a.float(), b.float())
+    if _BMM_OUT_DTYPE[0]:
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError) as err:
+            _BMM_OUT_DTYPE[0] = False
+            why = f"torch.bmm has no float32 output for {a.dtype} here ({err})"
+            logger.warning_once(f"Kimi Linear: {why}; MLA decode scores are rounded to {a.dtype} before the softmax.")
+    return torch.bmm(a, b).float()
 
 
 def build_attention_mask(key_mask, T, S, device, segs=None):
@@ -666,6 +705,27 @@ def moe_experts_grouped(x, ids, weights, w13, w2):
     return torch.bmm(weights.to(ys.dtype).unsqueeze(1), ys).squeeze(1)
 
 
+def moe_experts_gathered(x, ids, weights, w13, w2):
+    """The sum moe_experts_grouped computes, for a few tokens: each (token, slot) takes its expert's weights by
+    indexing and applies them in a batched product. No host sync on any device or dtype, every shape fixed by N and
+    k, at the cost of a copy of N*k experts' weights. Arguments as in moe_experts_grouped."""
+    N, k = ids.shape
+    chosen = ids.flatten()  # [N*k]
+    xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # [N*k, hidden, 1], (token, slot) order
+    gate, up = torch.bmm(w13[chosen], xs).squeeze(-1).chunk(2, dim=-1)  # [N*k, I] each
+    ys = torch.bmm(w2[chosen], (F.silu(gate) * up).unsqueeze(-1)).view(N, k, -1)  # [N, k, hidden]
+    return torch.bmm(weights.to(ys.dtype).unsqueeze(1), ys).squeeze(1)
+
+
+@functools.cache
+def _grouped_mm_reads_offsets_on_host(device, dtype):
+    """Whether torch._grouped_mm takes its per-group fallback (offsets read on the host: a sync, and a step that no
+    CUDA graph can capture) for this CUDA device and dtype: everything but bfloat16 on sm90/sm100."""
+    return device.type == "cuda" and not (
+        dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] in (9, 10)
+    )
+
+
 class _StackedExperts(torch.autograd.Function):
     """A stacked weight tensor, as a function of the expert parameters that are views of it: forward returns it
     without a copy, backward hands each parameter its slice of the gradient. Parameters are given in the order
@@ -697,7 +757,9 @@ class KimiLinearMoE(nn.Module):
     expert projection is still a plain nn.Linear whose weight lives at its place in the stacked tensors, and
     stacks again (one copy) where a parameter was replaced (.to(), loading by assignment, merging an adapter).
     Experts wrapped by an adapter (PEFT LoRA) run through moe_experts_loop, so the adapter applies. Set `grouped`
-    to False to force moe_experts_loop."""
+    to False to force moe_experts_loop. On CUDA, where torch._grouped_mm would read its group offsets on the host
+    (every dtype but bfloat16 on sm90/sm100), up to `gather_max_tokens` tokens run through moe_experts_gathered
+    instead, so that a decode step never syncs and can be captured in a CUDA graph."""
 
     def __init__(self, config: KimiLinearConfig):
         super().__init__()
@@ -709,6 +771,7 @@ class KimiLinearMoE(nn.Module):
             else None
         )
         self.grouped = True
+        self.gather_max_tokens = 64  # up to this many tokens, CUDA dtypes without a fused _grouped_mm gather experts
         # (w13, w2, data pointer of every expert weight in _expert_weights' order, finalizer of the first weight)
         self._stacked = None
 
@@ -721,7 +784,11 @@ class KimiLinearMoE(nn.Module):
             out = moe_experts_loop(flat, ids, weights, self.experts)
         else:
             w13, w2 = stacked
-            out = moe_experts_grouped(flat.to(w13.dtype), ids, weights, w13, w2).to(flat.dtype)
+            # decode steps (a few tokens) never sync: where _grouped_mm would, the chosen experts are gathered
+            few = flat.shape[0] <= self.gather_max_tokens
+            gather = few and _grouped_mm_reads_offsets_on_host(flat.device, w13.dtype)
+            experts = moe_experts_gathered if gather else moe_experts_grouped
+            out = experts(flat.to(w13.dtype), ids, weights, w13, w2).to(flat.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(shape)
@@ -916,9 +983,11 @@ class KimiLinearCache(Cache):
     is_compileable = False
 
     def __init__(self, config: KimiLinearConfig, *args, **kwargs):
-        layers = [KDALayerState() if kind == KDA else MLALayerState() for kind in config.layer_types]
-        super().__init__(layers=layers)
+        super().__init__(layers=[self._make_layer(kind) for kind in config.layer_types])
         self.layer_types = list(config.layer_types)
+
+    def _make_layer(self, kind):
+        return KDALayerState() if kind == KDA else MLALayerState()
 
     def __len__(self):
         return len(self.layers)
@@ -977,7 +1046,7 @@ class KimiLinearCache(Cache):
 
     def reset(self):
         for i, kind in enumerate(self.layer_types):
-            self.layers[i] = KDALayerState() if kind == KDA else MLALayerState()
+            self.layers[i] = self._make_layer(kind)
 
     def nbytes(self):
         """Bytes held, by kind: {'kda_conv': ..., 'kda_recurrent': ..., 'mla_latent': ..., 'total': ...}."""
@@ -990,6 +1059,310 @@ class KimiLinearCache(Cache):
                 sizes["mla_latent"] += sum(t.numel() * t.element_size() for t in layer.tensors())
         sizes["total"] = sum(sizes.values())
         return sizes
+
+
+class KDAStaticLayerState(KDALayerState):
+    """A KDA layer's conv windows and recurrent state in tensors allocated once (by the first prefill, or up front):
+    prefill copies into them, decode updates them in place, so their addresses never change."""
+
+    def allocate(self, batch_size, channels, width, heads, head_dim, dtype, device):
+        self.conv = tuple(torch.zeros(batch_size, channels, width - 1, dtype=dtype, device=device) for _ in range(3))
+        self.recurrent = torch.zeros(batch_size, heads, head_dim, head_dim, dtype=torch.float32, device=device)
+
+    def update(self, conv, recurrent, num_tokens):
+        if self.recurrent is None:
+            self.conv = tuple(c.clone(memory_format=torch.contiguous_format) for c in conv)
+            self.recurrent = recurrent.float().clone(memory_format=torch.contiguous_format)
+        else:
+            for window, new in zip(self.conv, conv):
+                window.copy_(new)
+            self.recurrent.copy_(recurrent)
+        self.seen += num_tokens
+
+    def zero_(self):
+        for t in self.tensors():
+            t.zero_()
+
+    def apply(self, fn):  # in place: the batch size is fixed
+        for t in self.tensors():
+            t.copy_(fn(t))
+
+
+class MLAStaticLayerState(MLALayerState):
+    """An MLA layer's latents in a buffer of max_length tokens allocated once. Prefill writes at the cached length
+    (a Python int); a decode step (one token, after a prefill) writes at `position`, the cache's length as a device
+    tensor, and hands back the whole buffer: the cache's decode mask hides the slots not written yet, so the step's
+    shapes never change and nothing is read on the host."""
+
+    def __init__(self, max_length):
+        super().__init__()
+        self.max_length = max_length
+        self.position = None  # set by the cache: the device-side length, shared by every layer
+
+    def allocate(self, batch_size, width, dtype, device):
+        self.buffer = torch.zeros(batch_size, self.max_length, width, dtype=dtype, device=device)
+
+    def append(self, latent):
+        B, T, width = latent.shape
+        if self.buffer is None:
+            self.allocate(B, width, latent.dtype, latent.device)
+        if latent.dtype != self.buffer.dtype:
+            raise ValueError(
+                f"KimiLinearStaticCache was allocated for {self.buffer.dtype} activations, the model runs in "
+                f"{latent.dtype}: build the cache with the model's dtype (or let its first forward allocate it)."
+            )
+        if T == 1 and self.seen > 0:
+            self.buffer.index_copy_(1, self.position.to(self.buffer.device), latent)
+            return self.buffer
+        self.buffer[:, self.seen : self.seen + T] = latent
+        self.seen += T
+        return self.buffer[:, : self.seen]
+
+    def zero_(self):
+        if self.buffer is not None:
+            self.buffer.zero_()
+
+    def apply(self, fn):  # in place, over the written slots
+        if self.buffer is not None:
+            held = self.buffer[:, : self.seen]
+            held.copy_(fn(held))
+
+
+class KimiLinearStaticCache(KimiLinearCache):
+    """A KimiLinearCache of fixed size, for decoding without per-token overhead: KDA conv windows and float32
+    recurrent states, and MLA latents for up to `max_length` tokens, in tensors allocated once and updated in place.
+    A decode step (one token per row, after a prefill) has fixed shapes and no host sync: MLA attends over the whole
+    latent buffer under a mask built on the device from the cached length. On CUDA that step is captured once in a
+    CUDA graph and replayed for every later token (`cuda_graph=False` keeps it eager); on other devices it runs
+    eagerly. Prefill always runs eagerly.
+
+        cache = KimiLinearStaticCache(model.config, max_length=prompt_len + max_new_tokens)
+        model.generate(ids, cache=cache, max_new_tokens=max_new_tokens)
+        model.generate(ids, cache_implementation="static", max_new_tokens=...)   # the same, sized by generate()
+
+    Tensors are allocated by the first forward (batch size, dtype and device from it) or up front when `device` is
+    given. `reset()` empties the cache and keeps its tensors and graph, so the next prompt replays the same graph.
+    The batch size is fixed: beam search works (beams are reordered in place), batch_select_indices and
+    batch_repeat_interleave raise. A captured graph replays the weights it was captured with: after a prefill the
+    cache checks that the model's parameters are still the same tensors and captures again if not.
+    Each decode step treats its new token as a real token of every row (as generate() feeds them); padding is taken
+    from the attention mask of the prefill.
+    """
+
+    def __init__(self, config: KimiLinearConfig, max_length, batch_size=None, dtype=None, device=None,
+                 cuda_graph=True):  # fmt: skip
+        if int(max_length) < 1:
+            raise ValueError(f"max_length must be a positive number of tokens, got {max_length}.")
+        self.max_length, self._rows, self.cuda_graph = int(max_length), batch_size, cuda_graph
+        self._dims = (config.kda_num_heads, config.kda_head_dim, config.kda_conv_size,
+                      config.kv_lora_rank + config.qk_rope_head_dim)  # fmt: skip
+        super().__init__(config)
+        self.position = None  # [1] int64 on the model's device: tokens cached, read by the decode step
+        self.key_mask = None  # [B, max_length] bool: False at padded prompt tokens
+        self._keys = None  # [max_length] int64: slot numbers
+        self._seen = 0
+        self._graph = None  # _DecodeGraph once captured; False after a capture failed (eager from then on)
+        self._failure = None  # why the capture failed
+        self._recheck = True  # a prefill ran since the last replay: check the graph still fits the model
+        self.decode_mode = None  # "cuda_graph" or "eager (reason)": how the last decode step ran
+        if device is not None:
+            if batch_size is None:
+                raise ValueError("Allocating up front (device given) needs batch_size.")
+            self.allocate(torch.device(device), dtype or torch.get_default_dtype())
+
+    def _make_layer(self, kind):
+        return KDAStaticLayerState() if kind == KDA else MLAStaticLayerState(self.max_length)
+
+    def allocate(self, device, dtype):
+        """Every tensor of the cache, zeroed, for batch_size rows (activations in dtype, KDA states in float32)."""
+        H, K, W, width = self._dims
+        for layer in self.layers:
+            if isinstance(layer, KDAStaticLayerState):
+                layer.allocate(self._rows, H * K, W, H, K, dtype, device)
+            else:
+                layer.allocate(self._rows, width, dtype, device)
+        self._counters(self._rows, device)
+
+    def _counters(self, batch_size, device):
+        if self.position is None:
+            self.position = torch.zeros(1, dtype=torch.long, device=device)
+            self.key_mask = torch.ones(batch_size, self.max_length, dtype=torch.bool, device=device)
+            self._keys = torch.arange(self.max_length, device=device)
+            for layer in self.layers:
+                if isinstance(layer, MLAStaticLayerState):
+                    layer.position = self.position
+
+    def get_seq_length(self, layer_idx=0, *args, **kwargs):
+        return self._seen
+
+    def get_max_cache_shape(self, *args, **kwargs):
+        return self.max_length
+
+    @property
+    def max_cache_len(self):
+        return self.max_length
+
+    @property
+    def batch_size(self):
+        return self._rows if self._rows is not None else -1
+
+    @property
+    def max_batch_size(self):
+        return self._rows
+
+    def check(self, batch_size, num_tokens):
+        """Raise unless `num_tokens` more tokens of `batch_size` rows fit."""
+        if self._rows is not None and batch_size != self._rows:
+            raise ValueError(
+                f"KimiLinearStaticCache was built for batch_size={self._rows}, got a batch of {batch_size}. "
+                "Build one per batch size (or use KimiLinearCache, which grows)."
+            )
+        if self._seen + num_tokens > self.max_length:
+            raise ValueError(
+                f"KimiLinearStaticCache holds at most max_length={self.max_length} tokens: {self._seen} are cached "
+                f"and {num_tokens} more were given. Build it with a larger max_length (at least the prompt length "
+                "plus max_new_tokens), or generate fewer tokens."
+            )
+
+    def begin(self, batch_size, num_tokens, device):
+        """Checks before a forward over num_tokens new tokens; allocates the device-side counters on first use."""
+        self.check(batch_size, num_tokens)
+        self._rows = batch_size
+        self._counters(batch_size, device)
+
+    def decode_mask(self):
+        """[B, 1, 1, max_length] bool (True = attend) for the token at `position`: earlier slots that are not padding,
+        and the token itself."""
+        return (self.key_mask & (self._keys <= self.position))[:, None, None, :]
+
+    def record_prefill(self, num_tokens, key_mask=None):
+        """After an eager forward over num_tokens tokens: padding into the key mask, lengths forward."""
+        if key_mask is not None:
+            self.key_mask[:, self._seen : self._seen + num_tokens] = key_mask[:, -num_tokens:]
+        self.position.add_(num_tokens)
+        self.advance(num_tokens)
+        self._recheck = True
+
+    def advance(self, num_tokens):
+        """Count num_tokens more cached tokens on the host (the device-side position is the caller's business)."""
+        self._seen += num_tokens
+        for layer in self.layers:
+            layer.seen = self._seen
+
+    def reset(self):
+        """Empty the cache; its tensors (and the captured graph that points at them) stay."""
+        for layer in self.layers:
+            layer.zero_()
+        if self.position is not None:
+            self.position.zero_()
+            self.key_mask.fill_(True)
+        self._seen = 0
+        for layer in self.layers:
+            layer.seen = 0
+        self._recheck = True
+
+    def reorder_cache(self, beam_idx):
+        super().reorder_cache(beam_idx)  # in place, see the layers' apply
+        if self.key_mask is not None:
+            held = self.key_mask[:, : self._seen]
+            held.copy_(held.index_select(0, beam_idx.to(held.device)))
+
+    def batch_select_indices(self, indices):
+        raise ValueError(
+            "KimiLinearStaticCache has a fixed batch size (a captured CUDA graph points at its tensors): rows cannot "
+            "be selected; use KimiLinearCache (generate()'s default cache) for this."
+        )
+
+    def batch_repeat_interleave(self, repeats):
+        raise ValueError(
+            "KimiLinearStaticCache has a fixed batch size (a captured CUDA graph points at its tensors): rows cannot "
+            "be repeated; build it for the expanded batch, or use KimiLinearCache (generate()'s default cache)."
+        )
+
+    @property
+    def graph_replays(self):
+        """Decode steps replayed from the CUDA graph so far (0 without a graph)."""
+        return self._graph.replays if self._graph else 0
+
+    def _kda_tensors(self):
+        return [t for layer in self.layers if isinstance(layer, KDAStaticLayerState) for t in layer.tensors()]
+
+    def graph_decode(self, model, input_ids):
+        """Logits [B, 1, vocab] of one decode step replayed from the CUDA graph (captured on first use), or None when
+        the step has to run eagerly (the reason is logged once and kept in `decode_mode`)."""
+        reason = self._graph_obstacle(input_ids)
+        if reason is None and (self._graph is None or (self._recheck and not self._graph.fits(model))):
+            try:
+                with torch.cuda.device(input_ids.device):
+                    self._graph = _DecodeGraph(model, self, input_ids)
+            except Exception as err:  # noqa: BLE001 - any capture failure: decode eagerly, say why
+                self._graph = False
+                self._failure = reason = f"the decode step could not be captured ({type(err).__name__}: {err})"
+        if reason is not None:
+            if reason != "cuda_graph=False" and self.decode_mode != f"eager ({reason})":
+                logger.warning_once(f"Kimi Linear: no CUDA graph for decoding: {reason}; decoding eagerly.")
+            self.decode_mode = f"eager ({reason})"
+            return None
+        self._recheck = False
+        self.decode_mode = "cuda_graph"
+        logits = self._graph.replay(input_ids)
+        self.advance(1)
+        return logits
+
+    def _graph_obstacle(self, input_ids):
+        if not self.cuda_graph:
+            return "cuda_graph=False"
+        if self._graph is False:
+            return self._failure
+        if not input_ids.is_cuda:
+            return f"CUDA graphs need a CUDA device, the model runs on {input_ids.device.type}"
+        if torch.is_grad_enabled():
+            return "autograd is on (decode under torch.no_grad(), as generate() does)"
+        if torch.cuda.is_current_stream_capturing():
+            return "the stream is already being captured"
+        return None
+
+
+def _weights_signature(model):
+    return tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+class _DecodeGraph:
+    """One decode step of `model` on `cache`, captured in a CUDA graph: input ids are copied into a static buffer,
+    the graph replays embedding, every layer (in place on the cache) and lm_head, and the logits are copied out."""
+
+    def __init__(self, model, cache, input_ids):
+        devices = {p.device for p in model.parameters()}
+        if len(devices) != 1:
+            raise RuntimeError(f"the model's parameters are on several devices ({sorted(map(str, devices))})")
+        self.model, self.signature, self.replays = weakref.ref(model), _weights_signature(model), 0
+        self.ids = input_ids.clone(memory_format=torch.contiguous_format)
+        # Warm up on a side stream (Triton compiles, cuBLAS and the allocator settle), restoring what the step writes
+        # (KDA states, the position; the latent slot it writes is written again by the replay), then capture.
+        written = [*cache._kda_tensors(), cache.position]
+        saved = [t.clone() for t in written]
+        main, side = torch.cuda.current_stream(), torch.cuda.Stream()  # the caller made the model's device current
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                try:
+                    model._decode_logits(self.ids, cache)
+                finally:
+                    for t, s in zip(written, saved):
+                        t.copy_(s)
+        main.wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.logits = model._decode_logits(self.ids, cache)
+
+    def fits(self, model):
+        return self.model() is model and _weights_signature(model) == self.signature
+
+    def replay(self, input_ids):
+        self.ids.copy_(input_ids)
+        self.graph.replay()
+        self.replays += 1
+        return self.logits.clone()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1072,7 +1445,14 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
     def _supports_default_dynamic_cache(cls):
         return False  # generate() must not build a DynamicCache; we supply KimiLinearCache
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode=None, batch_size=None, max_cache_length=None, *args,
+        **kwargs,
+    ):  # fmt: skip
+        """generate()'s cache: KimiLinearCache, or with `cache_implementation="static"` a KimiLinearStaticCache sized
+        for this call (batch x beams rows, prompt + max_new_tokens - 1 tokens) whose decode steps replay a CUDA graph
+        on CUDA."""
+        implementation = generation_config.cache_implementation
         user_cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
         if user_cache is not None:
             if not isinstance(user_cache, KimiLinearCache):
@@ -1081,10 +1461,32 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
                     f"got {type(user_cache).__name__}. "
                     "Pass `cache=KimiLinearCache(model.config)` or no cache at all."
                 )
+            if implementation is not None:
+                raise ValueError(f"Pass either cache_implementation={implementation!r} or a cache object, not both.")
+            if isinstance(user_cache, KimiLinearStaticCache) and max_cache_length is not None:
+                if max_cache_length > user_cache.max_length:
+                    raise ValueError(
+                        f"This generation needs room for {max_cache_length} tokens (prompt + max_new_tokens - 1) but "
+                        f"the KimiLinearStaticCache has max_length={user_cache.max_length}. Build it with a larger "
+                        "max_length, or lower max_new_tokens."
+                    )
             return
         if generation_config.use_cache is False:
             return
-        model_kwargs[_CACHE_FIELD] = KimiLinearCache(self.config)
+        if implementation in (None, "dynamic"):
+            model_kwargs[_CACHE_FIELD] = KimiLinearCache(self.config)
+        elif implementation == "static":
+            beams = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+            rows = batch_size * beams if batch_size is not None else None  # None: from the first forward
+            length = max(
+                max_cache_length or generation_config.max_length, getattr(generation_config, "max_cache_len", 0) or 0
+            )
+            model_kwargs[_CACHE_FIELD] = KimiLinearStaticCache(self.config, max_length=length, batch_size=rows)
+        else:
+            raise ValueError(
+                f"Kimi Linear supports cache_implementation None / 'dynamic' (KimiLinearCache) or 'static' "
+                f"(KimiLinearStaticCache, CUDA-graph decoding), got {implementation!r}."
+            )
 
 
 class KimiLinearModel(KimiLinearPreTrainedModel):
@@ -1130,18 +1532,17 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         if cache is not None and not isinstance(cache, KimiLinearCache):
             raise TypeError(f"Kimi Linear needs a KimiLinearCache, got {type(cache).__name__}.")
         past = cache.get_seq_length() if cache is not None else 0
+        _check_attention_mask(attention_mask, B, T, past)
+        static = isinstance(cache, KimiLinearStaticCache)
+        if static:
+            cache.begin(B, T, x.device)
+            if T == 1 and past > 0:  # a decode step: fixed shapes, no host sync (what a CUDA graph captures)
+                x = self._static_step(x, cache)
+                cache.advance(1)
+                return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache})
 
         key_mask = None
         if attention_mask is not None:
-            if (
-                attention_mask.dim() != 2
-                or attention_mask.shape[1] not in (past + T, T)
-                or (attention_mask.shape[1] == T and past and T != past + T)
-            ):
-                raise ValueError(
-                    "attention_mask must be a 2D 0/1 tensor [batch, cached + new tokens] "
-                    f"(expected [{B}, {past + T}], got {list(attention_mask.shape)})."
-                )
             key_mask = None if bool(attention_mask.all()) else attention_mask.bool()
         segs = _segments(key_mask, position_ids, kwargs.get("cu_seq_lens_q"), B, T, past, x.device)
         packed = segs is not None and segs.packed
@@ -1151,7 +1552,31 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         for layer, state in zip(self.layers, states):
             x = layer(x, state=state, segs=segs, mask=mask)
         x = self.norm(x)
+        if static:
+            cache.record_prefill(T, key_mask)
         return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache if use_cache else None})
+
+    def _static_step(self, x, cache):
+        """One token per row, x [B, 1, hidden], through every layer on a KimiLinearStaticCache: every shape fixed,
+        every cache tensor updated in place, the cached length read and advanced on the device only."""
+        mask = cache.decode_mask()
+        for layer, state in zip(self.layers, cache.layers):
+            x = layer(x, state=state, mask=mask)
+        cache.position.add_(1)
+        return self.norm(x)
+
+
+def _check_attention_mask(attention_mask, B, T, past):
+    if attention_mask is not None and (
+        attention_mask.dim() != 2
+        or attention_mask.shape[0] != B
+        or attention_mask.shape[1] not in (past + T, T)
+        or (attention_mask.shape[1] == T and past and T != past + T)
+    ):
+        raise ValueError(
+            "attention_mask must be a 2D 0/1 tensor [batch, cached + new tokens] "
+            f"(expected [{B}, {past + T}], got {list(attention_mask.shape)})."
+        )
 
 
 def _segments(key_mask, position_ids, cu_seq_lens, B, T, past, device):
@@ -1219,6 +1644,21 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         logits_to_keep=0,
         **kwargs,
     ):
+        if (
+            isinstance(cache if cache is not None else past_key_values, KimiLinearStaticCache)
+            and input_ids is not None
+            and input_ids.shape[1] == 1
+            and inputs_embeds is None
+            and labels is None
+        ):
+            static = cache if cache is not None else past_key_values
+            past = static.get_seq_length()
+            if past > 0:  # a decode step: replayed from the CUDA graph when it can be
+                _check_attention_mask(attention_mask, input_ids.shape[0], 1, past)
+                static.begin(input_ids.shape[0], 1, input_ids.device)
+                logits = static.graph_decode(self, input_ids)
+                if logits is not None:
+                    return CausalLMOutputWithPast(logits=logits, **{_CACHE_FIELD: static})
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -1239,9 +1679,14 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
 
+    def _decode_logits(self, input_ids, cache):
+        """Logits [B, 1, vocab] of one decode step on a KimiLinearStaticCache (what its CUDA graph captures)."""
+        return self.lm_head(self.model._static_step(self.model.embed_tokens(input_ids), cache))
+
 
 __all__ = [
     "KimiLinearCache",
+    "KimiLinearStaticCache",
     "KimiLinearForCausalLM",
     "KimiLinearModel",
     "KimiLinearPreTrainedModel",

@@ -6,7 +6,14 @@ import torch
 import kimi_linear_kernels as kernels
 from conftest import build_model, tiny_config, tiny_config_dict
 from kimi_linear.configuration_kimi_linear import KDA
-from kimi_linear.modeling_kimi_linear import KimiLinearCache, KimiLinearMoE, kda_decode_torch, kda_prefill_torch
+from kimi_linear.modeling_kimi_linear import (
+    _CACHE_FIELD,
+    KimiLinearCache,
+    KimiLinearMoE,
+    KimiLinearStaticCache,
+    kda_decode_torch,
+    kda_prefill_torch,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -280,3 +287,94 @@ class TestGroupedMoE:
             for m in moes:
                 m.grouped = True
         assert rel_rms(grouped, loop) < 1e-4
+
+
+class TestCudaGraphDecode:
+    """KimiLinearStaticCache's decode step captured in a CUDA graph: the same tokens as the same step run eagerly, one
+    replay per decode step, no host sync. Runs with or without fla-core (without it, KDA decodes through its PyTorch
+    twin, which is capturable as well)."""
+
+    @pytest.fixture(autouse=True)
+    def need_fla(self):  # overrides the module's fixture: runs without fla-core
+        pass
+
+    @staticmethod
+    def prompts(B, T=37, seed=0):
+        return torch.randint(3, 512, (B, T), generator=torch.Generator().manual_seed(seed)).cuda()
+
+    @staticmethod
+    def generate(model, ids, cache=None, n=20, **kwargs):
+        if cache is not None:
+            kwargs[_CACHE_FIELD] = cache  # generate()'s name: `cache` from transformers 5.24, else past_key_values
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             return_dict_in_generate=True, output_logits=True, **kwargs)  # fmt: skip
+        cache = out.get("cache")  # transformers >= 5.24; before, past_key_values
+        return out.sequences, torch.stack(out.logits, 1), cache if cache is not None else out.get("past_key_values")
+
+    @pytest.mark.parametrize("B", [1, 4])
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+    @torch.no_grad()
+    def test_graph_tokens_equal_eager(self, B, dtype):
+        model = _cuda_model().to(dtype)
+        ids, n = self.prompts(B), 20
+        length = ids.shape[1] + n - 1
+        eager_cache = KimiLinearStaticCache(model.config, max_length=length, cuda_graph=False)
+        eager, eager_logits, _ = self.generate(model, ids, eager_cache, n)
+        graph_cache = KimiLinearStaticCache(model.config, max_length=length)
+        graph, graph_logits, _ = self.generate(model, ids, graph_cache, n)
+        assert graph_cache.decode_mode == "cuda_graph", graph_cache.decode_mode
+        assert graph_cache.graph_replays == n - 1  # every decode step replayed; the prefill ran eagerly
+        assert torch.equal(graph, eager)
+        assert rel_rms(graph_logits, eager_logits) < 1e-3  # the same kernels on the same data (equal in practice)
+        # and the growing cache (attention over the cached tokens only) agrees
+        dynamic, dynamic_logits, _ = self.generate(model, ids, None, n)
+        if dtype == torch.float32:
+            assert torch.equal(graph, dynamic)
+        assert rel_rms(graph_logits[:, :2], dynamic_logits[:, :2]) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+    @torch.no_grad()
+    def test_generate_switch_uses_the_graph(self):
+        model = _cuda_model().bfloat16()
+        ids, mask = self.prompts(3), torch.ones(3, 37, dtype=torch.long, device="cuda")
+        mask[0, :11] = 0  # left padding
+        graph, _, cache = self.generate(model, ids, attention_mask=mask, cache_implementation="static")
+        assert isinstance(cache, KimiLinearStaticCache) and cache.decode_mode == "cuda_graph"
+        assert cache.graph_replays == 19
+        eager_cache = KimiLinearStaticCache(model.config, max_length=cache.max_length, cuda_graph=False)
+        eager, _, _ = self.generate(model, ids, eager_cache, attention_mask=mask)
+        assert torch.equal(graph, eager)
+
+    @torch.no_grad()
+    def test_decode_step_never_syncs(self):
+        model = _cuda_model().bfloat16()
+        ids = self.prompts(4)
+        for cuda_graph in (False, True):  # the eager step itself, then its replay
+            cache = KimiLinearStaticCache(model.config, max_length=64, cuda_graph=cuda_graph)
+            nxt = model(ids, cache=cache).logits[:, -1:].argmax(-1)
+            nxt = model(nxt, cache=cache).logits[:, -1:].argmax(-1)  # warms up (and captures the graph)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                for _ in range(5):
+                    nxt = model(nxt, cache=cache).logits[:, -1:].argmax(-1)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            assert cache.graph_replays == (6 if cuda_graph else 0)
+            assert cache.get_seq_length() == 37 + 6
+
+    @torch.no_grad()
+    def test_reset_replays_the_same_graph_and_new_weights_recapture(self):
+        model = _cuda_model().bfloat16()
+        ids = self.prompts(2)
+        cache = KimiLinearStaticCache(model.config, max_length=80)
+        first, _, _ = self.generate(model, ids, cache)
+        graph = cache._graph
+        cache.reset()
+        again, _, _ = self.generate(model, ids, cache)
+        assert cache._graph is graph and graph.replays == 38 and torch.equal(again, first)
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.flip(0).clone())  # a new tensor
+        cache.reset()
+        changed, _, _ = self.generate(model, ids, cache)
+        assert cache._graph is not graph and cache.graph_replays == 19
+        eager, _, _ = self.generate(model, ids, KimiLinearStaticCache(model.config, max_length=80, cuda_graph=False))
+        assert torch.equal(changed, eager) and not torch.equal(changed, first)

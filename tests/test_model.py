@@ -94,10 +94,11 @@ def test_padding_does_not_leak_into_kda_or_conv_state(tiny_model):
                 assert rel_err(ca[:1], cb) < 1e-5
 
 
+@pytest.mark.parametrize("T", [1, 3])  # T == 1: the decode step's two batched products; T > 1: SDPA on latents
 @torch.no_grad()
-def test_latent_attention_equals_expanded_attention(tiny_model):
+def test_latent_attention_equals_expanded_attention(tiny_model, T):
     mla = next(l.self_attn for l, kind in zip(tiny_model.model.layers, tiny_model.config.layer_types) if kind != KDA)
-    B, T, S = 2, 3, 40
+    B, S = 2, 40
     q = torch.randn(B, mla.num_heads, T, mla.q_head_dim)
     latent = torch.randn(B, S, mla.kv_lora_rank + mla.rope)
     key_mask = torch.ones(B, S, dtype=torch.bool)
