@@ -13,6 +13,8 @@ AutoModelForCausalLM with trust_remote_code, a real byte-level tokenizer, the KD
 """
 
 import argparse
+import filecmp
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,6 +35,11 @@ def default_model():
 
         print(f"[creating the default model (random weights) in {RANDOM_MODEL}]", file=sys.stderr)
         make_random_checkpoint(ROOT / "conversion" / "configs" / "default.json", RANDOM_MODEL, seed=0, overwrite=True)
+    # trust_remote_code runs the code files in the folder: keep them those of this checkout, not of the day the
+    # folder was made
+    for name in ("configuration_kimi_linear.py", "modeling_kimi_linear.py"):
+        if not filecmp.cmp(ROOT / name, RANDOM_MODEL / name, shallow=False):
+            shutil.copyfile(ROOT / name, RANDOM_MODEL / name)
     return RANDOM_MODEL, False
 
 
