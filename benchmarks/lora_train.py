@@ -114,19 +114,9 @@ def main():
     ap.add_argument("--out-dir", type=Path, default=HERE / "results", help="(default: %(default)s)")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
-    if args.device == "cuda":
-        from kda_gpu import metadata
+    from decode_gpu import metadata  # card (or CPU), versions, date, commit: the same record on either device
 
-        meta = metadata()
-    else:
-        import datetime
-        import platform
-
-        import transformers
-
-        meta = {"card": f"cpu ({platform.processor() or platform.machine()})", "torch": torch.__version__,
-                "transformers": transformers.__version__,
-                "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}  # fmt: skip
+    meta = metadata(torch.device(args.device))
     config = json.loads(args.config.read_text())
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     report = {"metadata": meta, "config": args.config.name, "seq_len": args.seq_len, "batch": args.batch,
