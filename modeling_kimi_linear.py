@@ -273,7 +273,7 @@ class Segments:
 
     idx [N]: flat positions (row * T + column) of the real tokens, in order; cu_seqlens [S+1]; row [S]: the batch
     row of each sequence; first / last [S]: the sequence opens / closes its row (only a row's first sequence
-    continues a cached state, only its last one leaves a state behind)."""
+    continues a cached state, only its last one leaves a state behind); packed: some row holds several documents."""
 
     def __init__(self, real, starts=None):
         B, T = real.shape
@@ -294,6 +294,7 @@ class Segments:
         self.first[1:] = self.row[1:] != self.row[:-1]
         self.last = torch.ones_like(self.first)
         self.last[:-1] = self.row[1:] != self.row[:-1]
+        self.packed = self.num_seqs > int(self.first.sum())  # some row holds more than one document
 
     def gather(self, x):  # [B, T, ...] -> [N, ...]
         return x.reshape(-1, *x.shape[2:])[self.idx]
@@ -1600,13 +1601,12 @@ def _segments(key_mask, position_ids, cu_seq_lens, B, T, past, device):
     if real is None and starts is None:
         return None
     segs = Segments(real if real is not None else torch.ones(B, T, dtype=torch.bool, device=device), starts)
-    segs.packed = segs.num_seqs > len(torch.unique(segs.row))
     if segs.packed and past:
         raise ValueError(
             "Packed documents (position_ids restarting at 0, or cu_seq_lens_q) cannot continue a cache: "
             "pass each document as its own row, or run packed batches without a cache (use_cache=False)."
         )
-    return segs if segs.packed or real is not None else None
+    return segs
 
 
 class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
