@@ -156,21 +156,24 @@ def pin(path=None):
     return count
 
 
-def exercise(batches=(1,), states=(False,), varlens=(False,), T=4096, H=32, K=128):
-    """Run fla's paths the model takes (prefill and training; dense and varlen; with and without a state) at the
-    released head shape, so that each autotuner makes its choice. The defaults run the dense path only: its choices
-    serve the varlen and batched variants too (LOOSE_KEYS)."""
+def exercise(dtype="bfloat16", backward=True, batches=(1,), states=(False,), varlens=(False,), T=4096, H=32, K=128):
+    """Run fla's paths the model takes (prefill, and training when `backward`; dense and varlen; with and without a
+    state) at the released head shape in `dtype`, so that each autotuner makes its choice. The defaults run the
+    dense path only: its choices serve the varlen and batched variants too (LOOSE_KEYS). The autotuners key on the
+    argument dtypes, so every dtype the model runs in needs its own pass."""
+    import time
+
     import torch
 
     import kimi_linear_kernels as kernels
 
+    dt = getattr(torch, dtype)
+
     def raw(B, T):
-        q, k, v, g = (torch.randn(B, T, H, K, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-        beta = torch.randn(B, T, H, device="cuda", dtype=torch.bfloat16)
+        q, k, v, g = (torch.randn(B, T, H, K, device="cuda", dtype=dt) for _ in range(4))
+        beta = torch.randn(B, T, H, device="cuda", dtype=dt)
         A_log = torch.rand(H, device="cuda").mul(15).add(1).log()
         return [q, k, v, g, beta, A_log, torch.randn(H * K, device="cuda")]
-
-    import time
 
     start = time.perf_counter()
     for B in batches:
@@ -181,12 +184,20 @@ def exercise(batches=(1,), states=(False,), varlens=(False,), T=4096, H=32, K=12
                 h0 = torch.randn(2 if varlen else B, H, K, K, device="cuda") if with_state else None
                 with torch.no_grad():
                     kernels.kda_prefill(*args, initial_state=h0, output_final_state=True, cu_seqlens=cu)
-                leaves = [a.requires_grad_(True) for a in args]
-                o, h = kernels.kda_prefill(*leaves, initial_state=h0, output_final_state=True, cu_seqlens=cu)
-                (o.float().square().mean() + h.square().mean()).backward()
+                done = "forward"
+                if backward:
+                    leaves = [a.requires_grad_(True) for a in args]
+                    o, h = kernels.kda_prefill(*leaves, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+                    (o.float().square().mean() + h.square().mean()).backward()
+                    done = "forward, forward + backward"
                 torch.cuda.synchronize()
-                print(f"B={B} state={with_state} varlen={varlen}: forward, forward + backward done at "
+                print(f"{dtype} B={B} state={with_state} varlen={varlen}: {done} done at "
                       f"{time.perf_counter() - start:.1f} s", flush=True)  # fmt: skip
+
+
+# What the recorded file covers: bf16 prefill and training (the model on a GPU), float32 prefill (a model loaded
+# in float32 generates without a sweep; float32 training on the GPU still autotunes once).
+PASSES = (("bfloat16", True), ("float32", False))
 
 
 def main():
@@ -197,9 +208,11 @@ def main():
         ap.error("set KIMI_FLA_PINNED=0: recording needs the autotuners to run, not the pinned choices")
     import torch
 
-    exercise()
-    data = record(args.out, card=torch.cuda.get_device_name(0))
-    print(f"wrote {args.out}: {sum(len(v) for v in data['kernels'].values())} choices, {len(data['kernels'])} kernels")
+    for dtype, backward in PASSES:
+        exercise(dtype, backward)
+        data = record(args.out, card=torch.cuda.get_device_name(0))  # after each pass: a run cut short keeps it
+        count = sum(len(v) for v in data["kernels"].values())
+        print(f"wrote {args.out}: {count} choices, {len(data['kernels'])} kernels", flush=True)
 
 
 if __name__ == "__main__":

@@ -164,25 +164,33 @@ def test_model_padded_batch_runs_varlen_and_matches_each_row_alone():
 
 
 def test_model_packed_row_trains_like_separate_rows_on_cuda():
+    # bf16, as training on the GPU runs (fla's pinned configurations cover bf16 training). A leak across documents
+    # moves the logits by far more than bf16's rounding: the same row without the document boundaries is the foil.
     from transformers import DataCollatorWithFlattening
 
-    model = _cuda_model().train()
+    model = _cuda_model().bfloat16().train()
     gen = torch.Generator().manual_seed(6)
     docs = [torch.randint(3, 512, (n,), generator=gen) for n in (37, 1, 200, 64)]
     batch = DataCollatorWithFlattening()([{"input_ids": d.tolist()} for d in docs])
-    logits = model(batch["input_ids"].cuda(), position_ids=batch["position_ids"].cuda(), use_cache=False).logits
+    ids, labels = batch["input_ids"].cuda(), batch["labels"][0, 1:].cuda()
+    logits = model(ids, position_ids=batch["position_ids"].cuda(), use_cache=False).logits[0]
     ce = torch.nn.functional.cross_entropy
-    packed = ce(logits[0, :-1].float(), batch["labels"][0, 1:].cuda(), ignore_index=-100, reduction="sum")
+    packed = ce(logits[:-1].float(), labels, ignore_index=-100, reduction="sum")
     packed.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    alone = sum(ce(model(d[None].cuda(), use_cache=False).logits[0, :-1].float(), d[1:].cuda(), reduction="sum")
-                for d in docs if len(d) > 1)  # fmt: skip
+    alone_logits = [model(d[None].cuda(), use_cache=False).logits[0] for d in docs]
+    alone = sum(ce(x[:-1].float(), d[1:].cuda(), reduction="sum") for x, d in zip(alone_logits, docs) if len(d) > 1)
     alone.backward()
-    assert rel_rms(packed, alone) < 1e-3
+    alone_logits = torch.cat(alone_logits).detach()
+    with torch.no_grad():
+        leaky = model(ids, use_cache=False).logits[0]  # one long document
+    gap = rel_rms(logits, alone_logits)
+    assert gap < 1e-2 and gap < 0.05 * rel_rms(leaky, alone_logits), (gap, rel_rms(leaky, alone_logits))
+    assert rel_rms(packed, alone) < 3e-3
     for name, p in model.named_parameters():
         if name in grads:
-            assert rel_rms(grads[name], p.grad) < 2e-2, name
+            assert rel_rms(grads[name], p.grad) < 3e-2, name
 
 
 class TestGroupedMoE:
