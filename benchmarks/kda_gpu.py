@@ -55,8 +55,10 @@ def version(name):
 
 
 def metadata():
+    # KIMI_COMMIT first: the device machine's copy of the tree may carry a stale .git
+    commit = os.environ.get("KIMI_COMMIT")
     try:
-        commit = (
+        commit = commit or (
             subprocess.run(
                 ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
             ).stdout.strip()
@@ -71,7 +73,7 @@ def metadata():
         "fla-core": version("fla-core"),
         "transformers": version("transformers"),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "git_commit": commit or os.environ.get("KIMI_COMMIT"),
+        "git_commit": commit,
         # a cold start is only cold with an empty Triton cache
         "triton_cache_entries_at_start": len(list((Path.home() / ".triton" / "cache").glob("*"))),
     }  # fmt: skip

@@ -189,7 +189,7 @@ def main():
         "python": platform.python_version(),
         "dtype": args.dtype,
         "repeats": args.repeats,
-        "git_commit": git("rev-parse", "--short", "HEAD") or os.environ.get("KIMI_COMMIT"),
+        "git_commit": os.environ.get("KIMI_COMMIT") or git("rev-parse", "--short", "HEAD"),
         "model_file_modified_since_commit": bool(git("status", "--porcelain", "modeling_kimi_linear.py")),
         "loadavg_at_start": load_start,
         "loadavg_at_end": os.getloadavg(),
