@@ -373,10 +373,10 @@ class KimiDeltaAttention(nn.Module):
             return segs.scatter(self._varlen(segs.gather(x), state, segs))
         if state is not None and state.recurrent is not None and T == 1:
             o = self._decode(x[:, 0], state).unsqueeze(1)
-        elif T > self.prefill_piece and not torch.is_grad_enabled():
+        elif T > self.prefill_piece and not torch.is_grad_enabled():  # the output gate and norm too: float32 inside
             state = state if state is not None else KDALayerState()
-            piece = self.prefill_piece
-            o = torch.cat([self._prefill(x[:, i : i + piece], state) for i in range(0, T, piece)], dim=1)
+            pieces = [x[:, i : i + self.prefill_piece] for i in range(0, T, self.prefill_piece)]
+            return torch.cat([self._output(p, self._prefill(p, state)) for p in pieces], dim=1)
         else:
             o = self._prefill(x, state)
         return self._output(x, o)

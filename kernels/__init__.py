@@ -2,17 +2,18 @@
 own package).
 
 One dispatch point: `kda_backend(tensor)` says which implementation serves a tensor. CUDA tensors go to the Triton
-path when a tested fla-core is installed: `kda_prefill` (fla's `chunk_kda` with the L2 norm, gate and beta fused in;
-prefill and training, dense or variable-length) and this package's `kda_decode_fused` (one launch per decode step,
-nothing tuned). fla's autotuned kernels start from pre-chosen configurations (kernels/tuned.py). Everything else
-(CPU tensors above all, whatever is installed) stays on the plain PyTorch path in `modeling_kimi_linear.py`, whose
-functions are the twins. `force_backend("torch")` pins the plain path for tests. fla is called by keyword only: its
-positional order has changed between releases.
+path when a tested fla-core is installed: `kda_prefill` (the q/k L2 norm, then fla's `chunk_kda` with the gate and
+beta fused in; prefill and training, dense or variable-length) and this package's `kda_decode_fused` (one launch per
+decode step, nothing tuned). fla's autotuned kernels start from pre-chosen configurations (kernels/tuned.py).
+Everything else (CPU tensors above all, whatever is installed) stays on the plain PyTorch path in
+`modeling_kimi_linear.py`, whose functions are the twins. `force_backend("torch")` pins the plain path for tests. fla
+is called by keyword only: its positional order has changed between releases.
 """
 
 import importlib.metadata
 import logging
 
+import torch
 from packaging import version
 
 logger = logging.getLogger(__name__)
@@ -87,18 +88,27 @@ def kda_backend(x):
     return "torch"
 
 
+def l2norm(x, eps=1e-6):
+    """x / sqrt(sum(x^2) + eps) over the last dimension, in float32, rounded back to x's dtype (fla's l2norm). Plain
+    PyTorch on purpose: fla's own L2-norm kernel is autotuned per bucket of 2048 tokens (its NB key), so every
+    prompt of a new length bucket paid an autotuning sweep (about 11 s on an H100); these few elementwise passes
+    cost about 1% of a prefill and compile nothing."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def kda_prefill(q, k, v, g, beta, A_log, dt_bias, initial_state=None, output_final_state=True, cu_seqlens=None):
-    """One KDA layer's prefill or training step from the raw projections, with the q/k L2 norm, the forget gate
-    -exp(A_log) * softplus(g + dt_bias) and beta's sigmoid inside fla's kernels (no float32 copies of q, k, g
-    around the kernel). q, k [B, T, H, K] after the conv, v [B, T, H, V], g = f_b(f_a(x)) [B, T, H, K],
-    beta = b_proj(x) [B, T, H], A_log with H elements, dt_bias [H*K]; cu_seqlens [S+1] with B == 1 for S
-    variable-length sequences (initial_state [S, H, K, V]). Twin: kda_prefill_torch in modeling_kimi_linear.py."""
+    """One KDA layer's prefill or training step from the raw projections: the q/k L2 norm (l2norm), then fla's
+    chunk_kda with the forget gate -exp(A_log) * softplus(g + dt_bias) and beta's sigmoid inside its kernels (no
+    float32 copies of g around the kernel). q, k [B, T, H, K] after the conv, v [B, T, H, V], g = f_b(f_a(x))
+    [B, T, H, K], beta = b_proj(x) [B, T, H], A_log with H elements, dt_bias [H*K]; cu_seqlens [S+1] with B == 1
+    for S variable-length sequences (initial_state [S, H, K, V]). Twin: kda_prefill_torch in modeling_kimi_linear.py."""
     chunk_kda, _ = _load_fla()
     if initial_state is not None:
         initial_state = initial_state.float()
     return chunk_kda(
-        q=q,
-        k=k,
+        q=l2norm(q),
+        k=l2norm(k),
         v=v,
         g=g,
         beta=beta,
@@ -106,7 +116,7 @@ def kda_prefill(q, k, v, g, beta, A_log, dt_bias, initial_state=None, output_fin
         dt_bias=dt_bias.float(),
         initial_state=initial_state,
         output_final_state=output_final_state,
-        use_qk_l2norm_in_kernel=True,
+        use_qk_l2norm_in_kernel=False,
         use_gate_in_kernel=True,
         use_beta_sigmoid_in_kernel=True,
         cu_seqlens=cu_seqlens,

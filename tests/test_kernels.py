@@ -130,3 +130,20 @@ def test_pinned_configurations_round_trip_through_fla_autotuners(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert int(out.stdout.split()[-1]) >= 20
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 4e-3)])
+def test_l2norm_before_the_chunk_kernel_matches_float64(dtype, tol):
+    # the q/k L2 norm kda_prefill applies before fla's chunk_kda; fla's formula x / sqrt(sum x^2 + eps)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 3, 64, generator=gen) * torch.logspace(-3, 2, 5).view(1, 5, 1, 1)
+    x = x.to(dtype).requires_grad_(True)
+    y = kernels.l2norm(x)
+    x64 = x.detach().double().requires_grad_(True)
+    ref = x64 / (x64.square().sum(-1, keepdim=True) + 1e-6).sqrt()
+    assert y.dtype == dtype
+    assert ((y.double() - ref).norm() / ref.norm()).item() < tol
+    w = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    (y.double() * w).sum().backward()
+    (ref * w).sum().backward()
+    assert ((x.grad.double() - x64.grad).norm() / x64.grad.norm()).item() < 2 * tol

@@ -38,6 +38,23 @@ def test_prefill_in_pieces_equals_one_prefill(tiny_model):
     assert rel_err(torch.cat(pieces, 1), full) < 1e-5
 
 
+def test_long_inference_prefill_runs_each_kda_layer_in_pieces(tiny_model, monkeypatch):
+    from kimi_linear.modeling_kimi_linear import KimiDeltaAttention
+
+    ids = ids_for(2, 150, seed=4)
+    ref_cache = KimiLinearCache(tiny_model.config)
+    ref = tiny_model(ids, cache=ref_cache).logits.detach()  # gradients on: one pass, never pieces
+    monkeypatch.setattr(KimiDeltaAttention, "prefill_piece", 40)  # 150 = 40 + 40 + 40 + 30
+    cache = KimiLinearCache(tiny_model.config)
+    with torch.no_grad():
+        pieces = tiny_model(ids, cache=cache).logits
+        uncached = tiny_model(ids, use_cache=False).logits
+    assert rel_err(pieces, ref) < 1e-5 and rel_err(uncached, ref) < 1e-5
+    for a, b in zip(cache.layers, ref_cache.layers):
+        for x, y in zip(a.tensors(), b.tensors()):
+            assert rel_err(x, y) < 1e-5
+
+
 @torch.no_grad()
 def test_bfloat16_decode_tracks_float32():
     model32 = build_model()
