@@ -1,0 +1,1693 @@
+"""Kimi Linear: a hybrid of Kimi Delta Attention (KDA) and NoPE Multi-head Latent Attention (MLA) with a
+sigmoid-routed mixture of experts.
+
+Departures from a vanilla decoder-only transformer, in forward order:
+- Layer kinds come from `config.layer_types` (3 KDA : 1 MLA in the released model) and `config.mlp_types`
+  (layer 0 dense, the rest MoE); both are derived once by the config.
+- KDA (linear attention): q/k/v pass a causal depthwise conv (kernel 4) and SiLU; q/k are L2-normalised;
+  a per-channel forget gate g = -exp(A_log) * softplus(f_b(f_a(x)) + dt_bias) (unbounded, as trained) and a
+  per-head beta = sigmoid(b_proj(x)) drive the delta rule
+      S_t = (I - beta_t k_t k_t^T) Diag(exp g_t) S_{t-1} + beta_t k_t v_t^T,   o_t = K^-0.5 S_t^T q_t
+  then a per-head RMSNorm gated by sigmoid(g_b(g_a(x))). Prefill and training run it chunkwise (64 tokens);
+  decode runs the one-step recurrence. State per layer: three conv windows and [H, K, V] in float32.
+- MLA with no positional encoding: one shared 576-value latent per token (c_kv 512 after its RMSNorm, k_pe 64)
+  is all that is cached; decode attends on the latents directly (kv_b_proj absorbed into query and output).
+- MoE: sigmoid router in float32; the correction bias only picks experts (grouped top-k), the weights come
+  from the unbiased scores, renormalised and scaled; plus a shared expert. The routed experts keep the released
+  per-expert modules but run as grouped matrix products over weights stacked once (no per-expert loop, no host
+  sync); adapter-wrapped experts run one by one.
+- Padding and packing: a batch with padding, or with several documents packed into a row (position_ids that
+  restart at 0, or flash-attention style cu_seq_lens_q), runs KDA on its real tokens only, one variable-length
+  sequence per document (state and conv windows start afresh at each document), and MLA attends within the
+  document: packed rows compute exactly what separate rows would.
+- Decode without per-token overhead: KimiLinearStaticCache preallocates every state (MLA latents up to a maximum
+  length) so that a decode step has fixed shapes and no host sync (the cached length lives on the device, MLA masks
+  the slots not yet written); on CUDA that step is captured once in a CUDA graph and replayed for every token
+  (generate(cache_implementation="static")).
+- The fast GPU kernels live in the separately installed `kimi_linear_kernels` package; without it (or on a
+  CPU tensor) the plain PyTorch code in this file runs.
+"""
+
+import functools
+import itertools
+import math
+import shutil
+import weakref
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention.bias import causal_lower_right
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
+
+from .configuration_kimi_linear import KDA, KimiLinearConfig
+
+try:  # optional: the repo's kernels package (fla-backed GPU paths), installed as `kimi_linear_kernels`
+    import kimi_linear_kernels as _kernels
+except ImportError:
+    _kernels = None
+
+logger = logging.get_logger(__name__)
+
+# transformers 5.24 renamed the cache field of model outputs (and the forward kwarg) to `cache`.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Norms
+# ---------------------------------------------------------------------------------------------------------------
+class KimiLinearRMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * x.to(dtype)
+
+
+class KimiLinearGatedRMSNorm(nn.Module):
+    """Per-head RMSNorm times sigmoid(gate), all in float32."""
+
+    def __init__(self, head_dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(head_dim))
+        self.variance_epsilon = eps
+
+    def forward(self, x, gate):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight.float() * x * torch.sigmoid(gate.float())).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Short convolution
+# ---------------------------------------------------------------------------------------------------------------
+def short_conv(x, weight, state=None):
+    """Causal depthwise conv then SiLU. x [B, T, D], weight [D, 1, W], state [B, D, W-1] holds the previous W-1
+    inputs (None: zeros). Returns y [B, T, D] and the new state [B, D, W-1]."""
+    width = weight.shape[-1]
+    xt = x.transpose(1, 2)  # [B, D, T]
+    if state is None:
+        state = xt.new_zeros(xt.shape[0], xt.shape[1], width - 1)
+    xt = torch.cat([state.to(xt.dtype), xt], dim=-1)  # [B, D, W-1+T]
+    y = F.conv1d(xt, weight.to(xt.dtype), groups=xt.shape[1])
+    return F.silu(y).transpose(1, 2), xt[..., xt.shape[-1] - (width - 1) :]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KDA math in plain PyTorch (the specification the GPU kernels are tested against)
+# ---------------------------------------------------------------------------------------------------------------
+def _f32(x):
+    """x in float32 for the math, or left in float64 (the precision of references)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def l2norm(x, eps=1e-6):
+    x = _f32(x)
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
+def kda_gate(g, A_log, dt_bias):
+    """Per-channel log-decay, <= 0. g [..., H, K] (f_b(f_a(x))), A_log [1, 1, H, 1] or [H], dt_bias [H*K]."""
+    H, K = g.shape[-2:]
+    g = _f32(g) + _f32(dt_bias).view(H, K)
+    return -torch.exp(_f32(A_log).view(H, 1)) * F.softplus(g)
+
+
+def kda_chunk_torch(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=True, chunk_size=64):
+    """Chunkwise-parallel KDA.
+
+    q, k: [B, T, H, K] (L2-normalised), v: [B, T, H, V], g: [B, T, H, K] log-decay (<= 0), beta: [B, T, H],
+    initial_state: [B, H, K, V] or None. Returns o [B, T, H, V] (v's dtype) and the final state [B, H, K, V]
+    in float32 (None unless output_final_state). Computes in float32, or in float64 when q is float64.
+
+    Inside a chunk the delta-rule updates are folded with a unit-lower-triangular solve (the UT transform) and
+    decays are cumulative sums G of g. Pairwise decays exp(G_t - G_i), i <= t, are only ever formed with a
+    non-positive exponent: across 16-token blocks they factor through a reference point between i and t
+    (the first token of t's block); inside a block they are formed pairwise, masked before the exp.
+    Chunks then pass the state along in a short loop of small matrix products.
+    """
+    B, T, H, K = q.shape
+    V, out_dtype = v.shape[-1], v.dtype
+    scale = K**-0.5 if scale is None else scale
+    C = chunk_size
+    c = min(16, C)  # block size inside a chunk
+    P = C // c
+    pad = -T % C
+    N = (T + pad) // C
+
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # float64 only for references
+
+    def chunked(x):  # [B, T, H, D] -> [B, H, N, C, D] in acc, zero-padded (padding is an identity step)
+        x = F.pad(x.to(acc), (0, 0, 0, 0, 0, pad))
+        return x.view(B, N, C, H, -1).permute(0, 3, 1, 2, 4)
+
+    q, k, v, g, beta = (chunked(x) for x in (q, k, v, g, beta.unsqueeze(-1)))
+    G = g.cumsum(3)  # [B, H, N, C, K], non-increasing along C
+
+    # Across blocks: reference r_p = first token of block p; keys i < r_p carry exp(G_{r_p} - G_i) <= 1,
+    # queries/keys t in block p carry exp(G_t - G_{r_p}) <= 1.
+    Gb = G.view(B, H, N, P, c, K)
+    ref = Gb[..., :1, :]  # [B, H, N, P, 1, K]
+    to_ref = torch.exp(Gb - ref)  # [B, H, N, P, c, K]
+    earlier = torch.arange(C, device=q.device)[None, :] < (torch.arange(P, device=q.device) * c)[:, None]  # [P, C]
+    from_ref = torch.exp((ref - G.unsqueeze(3)).masked_fill(~earlier[:, :, None], float("-inf")))  # [B,H,N,P,C,K]
+    k_ref = (k.unsqueeze(3) * from_ref).transpose(-1, -2)  # [B, H, N, P, K, C]
+    a_qk = (q.view(B, H, N, P, c, K) * to_ref) @ k_ref  # [B, H, N, P, c, C]
+    a_kk = (k.view(B, H, N, P, c, K) * to_ref) @ k_ref
+
+    # Inside blocks: pairwise decays, masked before the exp.
+    causal = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()
+    pair = (Gb.unsqueeze(-2) - Gb.unsqueeze(-3)).masked_fill_(~causal[:, :, None], float("-inf")).exp_()
+    qb, kb = q.view(B, H, N, P, c, K), k.view(B, H, N, P, c, K)
+    decayed_k = pair * kb.unsqueeze(-3)  # [B, H, N, P, c(t), c(i), K]: k_i exp(G_t - G_i)
+    d = (decayed_k @ torch.stack([qb, kb], dim=-1)).transpose(-1, -2)  # [B, H, N, P, c, 2, c]: q_t, k_t rows
+    d_qk, d_kk = d[..., 0, :], d[..., 1, :].tril(-1)  # [B, H, N, P, c, c]: i <= t, and i < t
+    eye_p = torch.eye(P, device=q.device)
+
+    def assemble(off, diag):  # [B,H,N,P,c,C] + block-diagonal [B,H,N,P,c,c] -> [B,H,N,C,C]
+        full = off.view(B, H, N, P, c, P, c) + torch.einsum("bhnpti,pq->bhnptqi", diag, eye_p)
+        return full.reshape(B, H, N, C, C)
+
+    a_qk = assemble(a_qk, d_qk)
+    a_kk = assemble(a_kk, d_kk) * beta  # row t scaled by beta_t; strictly lower
+
+    # UT transform: (I + A) [U_v | W] = [beta v | beta k exp(G)]; the solve treats the diagonal as ones.
+    rhs = torch.cat([v * beta, k * torch.exp(G) * beta], dim=-1)
+    x = torch.linalg.solve_triangular(a_kk, rhs, upper=False, unitriangular=True)
+    u_v, w = x[..., :V], x[..., V:]  # [B, H, N, C, V], [B, H, N, C, K]
+    q_g = q * torch.exp(G)
+    k_end = (k * torch.exp(G[..., -1:, :] - G)).transpose(-1, -2)  # [B, H, N, K, C]
+    decay_end = torch.exp(G[..., -1, :]).unsqueeze(-1)  # [B, H, N, K, 1]
+
+    S = q.new_zeros(B, H, K, V) if initial_state is None else initial_state.to(acc)
+    out = []
+    for n in range(N):
+        u = u_v[:, :, n] - w[:, :, n] @ S  # [B, H, C, V]
+        out.append(q_g[:, :, n] @ S + a_qk[:, :, n] @ u)
+        S = decay_end[:, :, n] * S + k_end[:, :, n] @ u
+    o = torch.stack(out, dim=2).mul(scale)  # [B, H, N, C, V]
+    o = o.reshape(B, H, N * C, V)[:, :, :T].transpose(1, 2).to(out_dtype)
+    return o, (S if output_final_state else None)
+
+
+def kda_step_torch(q, k, v, g, beta, state, scale=None):
+    """One decode step. q, k [B, H, K] (L2-normalised), v [B, H, V], g [B, H, K], beta [B, H],
+    state [B, H, K, V] float32 (float64 for references). Returns o [B, H, V] and the new state, in the state's
+    precision."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    q, k, v, g, beta = (x.to(state.dtype) for x in (q, k, v, g, beta))
+    S = state * torch.exp(g).unsqueeze(-1)  # decay first
+    u = beta.unsqueeze(-1) * (v - torch.einsum("bhk,bhkv->bhv", k, S))
+    S = S + k.unsqueeze(-1) * u.unsqueeze(-2)  # then the delta update
+    return scale * torch.einsum("bhk,bhkv->bhv", q, S), S
+
+
+def kda_decode_torch(xq, xk, xv, conv_q, conv_k, conv_v, wq, wk, wv, g_raw, A_log, dt_bias, b_raw, state, scale=None):
+    """One decode step for B tokens, updating the conv windows and the recurrent state in place.
+
+    xq, xk [B, H*K], xv [B, H*V]: projections before the conv; conv_*: [B, D, W-1] windows; w*: conv weights
+    [D, 1, W]; g_raw [B, H*K] = f_b(f_a(x)); b_raw [B, H] = b_proj(x); state [B, H, K, V] float32.
+    Returns o [B, H, V] float32. The twin of kimi_linear_kernels.kda_decode_fused (one Triton launch)."""
+    B, H = b_raw.shape
+    heads = []
+    for x_, window, w in ((xq, conv_q, wq), (xk, conv_k, wk), (xv, conv_v, wv)):
+        y, new_window = short_conv(x_[:, None], w, window)
+        window.copy_(new_window)
+        heads.append(y[:, 0].view(B, H, -1))
+    q, k, v = heads
+    g = kda_gate(g_raw.view(B, H, -1), A_log, dt_bias)
+    o, new_state = kda_step_torch(l2norm(q), l2norm(k), v, g, torch.sigmoid(b_raw.float()), state, scale)
+    state.copy_(new_state)
+    return o
+
+
+def short_conv_varlen(x, weight, windows, segs):
+    """short_conv over variable-length sequences packed in one row. x [N, D] (the real tokens, sequence after
+    sequence), windows [S, D, W-1] each sequence's starting window (zeros: a fresh start). Returns y [N, D] and
+    each sequence's final window [S, D, W-1]. Each sequence is laid out behind its own window, so no tap ever reads
+    another sequence."""
+    W = weight.shape[-1]
+    S, N = windows.shape[0], x.shape[0]
+    ext = x.new_empty(x.shape[1], N + S * (W - 1))  # [D, N + S*(W-1)]
+    ext[:, segs.token_slot(W)] = x.t()
+    ext[:, segs.window_slots(W)] = windows.to(x.dtype).permute(1, 0, 2).reshape(x.shape[1], -1)
+    y = F.silu(F.conv1d(ext[None], weight.to(x.dtype), groups=x.shape[1])[0])  # [D, N + (S-1)*(W-1)]
+    y = y[:, segs.token_slot(W) - (W - 1)].t()
+    final = ext[:, segs.final_window_slots(W)].view(x.shape[1], S, W - 1).permute(1, 0, 2)
+    return y, final
+
+
+def kda_prefill_torch(q, k, v, g, beta, A_log, dt_bias, initial_state=None, output_final_state=True, cu_seqlens=None):
+    """One KDA layer's prefill from the raw projections: q, k [B, T, H, K] after the conv (not yet normalised),
+    v [B, T, H, V], g = f_b(f_a(x)) [B, T, H, K] before the gate, beta = b_proj(x) [B, T, H] before the sigmoid.
+    cu_seqlens [S+1] (with B == 1): S variable-length sequences, each starting from its own initial_state row.
+    Returns o [B, T, H, V] and the final states (float32). The twin of kimi_linear_kernels.kda_prefill."""
+    g = kda_gate(g, A_log, dt_bias)
+    q, k, beta = l2norm(q), l2norm(k), torch.sigmoid(_f32(beta))
+    if cu_seqlens is None:
+        return kda_chunk_torch(q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state)
+    bounds = cu_seqlens.tolist()
+    outs, finals = [], []
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        h0 = initial_state[i : i + 1] if initial_state is not None else None
+        o, h = kda_chunk_torch(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], initial_state=h0)
+        outs.append(o)
+        finals.append(h)
+    return torch.cat(outs, dim=1), (torch.cat(finals) if output_final_state else None)
+
+
+class Segments:
+    """The real tokens of a [B, T] batch as variable-length sequences: padding dropped, packed documents split.
+
+    idx [N]: flat positions (row * T + column) of the real tokens, in order; cu_seqlens [S+1]; row [S]: the batch
+    row of each sequence; first / last [S]: the sequence opens / closes its row (only a row's first sequence
+    continues a cached state, only its last one leaves a state behind); packed: some row holds several documents."""
+
+    def __init__(self, real, starts=None):
+        B, T = real.shape
+        device = real.device
+        self.shape = (B, T)
+        self.idx = real.flatten().nonzero().squeeze(1)
+        rows = self.idx // T
+        new = torch.ones_like(rows, dtype=torch.bool)
+        new[1:] = rows[1:] != rows[:-1]
+        if starts is not None:
+            new |= starts.flatten()[self.idx]
+        begin = new.nonzero().squeeze(1)
+        self.cu_seqlens = torch.cat([begin, begin.new_tensor([len(self.idx)])]).to(device)
+        self.num_seqs = len(begin)
+        self.seq_of_token = new.long().cumsum(0) - 1
+        self.row = rows[begin]
+        self.first = torch.ones_like(self.row, dtype=torch.bool)
+        self.first[1:] = self.row[1:] != self.row[:-1]
+        self.last = torch.ones_like(self.first)
+        self.last[:-1] = self.row[1:] != self.row[:-1]
+        self.packed = self.num_seqs > int(self.first.sum())  # some row holds more than one document
+
+    def gather(self, x):  # [B, T, ...] -> [N, ...]
+        return x.reshape(-1, *x.shape[2:])[self.idx]
+
+    def scatter(self, y):  # [N, ...] -> [B, T, ...], zeros at padding
+        out = y.new_zeros(self.shape[0] * self.shape[1], *y.shape[1:])
+        out[self.idx] = y
+        return out.view(*self.shape, *y.shape[1:])
+
+    # short_conv_varlen's layout: sequence s sits behind its own (W-1)-slot window
+    def token_slot(self, W):
+        return torch.arange(len(self.idx), device=self.idx.device) + (self.seq_of_token + 1) * (W - 1)
+
+    def window_slots(self, W):
+        starts = self.cu_seqlens[:-1] + torch.arange(self.num_seqs, device=self.idx.device) * (W - 1)
+        return (starts[:, None] + torch.arange(W - 1, device=self.idx.device)).flatten()
+
+    def final_window_slots(self, W):
+        ends = self.cu_seqlens[1:] + (torch.arange(self.num_seqs, device=self.idx.device) + 1) * (W - 1)
+        return (ends[:, None] - (W - 1) + torch.arange(W - 1, device=self.idx.device)).flatten()
+
+    def per_sequence(self, row_tensor, fresh):
+        """Starting values for each sequence: the row's cached tensor for a row's first sequence, else zeros.
+        row_tensor [B, ...] or None; fresh: a zero tensor [...] of one row's shape."""
+        if row_tensor is None:
+            return fresh.expand(self.num_seqs, *fresh.shape).clone()
+        picked = row_tensor[self.row]
+        return torch.where(self.first.view(-1, *[1] * fresh.dim()), picked, torch.zeros_like(picked))
+
+    def per_row(self, seq_tensor, row_tensor, fresh):
+        """What each row keeps after the step: its last sequence's value; rows without real tokens keep theirs."""
+        out = fresh.expand(self.shape[0], *fresh.shape).clone() if row_tensor is None else row_tensor.clone()
+        out[self.row[self.last]] = seq_tensor[self.last].to(out.dtype)
+        return out
+
+
+def _kda_backend(x):
+    """The kernels package when it can serve this tensor (CUDA with fla), else None: plain PyTorch."""
+    return _kernels if _kernels is not None and _kernels.kda_backend(x) != "torch" else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# KDA layer
+# ---------------------------------------------------------------------------------------------------------------
+class KimiDeltaAttention(nn.Module):
+    def __init__(self, config: KimiLinearConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads, self.head_dim = config.kda_num_heads, config.kda_head_dim
+        hidden, proj, width = config.hidden_size, self.num_heads * self.head_dim, config.kda_conv_size
+        self.q_proj = nn.Linear(hidden, proj, bias=False)
+        self.k_proj = nn.Linear(hidden, proj, bias=False)
+        self.v_proj = nn.Linear(hidden, proj, bias=False)
+        self.q_conv1d = nn.Conv1d(proj, proj, width, groups=proj, bias=False)
+        self.k_conv1d = nn.Conv1d(proj, proj, width, groups=proj, bias=False)
+        self.v_conv1d = nn.Conv1d(proj, proj, width, groups=proj, bias=False)
+        self.A_log = nn.Parameter(torch.empty(1, 1, self.num_heads, 1, dtype=torch.float32))
+        self.dt_bias = nn.Parameter(torch.empty(proj, dtype=torch.float32))
+        self.f_a_proj = nn.Linear(hidden, self.head_dim, bias=False)
+        self.f_b_proj = nn.Linear(self.head_dim, proj, bias=False)
+        self.b_proj = nn.Linear(hidden, self.num_heads, bias=False)
+        self.g_a_proj = nn.Linear(hidden, self.head_dim, bias=False)
+        self.g_b_proj = nn.Linear(self.head_dim, proj, bias=False)
+        self.o_norm = KimiLinearGatedRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.o_proj = nn.Linear(proj, hidden, bias=False)
+
+    # Inference prefill longer than this runs in pieces through the state (exact: the state carries everything),
+    # so activation memory stays bounded at a million tokens.
+    prefill_piece = 1 << 17
+
+    def forward(self, x, state=None, segs=None):
+        """x [B, T, hidden]; state: this layer's KDALayerState (updated in place) or None; segs: Segments when the
+        batch has padding or packed documents, else None."""
+        B, T, _ = x.shape
+        if segs is not None:
+            return segs.scatter(self._varlen(segs.gather(x), state, segs))
+        if state is not None and state.recurrent is not None and T == 1:
+            o = self._decode(x[:, 0], state).unsqueeze(1)
+        elif T > self.prefill_piece and not torch.is_grad_enabled():  # the output gate and norm too: float32 inside
+            state = state if state is not None else KDALayerState()
+            pieces = [x[:, i : i + self.prefill_piece] for i in range(0, T, self.prefill_piece)]
+            return torch.cat([self._output(p, self._prefill(p, state)) for p in pieces], dim=1)
+        else:
+            o = self._prefill(x, state)
+        return self._output(x, o)
+
+    def _output(self, x, o):
+        *lead, _ = x.shape
+        gate = self.g_b_proj(self.g_a_proj(x)).view(*lead, self.num_heads, self.head_dim)
+        return self.o_proj(self.o_norm(o.to(x.dtype), gate).reshape(*lead, -1))
+
+    def _raw(self, x):
+        """The pre-kernel projections: q, k, v before the conv [.., H*D]; g before the gate [.., H, D]; beta logits."""
+        g = self.f_b_proj(self.f_a_proj(x)).unflatten(-1, (self.num_heads, self.head_dim))
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x), g, self.b_proj(x)
+
+    def _chunk(self, x):
+        fast = _kda_backend(x)
+        return fast.kda_prefill if fast is not None else kda_prefill_torch
+
+    def _prefill(self, x, state):
+        B, T, _ = x.shape
+        H, D = self.num_heads, self.head_dim
+        conv = state.conv if state is not None and state.conv is not None else (None, None, None)
+        xq, xk, xv, g, beta = self._raw(x)
+        q, cq = short_conv(xq, self.q_conv1d.weight, conv[0])
+        k, ck = short_conv(xk, self.k_conv1d.weight, conv[1])
+        v, cv = short_conv(xv, self.v_conv1d.weight, conv[2])
+        q, k, v = (t.view(B, T, H, D) for t in (q, k, v))
+        h0 = state.recurrent if state is not None else None
+        o, h = self._chunk(x)(q, k, v, g, beta, self.A_log, self.dt_bias, initial_state=h0,
+                              output_final_state=state is not None)  # fmt: skip
+        if state is not None:
+            state.update(conv=(cq, ck, cv), recurrent=h, num_tokens=T)
+        return o
+
+    def _varlen(self, x, state, segs):
+        """x [N, hidden]: the real tokens of the batch, sequence after sequence (Segments)."""
+        H, D = self.num_heads, self.head_dim
+        width = self.q_conv1d.weight.shape[-1]
+        cached = state is not None and state.recurrent is not None
+        xq, xk, xv, g, beta = self._raw(x)
+        fresh_window = x.new_zeros(H * D, width - 1)
+        convs, windows = [], []
+        for i, (t, conv) in enumerate(zip((xq, xk, xv), (self.q_conv1d, self.k_conv1d, self.v_conv1d))):
+            start = segs.per_sequence(state.conv[i] if cached else None, fresh_window)
+            y, end = short_conv_varlen(t, conv.weight, start, segs)
+            convs.append(y.view(1, -1, H, D))
+            windows.append(segs.per_row(end, state.conv[i] if cached else None, fresh_window))
+        fresh_state = x.new_zeros(H, D, D, dtype=torch.float32)
+        h0 = segs.per_sequence(state.recurrent if cached else None, fresh_state) if state is not None else None
+        o, h = self._chunk(x)(*convs, g[None], beta[None], self.A_log, self.dt_bias, initial_state=h0,
+                              output_final_state=state is not None, cu_seqlens=segs.cu_seqlens)  # fmt: skip
+        if state is not None:
+            recurrent = segs.per_row(h, state.recurrent if cached else None, fresh_state)
+            state.update(conv=windows, recurrent=recurrent, num_tokens=segs.shape[1])
+        return self._output(x, o[0])
+
+    def _decode(self, x, state):
+        """One token per sequence, x [B, hidden]: conv windows and recurrent state are updated in place."""
+        fast = _kda_backend(x)
+        step = fast.kda_decode_fused if fast is not None else kda_decode_torch
+        o = step(
+            self.q_proj(x), self.k_proj(x), self.v_proj(x), *state.conv,
+            self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight,
+            self.f_b_proj(self.f_a_proj(x)), self.A_log, self.dt_bias, self.b_proj(x), state.recurrent,
+        )  # fmt: skip
+        state.seen += 1
+        return o
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MLA layer (NoPE)
+# ---------------------------------------------------------------------------------------------------------------
+class KimiMLAAttention(nn.Module):
+    def __init__(self, config: KimiLinearConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.nope, self.rope, self.v_dim = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.q_head_dim = self.nope + self.rope
+        self.scaling = self.q_head_dim**-0.5
+        hidden, h = config.hidden_size, self.num_heads
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, h * self.q_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = KimiLinearRMSNorm(config.q_lora_rank)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, h * self.q_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.rope, bias=False)
+        self.kv_a_layernorm = KimiLinearRMSNorm(self.kv_lora_rank)  # eps 1e-6, as released
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, h * (self.nope + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(h * self.v_dim, hidden, bias=False)
+
+    def query(self, x):
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(self, x, state=None, mask=None):
+        """x [B, T, hidden]; state: this layer's MLALayerState or None; mask: boolean [B, 1, T, cached + T]
+        (True = attend; attention_mask()) or None for plain causal attention."""
+        B, T, _ = x.shape
+        h = self.num_heads
+        q = self.query(x).view(B, T, h, self.q_head_dim).transpose(1, 2)  # [B, h, T, 192]
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)  # [B, T, 576]
+        if state is not None:
+            latent = state.append(latent)  # [B, past_len + T, 576]
+        S = latent.shape[1]
+        # Decode (and a short continuation of a long cache) attends on the latents directly (kv_b_proj absorbed);
+        # prefill expands per head, where flash attention takes the 192/128 head dims (the latent path's 576 would
+        # leave SDPA a kernel that materialises [T, S] scores). Absorption reads kv_b_proj.weight, so it is
+        # skipped when an adapter wraps kv_b_proj.
+        if type(self.kv_b_proj) is nn.Linear and T <= 64 and T * 8 <= S:
+            out = self._attend_latent(q, latent, mask)
+        else:
+            out = self._attend_expanded(q, latent, mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, h * self.v_dim))
+
+    def _attend_expanded(self, q, latent, mask):
+        B, S, _ = latent.shape
+        h = self.num_heads
+        c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(B, S, h, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, None].expand(B, h, S, self.rope)], dim=-1)
+        is_causal = mask is None and q.shape[2] > 1
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling)
+
+    def _attend_latent(self, q, latent, mask):
+        h = self.num_heads
+        w = self.kv_b_proj.weight.view(h, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [h, 128, 512], [h, 128, 512]
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_lat = torch.cat([torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk), q_pe], dim=-1)  # [B, h, T, 576]
+        if q.shape[2] == 1:
+            o_lat = self._attend_one(q_lat[:, :, 0], latent, mask)  # [B, h, 512]
+            return torch.einsum("bhr,hvr->bhv", o_lat, w_uv)[:, :, None]
+        key = latent[:, None]  # [B, 1, S, 576], shared by all heads
+        value = latent[:, None, :, : self.kv_lora_rank]
+        is_causal = mask is None and q.shape[2] > 1
+        o_lat = F.scaled_dot_product_attention(
+            q_lat,
+            key.expand(-1, h, -1, -1),
+            value.expand(-1, h, -1, -1),
+            attn_mask=mask,
+            is_causal=is_causal,
+            scale=self.scaling,
+        )  # [B, h, T, 512]
+        return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)
+
+    def _attend_one(self, q_lat, latent, mask):
+        """One query per row: q_lat [B, h, 576] against the shared latents [B, S, 576]; mask [B, 1, 1, S] (True =
+        attend) or None. Returns [B, h, 512]. Two batched products read the latents once for all heads (SDPA would
+        take them once per head); scores and softmax in float32."""
+        scores = _bmm_float32(q_lat, latent.transpose(1, 2)) * self.scaling  # [B, h, S]
+        if mask is not None:
+            scores = scores.masked_fill(~mask[:, 0], float("-inf"))
+        return torch.bmm(scores.softmax(-1).to(latent.dtype), latent[..., : self.kv_lora_rank])
+
+
+_BMM_OUT_DTYPE = [True]  # torch.bmm(..., out_dtype=float32) on CUDA half types, until it fails once
+
+
+def _bmm_float32(a, b):
+    """a @ b (batched) with float32 output. Half-precision CUDA inputs keep their dtype (no float32 copy of b, which
+    can be every cached latent) where torch.bmm takes out_dtype; elsewhere half inputs are upcast on the CPU, and on
+    a CUDA torch without out_dtype the product is rounded to the inputs' dtype."""
+    if a.dtype in (torch.float32, torch.float64):
+        return torch.bmm(a, b)
+    if not a.is_cuda:
+        return torch.bmm(a.float(), b.float())
+    if _BMM_OUT_DTYPE[0]:
+        try:
+            return torch.bmm(a, b, out_dtype=torch.float32)
+        except torch.OutOfMemoryError:
+            raise
+        except (TypeError, RuntimeError, NotImplementedError) as err:
+            _BMM_OUT_DTYPE[0] = False
+            why = f"torch.bmm has no float32 output for {a.dtype} here ({err})"
+            logger.warning_once(f"Kimi Linear: {why}; MLA decode scores are rounded to {a.dtype} before the softmax.")
+    return torch.bmm(a, b).float()
+
+
+def build_attention_mask(key_mask, T, S, device, segs=None):
+    """Boolean [B, 1, T, S] mask (True = attend) for T queries at the end of S keys, None when a plain causal mask
+    (or none, for T == 1) says it all, or torch's lower-right causal bias when only a cached prefix precedes the
+    queries. key_mask [B, S] marks real tokens; segs (packed documents, S == T) confines each token to its own
+    document. Each query always sees itself, so no row is empty."""
+    if segs is None and (key_mask is None or bool(key_mask.all())):
+        if T == 1 or T == S:
+            return None
+        # T new queries after S - T cached keys: causal aligned to the bottom right, never materialised as [T, S]
+        # (a chunked prefill of a million tokens would otherwise build terabytes of mask)
+        return causal_lower_right(T, S)
+    qpos = torch.arange(S - T, S, device=device)[:, None]
+    kpos = torch.arange(S, device=device)[None, :]
+    allowed = (kpos <= qpos)[None]  # [1, T, S]
+    if segs is not None:
+        doc = segs.scatter(segs.seq_of_token + 1) - 1  # [B, T]: -1 at padding
+        allowed = allowed & (doc[:, :, None] == doc[:, None, :]) & (doc[:, None, :] >= 0)
+    elif key_mask is not None:
+        allowed = allowed & key_mask[:, None, :].bool()
+    return (allowed | (kpos == qpos))[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Feed-forward: dense MLP, router, MoE
+# ---------------------------------------------------------------------------------------------------------------
+class KimiLinearMLP(nn.Module):
+    def __init__(self, config: KimiLinearConfig, intermediate_size=None):
+        super().__init__()
+        width = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class KimiLinearExpert(nn.Module):
+    """One routed expert, in the released names: w1 gate, w3 up, w2 down."""
+
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden_size, config.moe_intermediate_size, bias=False)
+        self.w2 = nn.Linear(config.moe_intermediate_size, config.hidden_size, bias=False)
+        self.w3 = nn.Linear(config.hidden_size, config.moe_intermediate_size, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class KimiLinearRouter(nn.Module):
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__()
+        self.top_k = config.num_experts_per_token
+        self.num_experts = config.num_experts
+        self.groups = config.num_expert_group if config.use_grouped_topk else 1
+        self.topk_group = config.topk_group if config.use_grouped_topk else 1
+        self.activation = config.moe_router_activation_func
+        self.renormalize = config.moe_renormalize
+        self.scaling = config.routed_scaling_factor
+        self.bias_in_weights = config.moe_router_bias_in_weights
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(config.num_experts), requires_grad=False)
+
+    def forward(self, x):
+        """x [N, hidden] -> expert ids [N, k] and weights [N, k] (float32)."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.activation == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores + self.e_score_correction_bias.float()  # picks experts only
+        if self.groups > 1:
+            grouped = choice.view(-1, self.groups, self.num_experts // self.groups)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [N, groups]
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_group, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view(-1, self.num_experts)
+        ids = choice.topk(self.top_k, dim=-1).indices
+        weights = (choice if self.bias_in_weights else scores).gather(1, ids)
+        if self.renormalize and self.top_k > 1:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return ids, weights * self.scaling
+
+
+# torch._grouped_mm multiplies each expert's rows by that expert's weight in one call. It takes float32, bfloat16 and
+# float16 with 16-byte-aligned rows; on CUDA only bfloat16 on sm90/sm100 runs a fused kernel with the offsets read
+# on the device, other CUDA dtypes take torch's per-group fallback, which reads them on the host.
+_grouped_mm = getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_mm_takes(dtype, *widths):
+    return dtype in (torch.float32, torch.bfloat16, torch.float16) and all(w * dtype.itemsize % 16 == 0 for w in widths)
+
+
+@functools.cache
+def _grouped_mm_runs(device_type, dtype):
+    """Whether this torch build runs torch._grouped_mm on this device type and dtype (found once, by trying)."""
+    if _grouped_mm is None:
+        return False
+    try:
+        a, b = torch.zeros(2, 8, dtype=dtype, device=device_type), torch.zeros(2, 8, 8, dtype=dtype, device=device_type)
+        _grouped_mm(a, b.transpose(1, 2), offs=torch.tensor([1, 2], dtype=torch.int32, device=device_type))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def moe_experts_loop(x, ids, weights, experts):
+    """Routed experts one at a time: the reference for moe_experts_grouped, and the path for experts whose
+    projections an adapter wraps or whose dtype or widths torch._grouped_mm does not take.
+
+    x [N, hidden], ids [N, k] expert ids, weights [N, k] float32, experts: the KimiLinearExpert modules.
+    Returns sum_j weights[:, j] * experts[ids[:, j]](x), [N, hidden] in x's dtype. Reads the token count of every
+    expert on the host (a device sync) and launches work for each expert that has tokens."""
+    order = ids.flatten().argsort(stable=True)
+    token = order // ids.shape[1]
+    counts = torch.bincount(ids.flatten(), minlength=len(experts)).tolist()
+    out = torch.zeros_like(x)
+    ends = list(itertools.accumulate(counts))
+    for e, (start, stop) in enumerate(zip([0, *ends], ends)):
+        if start == stop:
+            continue
+        rows = token[start:stop]
+        y = experts[e](x[rows]) * weights.flatten()[order[start:stop], None].to(x.dtype)
+        out.index_add_(0, rows, y)
+    return out
+
+
+def moe_experts_grouped(x, ids, weights, w13, w2):
+    """The sum moe_experts_loop computes, as grouped matrix products over the (token, slot) assignments sorted by
+    expert: no per-expert loop, no host sync, every shape fixed by N, k and the weights.
+
+    x, ids, weights as in moe_experts_loop; w13 [E, 2I, hidden] holds each expert's w1 rows then its w3 rows,
+    w2 [E, hidden, I] (nn.Linear layouts). The group ends come from searchsorted on the sorted ids (bincount would
+    read its maximum on the host); the k expert outputs of a token are combined by one batched product, in a fixed
+    order (no atomic adds)."""
+    N, k = ids.shape
+    E, _, H = w13.shape
+    expert, order = ids.flatten().sort(stable=True)  # [N*k] assignments grouped by expert
+    ends = torch.searchsorted(expert, torch.arange(E, device=ids.device), right=True, out_int32=True)  # [E]
+    xs = x.index_select(0, order // k)  # [N*k, hidden]
+    gate, up = _grouped_mm(xs, w13.transpose(1, 2), offs=ends).chunk(2, dim=-1)  # [N*k, I] each
+    ys = _grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=ends)  # [N*k, hidden]
+    ys = torch.empty_like(ys).index_copy_(0, order, ys).view(N, k, H)  # back in (token, slot) order
+    return torch.bmm(weights.to(ys.dtype).unsqueeze(1), ys).squeeze(1)
+
+
+def moe_experts_gathered(x, ids, weights, w13, w2):
+    """The sum moe_experts_grouped computes, for a few tokens: each (token, slot) takes its expert's weights by
+    indexing and applies them in a batched product. No host sync on any device or dtype, every shape fixed by N and
+    k, at the cost of a copy of N*k experts' weights. Arguments as in moe_experts_grouped."""
+    N, k = ids.shape
+    chosen = ids.flatten()  # [N*k]
+    xs = x.repeat_interleave(k, dim=0).unsqueeze(-1)  # [N*k, hidden, 1], (token, slot) order
+    gate, up = torch.bmm(w13[chosen], xs).squeeze(-1).chunk(2, dim=-1)  # [N*k, I] each
+    ys = torch.bmm(w2[chosen], (F.silu(gate) * up).unsqueeze(-1)).view(N, k, -1)  # [N, k, hidden]
+    return torch.bmm(weights.to(ys.dtype).unsqueeze(1), ys).squeeze(1)
+
+
+@functools.cache
+def _grouped_mm_reads_offsets_on_host(device, dtype):
+    """Whether torch._grouped_mm takes its per-group fallback (offsets read on the host: a sync, and a step that no
+    CUDA graph can capture) for this CUDA device and dtype: everything but bfloat16 on sm90/sm100."""
+    return device.type == "cuda" and not (
+        dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] in (9, 10)
+    )
+
+
+class _StackedExperts(torch.autograd.Function):
+    """A stacked weight tensor, as a function of the expert parameters that are views of it: forward returns it
+    without a copy, backward hands each parameter its slice of the gradient. Parameters are given in the order
+    their blocks appear along the stacked tensor's first two dimensions (w1 0, w3 0, w1 1, ... or w2 0, w2 1, ...)."""
+
+    @staticmethod
+    def forward(ctx, stacked, *params):
+        return stacked.view_as(stacked)
+
+    @staticmethod
+    def backward(ctx, grad):
+        parts = grad.reshape(len(ctx.needs_input_grad) - 1, -1, grad.shape[-1]).unbind(0)
+        return None, *(g if need else None for g, need in zip(parts, ctx.needs_input_grad[1:]))
+
+
+def _stacked_weights_gone(module_ref, ptrs):
+    module = module_ref()
+    if module is not None and module._stacked is not None and module._stacked[2] is ptrs:
+        module._stacked = None
+
+
+class KimiLinearMoE(nn.Module):
+    """Router, routed experts and shared expert.
+
+    The routed experts keep the released layout (experts.{e}.w1/w2/w3, one nn.Linear each) and run as grouped
+    matrix products (moe_experts_grouped). For that, the first forward copies their weights into two stacked
+    tensors and makes every expert parameter a view of them, so no copy is made per step and optimizers,
+    load_state_dict and in-place edits write straight into the stacked tensors. Each forward checks that every
+    expert projection is still a plain nn.Linear whose weight lives at its place in the stacked tensors, and
+    stacks again (one copy) where a parameter was replaced (.to(), loading by assignment, merging an adapter).
+    Experts wrapped by an adapter (PEFT LoRA) run through moe_experts_loop, so the adapter applies. Set `grouped`
+    to False to force moe_experts_loop. On CUDA, where torch._grouped_mm would read its group offsets on the host
+    (every dtype but bfloat16 on sm90/sm100), up to `gather_max_tokens` tokens run through moe_experts_gathered
+    instead, so that a decode step never syncs and can be captured in a CUDA graph."""
+
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__()
+        self.gate = KimiLinearRouter(config)
+        self.experts = nn.ModuleList(KimiLinearExpert(config) for _ in range(config.num_experts))
+        self.shared_experts = (
+            KimiLinearMLP(config, config.moe_intermediate_size * config.num_shared_experts)
+            if config.num_shared_experts
+            else None
+        )
+        self.grouped = True
+        self.gather_max_tokens = 64  # up to this many tokens, CUDA dtypes without a fused _grouped_mm gather experts
+        # (w13, w2, data pointer of every expert weight in _expert_weights' order, finalizer of the first weight)
+        self._stacked = None
+
+    def forward(self, x):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        ids, weights = self.gate(flat)  # [N, k]
+        stacked = self._grouped_weights(flat) if self.grouped else None
+        if stacked is None:
+            out = moe_experts_loop(flat, ids, weights, self.experts)
+        else:
+            w13, w2 = stacked
+            # decode steps (a few tokens) never sync: where _grouped_mm would, the chosen experts are gathered
+            few = flat.shape[0] <= self.gather_max_tokens
+            gather = few and _grouped_mm_reads_offsets_on_host(flat.device, w13.dtype)
+            experts = moe_experts_gathered if gather else moe_experts_grouped
+            out = experts(flat.to(w13.dtype), ids, weights, w13, w2).to(flat.dtype)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(shape)
+
+    def _expert_weights(self):
+        """Every routed expert's weight, [w1 0, w3 0, w2 0, w1 1, ...], or None when some projection is not a plain
+        nn.Linear (an adapter wraps it). Runs every forward, over every expert: reads the module dictionaries
+        directly."""
+        linears = [ex._modules[name] for ex in self.experts._modules.values() for name in ("w1", "w3", "w2")]
+        if any(type(m) is not nn.Linear for m in linears):
+            return None
+        return [m._parameters["weight"] for m in linears]
+
+    def _is_stacked(self, weights):
+        return self._stacked is not None and [w.data_ptr() for w in weights] == self._stacked[2]
+
+    def _grouped_weights(self, x):
+        """(w13, w2) for moe_experts_grouped, differentiable with respect to the expert parameters when autograd needs
+        them and cast like nn.Linear's weights under autocast; None where moe_experts_loop must run instead."""
+        weights = self._expert_weights()
+        if weights is None:
+            return None
+        if not self._is_stacked(weights):
+            self._stack(weights)
+            if self._stacked is None:
+                return None
+        w13, w2 = self._stacked[:2]
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            w13 = _StackedExperts.apply(w13, *(w for i, w in enumerate(weights) if i % 3 != 2))
+            w2 = _StackedExperts.apply(w2, *weights[2::3])
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            if not (_grouped_mm_takes(dtype, *w2.shape[1:]) and _grouped_mm_runs(x.device.type, dtype)):
+                return None
+            w13, w2 = w13.to(dtype), w2.to(dtype)
+        return w13, w2
+
+    def _stack(self, weights):
+        """Copy the expert weights into stacked tensors and make each parameter a view of its block (one copy; the
+        parameter objects stay, so optimizers and adapters keep them). Each view is exported through DLPack, so it
+        owns a storage object of its own: savers that look for tensors sharing a storage (transformers',
+        accelerate's, safetensors) see independent tensors, as before. Leaves `_stacked` None where the weights
+        cannot be stacked for torch._grouped_mm (a device other than CPU or CUDA, mixed dtypes or devices, a dtype
+        or widths it does not take, a torch without it)."""
+        self._drop_stacked()
+        first, E = weights[0], len(weights) // 3
+        I, H = first.shape
+        if (
+            first.device.type not in ("cpu", "cuda")
+            or any(w.dtype != first.dtype or w.device != first.device for w in weights)
+            or not _grouped_mm_takes(first.dtype, H, I)
+            or not _grouped_mm_runs(first.device.type, first.dtype)
+        ):
+            return
+        # outside inference_mode: stacked tensors made under it could never be used for training
+        with torch.inference_mode(False), torch.no_grad():
+            w13 = torch.empty(E, 2, I, H, dtype=first.dtype, device=first.device)  # [expert, w1 | w3, I, hidden]
+            w2 = torch.empty(E, H, I, dtype=first.dtype, device=first.device)
+            for i, w in enumerate(weights):
+                view = w13[i // 3, i % 3] if i % 3 != 2 else w2[i // 3]
+                view.copy_(w)
+                w.data = torch.from_dlpack(view)
+        ptrs = [w.data_ptr() for w in weights]
+        # The stacked tensors are let go when the first expert weight is: hooks that swap parameters in and out
+        # around every forward (accelerate's offloading) must not leave a copy of every layer's experts behind.
+        gone = weakref.finalize(weights[0], _stacked_weights_gone, weakref.ref(self), ptrs)
+        gone.atexit = False
+        self._stacked = (w13.view(E, 2 * I, H), w2, ptrs, gone)
+
+    def _drop_stacked(self):
+        if self._stacked is not None:
+            self._stacked[3].detach()
+            self._stacked = None
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() convert parameters one by one: let go of stacked tensors they no longer live in
+        # now, not at the next forward (they hold the whole layer's experts).
+        super()._apply(fn, recurse)
+        weights = self._expert_weights()
+        if weights is None or not self._is_stacked(weights):
+            self._drop_stacked()
+        return self
+
+    def __getstate__(self):  # copies and pickles carry the parameters, not the stacked tensors
+        return {**self.__dict__, "_stacked": None}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoder layer
+# ---------------------------------------------------------------------------------------------------------------
+class KimiLinearDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: KimiLinearConfig, layer_idx: int):
+        super().__init__()
+        self.kind = config.layer_types[layer_idx]
+        attn = KimiDeltaAttention if self.kind == KDA else KimiMLAAttention
+        self.self_attn = attn(config, layer_idx)
+        if config.mlp_types[layer_idx] == "moe":
+            self.block_sparse_moe = KimiLinearMoE(config)
+        else:
+            self.mlp = KimiLinearMLP(config)
+        self.input_layernorm = KimiLinearRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = KimiLinearRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, x, state=None, segs=None, mask=None):
+        h = self.input_layernorm(x)
+        if self.kind == KDA:
+            h = self.self_attn(h, state=state, segs=segs)
+        else:
+            h = self.self_attn(h, state=state, mask=mask)
+        x = x + h
+        ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
+        return x + ffn(self.post_attention_layernorm(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache: KDA states and MLA latents
+# ---------------------------------------------------------------------------------------------------------------
+class KDALayerState:
+    """One KDA layer: the three conv windows [B, D, W-1] and the recurrent state [B, H, K, V] in float32."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self):
+        self.conv, self.recurrent, self.seen = None, None, 0
+
+    @property
+    def is_initialized(self):
+        return self.recurrent is not None
+
+    def update(self, conv, recurrent, num_tokens):
+        # contiguous copies: decode updates these in place
+        self.conv = tuple(c.contiguous() for c in conv)
+        self.recurrent = recurrent.float().contiguous()
+        self.seen += num_tokens
+
+    def get_seq_length(self):
+        return self.seen
+
+    def tensors(self):
+        return [*self.conv, self.recurrent] if self.recurrent is not None else []
+
+    def apply(self, fn):  # fn: tensor -> tensor along the batch dimension
+        if self.recurrent is not None:
+            self.conv = tuple(fn(c) for c in self.conv)
+            self.recurrent = fn(self.recurrent)
+
+
+class MLALayerState:
+    """One MLA layer: the compressed latents [B, S, kv_lora_rank + qk_rope_head_dim] (c_kv after its norm, then
+    k_pe), in a buffer that grows by doubling so appends are amortised O(1)."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self):
+        self.buffer, self.seen = None, 0
+
+    @property
+    def is_initialized(self):
+        return self.buffer is not None
+
+    def append(self, latent):
+        B, T, width = latent.shape
+        if self.buffer is None or self.buffer.shape[1] < self.seen + T:
+            grown = latent.new_empty(B, max(2 * self.seen, self.seen + T, 16), width)
+            if self.buffer is not None:
+                grown[:, : self.seen] = self.buffer[:, : self.seen]
+            self.buffer = grown
+        self.buffer[:, self.seen : self.seen + T] = latent
+        self.seen += T
+        return self.buffer[:, : self.seen]
+
+    def get_seq_length(self):
+        return self.seen
+
+    def tensors(self):
+        return [self.buffer[:, : self.seen]] if self.buffer is not None else []
+
+    def apply(self, fn):
+        if self.buffer is not None:
+            self.buffer = fn(self.buffer[:, : self.seen])
+
+
+class KimiLinearCache(Cache):
+    """Decode state of a Kimi Linear model: per KDA layer the conv windows and the float32 recurrent state, per
+    MLA layer only the 576-value latents of each token (never per-head keys and values).
+
+    A recurrent state cannot be rewound, so `crop` (assisted generation) raises.
+    """
+
+    is_compileable = False
+
+    def __init__(self, config: KimiLinearConfig, *args, **kwargs):
+        super().__init__(layers=[self._make_layer(kind) for kind in config.layer_types])
+        self.layer_types = list(config.layer_types)
+
+    def _make_layer(self, kind):
+        return KDALayerState() if kind == KDA else MLALayerState()
+
+    def __len__(self):
+        return len(self.layers)
+
+    def get_seq_length(self, layer_idx=0, *args, **kwargs):
+        return self.layers[layer_idx or 0].seen
+
+    def get_mask_sizes(self, *args, **kwargs):
+        # (kv_length, kv_offset) for transformers' mask helpers; our layers build their own masks.
+        query = args[0] if args else kwargs.get("cache_position", kwargs.get("query_length"))
+        q_len = query if isinstance(query, int) else query.shape[0]
+        return self.get_seq_length() + q_len, 0
+
+    def get_max_cache_shape(self, *args, **kwargs):
+        return -1
+
+    @property
+    def max_batch_size(self):
+        return next((t.shape[0] for layer in self.layers for t in layer.tensors()), None)
+
+    @property
+    def max_cache_len(self):
+        return None
+
+    @property
+    def is_sliding(self):
+        return [False] * len(self.layers)
+
+    @property
+    def is_linear(self):
+        # transformers >= 5.24 trusts get_seq_length() to slice a pre-filled prompt only when some layer is not
+        # "linear"; every layer here counts its tokens exactly, so none is reported as linear.
+        return [False] * len(self.layers)
+
+    @property
+    def has_previous_state(self):
+        return self.get_seq_length() > 0
+
+    def reorder_cache(self, beam_idx):
+        for layer in self.layers:
+            layer.apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices):
+        for layer in self.layers:
+            layer.apply(lambda t: t[indices.to(t.device) if torch.is_tensor(indices) else indices])
+
+    def batch_repeat_interleave(self, repeats):
+        for layer in self.layers:
+            layer.apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def crop(self, max_length):
+        raise ValueError(
+            "KimiLinearCache cannot be cropped: KDA layers keep a recurrent state that cannot be rewound "
+            "(assisted/speculative generation is not supported for this model)."
+        )
+
+    def reset(self):
+        for i, kind in enumerate(self.layer_types):
+            self.layers[i] = self._make_layer(kind)
+
+    def nbytes(self):
+        """Bytes held, by kind: {'kda_conv': ..., 'kda_recurrent': ..., 'mla_latent': ..., 'total': ...}."""
+        sizes = {"kda_conv": 0, "kda_recurrent": 0, "mla_latent": 0}
+        for layer in self.layers:
+            if isinstance(layer, KDALayerState) and layer.recurrent is not None:
+                sizes["kda_conv"] += sum(c.numel() * c.element_size() for c in layer.conv)
+                sizes["kda_recurrent"] += layer.recurrent.numel() * layer.recurrent.element_size()
+            elif isinstance(layer, MLALayerState):
+                sizes["mla_latent"] += sum(t.numel() * t.element_size() for t in layer.tensors())
+        sizes["total"] = sum(sizes.values())
+        return sizes
+
+
+class KDAStaticLayerState(KDALayerState):
+    """A KDA layer's conv windows and recurrent state in tensors allocated once (by the first prefill, or up front):
+    prefill copies into them, decode updates them in place, so their addresses never change."""
+
+    def allocate(self, batch_size, channels, width, heads, head_dim, dtype, device):
+        self.conv = tuple(torch.zeros(batch_size, channels, width - 1, dtype=dtype, device=device) for _ in range(3))
+        self.recurrent = torch.zeros(batch_size, heads, head_dim, head_dim, dtype=torch.float32, device=device)
+
+    def update(self, conv, recurrent, num_tokens):
+        if self.recurrent is None:
+            self.conv = tuple(c.clone(memory_format=torch.contiguous_format) for c in conv)
+            self.recurrent = recurrent.float().clone(memory_format=torch.contiguous_format)
+        else:
+            for window, new in zip(self.conv, conv):
+                window.copy_(new)
+            self.recurrent.copy_(recurrent)
+        self.seen += num_tokens
+
+    def zero_(self):
+        for t in self.tensors():
+            t.zero_()
+
+    def apply(self, fn):  # in place: the batch size is fixed
+        for t in self.tensors():
+            t.copy_(fn(t))
+
+
+class MLAStaticLayerState(MLALayerState):
+    """An MLA layer's latents in a buffer of max_length tokens allocated once. Prefill writes at the cached length
+    (a Python int); a decode step (one token, after a prefill) writes at `position`, the cache's length as a device
+    tensor, and hands back the whole buffer: the cache's decode mask hides the slots not written yet, so the step's
+    shapes never change and nothing is read on the host."""
+
+    def __init__(self, max_length):
+        super().__init__()
+        self.max_length = max_length
+        self.position = None  # set by the cache: the device-side length, shared by every layer
+
+    def allocate(self, batch_size, width, dtype, device):
+        self.buffer = torch.zeros(batch_size, self.max_length, width, dtype=dtype, device=device)
+
+    def append(self, latent):
+        B, T, width = latent.shape
+        if self.buffer is None:
+            self.allocate(B, width, latent.dtype, latent.device)
+        if latent.dtype != self.buffer.dtype:
+            raise ValueError(
+                f"KimiLinearStaticCache was allocated for {self.buffer.dtype} activations, the model runs in "
+                f"{latent.dtype}: build the cache with the model's dtype (or let its first forward allocate it)."
+            )
+        if T == 1 and self.seen > 0:
+            self.buffer.index_copy_(1, self.position.to(self.buffer.device), latent)
+            return self.buffer
+        self.buffer[:, self.seen : self.seen + T] = latent
+        self.seen += T
+        return self.buffer[:, : self.seen]
+
+    def zero_(self):
+        if self.buffer is not None:
+            self.buffer.zero_()
+
+    def apply(self, fn):  # in place, over the written slots
+        if self.buffer is not None:
+            held = self.buffer[:, : self.seen]
+            held.copy_(fn(held))
+
+
+class KimiLinearStaticCache(KimiLinearCache):
+    """A KimiLinearCache of fixed size, for decoding without per-token overhead: KDA conv windows and float32
+    recurrent states, and MLA latents for up to `max_length` tokens, in tensors allocated once and updated in place.
+    A decode step (one token per row, after a prefill) has fixed shapes and no host sync: MLA attends over the whole
+    latent buffer under a mask built on the device from the cached length. On CUDA that step is captured once in a
+    CUDA graph and replayed for every later token (`cuda_graph=False` keeps it eager); on other devices it runs
+    eagerly. Prefill always runs eagerly.
+
+        cache = KimiLinearStaticCache(model.config, max_length=prompt_len + max_new_tokens)
+        model.generate(ids, cache=cache, max_new_tokens=max_new_tokens)
+        model.generate(ids, cache_implementation="static", max_new_tokens=...)   # the same, sized by generate()
+
+    Tensors are allocated by the first forward (batch size, dtype and device from it) or up front when `device` is
+    given. `reset()` empties the cache and keeps its tensors and graph, so the next prompt replays the same graph.
+    The batch size is fixed: beam search works (beams are reordered in place), batch_select_indices and
+    batch_repeat_interleave raise. A captured graph replays the weights it was captured with: after a prefill the
+    cache checks that the model's parameters are still the same tensors and captures again if not.
+    Each decode step treats its new token as a real token of every row (as generate() feeds them); padding is taken
+    from the attention mask of the prefill.
+    """
+
+    def __init__(self, config: KimiLinearConfig, max_length, batch_size=None, dtype=None, device=None,
+                 cuda_graph=True):  # fmt: skip
+        if int(max_length) < 1:
+            raise ValueError(f"max_length must be a positive number of tokens, got {max_length}.")
+        self.max_length, self._rows, self.cuda_graph = int(max_length), batch_size, cuda_graph
+        self._dims = (config.kda_num_heads, config.kda_head_dim, config.kda_conv_size,
+                      config.kv_lora_rank + config.qk_rope_head_dim)  # fmt: skip
+        super().__init__(config)
+        self.position = None  # [1] int64 on the model's device: tokens cached, read by the decode step
+        self.key_mask = None  # [B, max_length] bool: False at padded prompt tokens
+        self._keys = None  # [max_length] int64: slot numbers
+        self._seen = 0
+        self._graph = None  # _DecodeGraph once captured; False after a capture failed (eager from then on)
+        self._failure = None  # why the capture failed
+        self._recheck = True  # a prefill ran since the last replay: check the graph still fits the model
+        self.decode_mode = None  # "cuda_graph" or "eager (reason)": how the last decode step ran
+        if device is not None:
+            if batch_size is None:
+                raise ValueError("Allocating up front (device given) needs batch_size.")
+            self.allocate(torch.device(device), dtype or torch.get_default_dtype())
+
+    def _make_layer(self, kind):
+        return KDAStaticLayerState() if kind == KDA else MLAStaticLayerState(self.max_length)
+
+    def allocate(self, device, dtype):
+        """Every tensor of the cache, zeroed, for batch_size rows (activations in dtype, KDA states in float32)."""
+        H, K, W, width = self._dims
+        for layer in self.layers:
+            if isinstance(layer, KDAStaticLayerState):
+                layer.allocate(self._rows, H * K, W, H, K, dtype, device)
+            else:
+                layer.allocate(self._rows, width, dtype, device)
+        self._counters(self._rows, device)
+
+    def _counters(self, batch_size, device):
+        if self.position is None:
+            self.position = torch.zeros(1, dtype=torch.long, device=device)
+            self.key_mask = torch.ones(batch_size, self.max_length, dtype=torch.bool, device=device)
+            self._keys = torch.arange(self.max_length, device=device)
+            for layer in self.layers:
+                if isinstance(layer, MLAStaticLayerState):
+                    layer.position = self.position
+
+    def get_seq_length(self, layer_idx=0, *args, **kwargs):
+        return self._seen
+
+    def get_max_cache_shape(self, *args, **kwargs):
+        return self.max_length
+
+    @property
+    def max_cache_len(self):
+        return self.max_length
+
+    @property
+    def batch_size(self):
+        return self._rows if self._rows is not None else -1
+
+    @property
+    def max_batch_size(self):
+        return self._rows
+
+    def check(self, batch_size, num_tokens):
+        """Raise unless `num_tokens` more tokens of `batch_size` rows fit."""
+        if self._rows is not None and batch_size != self._rows:
+            raise ValueError(
+                f"KimiLinearStaticCache was built for batch_size={self._rows}, got a batch of {batch_size}. "
+                "Build one per batch size (or use KimiLinearCache, which grows)."
+            )
+        if self._seen + num_tokens > self.max_length:
+            raise ValueError(
+                f"KimiLinearStaticCache holds at most max_length={self.max_length} tokens: {self._seen} are cached "
+                f"and {num_tokens} more were given. Build it with a larger max_length (at least the prompt length "
+                "plus max_new_tokens), or generate fewer tokens."
+            )
+
+    def begin(self, batch_size, num_tokens, device):
+        """Checks before a forward over num_tokens new tokens; allocates the device-side counters on first use."""
+        self.check(batch_size, num_tokens)
+        self._rows = batch_size
+        self._counters(batch_size, device)
+
+    def decode_mask(self):
+        """[B, 1, 1, max_length] bool (True = attend) for the token at `position`: earlier slots that are not padding,
+        and the token itself."""
+        return (self.key_mask & (self._keys <= self.position))[:, None, None, :]
+
+    def record_prefill(self, num_tokens, key_mask=None):
+        """After an eager forward over num_tokens tokens: padding into the key mask, lengths forward."""
+        if key_mask is not None:
+            self.key_mask[:, self._seen : self._seen + num_tokens] = key_mask[:, -num_tokens:]
+        self.position.add_(num_tokens)
+        self.advance(num_tokens)
+        self._recheck = True
+
+    def advance(self, num_tokens):
+        """Count num_tokens more cached tokens on the host (the device-side position is the caller's business)."""
+        self._seen += num_tokens
+        for layer in self.layers:
+            layer.seen = self._seen
+
+    def reset(self):
+        """Empty the cache; its tensors (and the captured graph that points at them) stay."""
+        for layer in self.layers:
+            layer.zero_()
+        if self.position is not None:
+            self.position.zero_()
+            self.key_mask.fill_(True)
+        self._seen = 0
+        for layer in self.layers:
+            layer.seen = 0
+        self._recheck = True
+
+    def reorder_cache(self, beam_idx):
+        super().reorder_cache(beam_idx)  # in place, see the layers' apply
+        if self.key_mask is not None:
+            held = self.key_mask[:, : self._seen]
+            held.copy_(held.index_select(0, beam_idx.to(held.device)))
+
+    def batch_select_indices(self, indices):
+        raise ValueError(
+            "KimiLinearStaticCache has a fixed batch size (a captured CUDA graph points at its tensors): rows cannot "
+            "be selected; use KimiLinearCache (generate()'s default cache) for this."
+        )
+
+    def batch_repeat_interleave(self, repeats):
+        raise ValueError(
+            "KimiLinearStaticCache has a fixed batch size (a captured CUDA graph points at its tensors): rows cannot "
+            "be repeated; build it for the expanded batch, or use KimiLinearCache (generate()'s default cache)."
+        )
+
+    @property
+    def graph_replays(self):
+        """Decode steps replayed from the CUDA graph so far (0 without a graph)."""
+        return self._graph.replays if self._graph else 0
+
+    def _kda_tensors(self):
+        return [t for layer in self.layers if isinstance(layer, KDAStaticLayerState) for t in layer.tensors()]
+
+    def graph_decode(self, model, input_ids):
+        """Logits [B, 1, vocab] of one decode step replayed from the CUDA graph (captured on first use), or None when
+        the step has to run eagerly (the reason is logged once and kept in `decode_mode`)."""
+        reason = self._graph_obstacle(input_ids)
+        if reason is None and (self._graph is None or (self._recheck and not self._graph.fits(model))):
+            try:
+                with torch.cuda.device(input_ids.device):
+                    self._graph = _DecodeGraph(model, self, input_ids)
+            except Exception as err:  # noqa: BLE001 - any capture failure: decode eagerly, say why
+                self._graph = False
+                self._failure = reason = f"the decode step could not be captured ({type(err).__name__}: {err})"
+        if reason is not None:
+            if reason != "cuda_graph=False" and self.decode_mode != f"eager ({reason})":
+                logger.warning_once(f"Kimi Linear: no CUDA graph for decoding: {reason}; decoding eagerly.")
+            self.decode_mode = f"eager ({reason})"
+            return None
+        self._recheck = False
+        self.decode_mode = "cuda_graph"
+        logits = self._graph.replay(input_ids)
+        self.advance(1)
+        return logits
+
+    def _graph_obstacle(self, input_ids):
+        if not self.cuda_graph:
+            return "cuda_graph=False"
+        if self._graph is False:
+            return self._failure
+        if not input_ids.is_cuda:
+            return f"CUDA graphs need a CUDA device, the model runs on {input_ids.device.type}"
+        if torch.is_grad_enabled():
+            return "autograd is on (decode under torch.no_grad(), as generate() does)"
+        if torch.cuda.is_current_stream_capturing():
+            return "the stream is already being captured"
+        return None
+
+
+def _weights_signature(model):
+    return tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+class _DecodeGraph:
+    """One decode step of `model` on `cache`, captured in a CUDA graph: input ids are copied into a static buffer,
+    the graph replays embedding, every layer (in place on the cache) and lm_head, and the logits are copied out."""
+
+    def __init__(self, model, cache, input_ids):
+        devices = {p.device for p in model.parameters()}
+        if len(devices) != 1:
+            raise RuntimeError(f"the model's parameters are on several devices ({sorted(map(str, devices))})")
+        self.model, self.signature, self.replays = weakref.ref(model), _weights_signature(model), 0
+        self.ids = input_ids.clone(memory_format=torch.contiguous_format)
+        # Warm up on a side stream (Triton compiles, cuBLAS and the allocator settle), restoring what the step writes
+        # (KDA states, the position; the latent slot it writes is written again by the replay), then capture.
+        written = [*cache._kda_tensors(), cache.position]
+        saved = [t.clone() for t in written]
+        main, side = torch.cuda.current_stream(), torch.cuda.Stream()  # the caller made the model's device current
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                try:
+                    model._decode_logits(self.ids, cache)
+                finally:
+                    for t, s in zip(written, saved):
+                        t.copy_(s)
+        main.wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.logits = model._decode_logits(self.ids, cache)
+
+    def fits(self, model):
+        return self.model() is model and _weights_signature(model) == self.signature
+
+    def replay(self, input_ids):
+        self.ids.copy_(input_ids)
+        self.graph.replay()
+        self.replays += 1
+        return self.logits.clone()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pretrained base, model, causal LM
+# ---------------------------------------------------------------------------------------------------------------
+# What save_pretrained writes into config.json, so that trust_remote_code loads these files.
+AUTO_MAP = {
+    "AutoConfig": "configuration_kimi_linear.KimiLinearConfig",
+    "AutoModel": "modeling_kimi_linear.KimiLinearModel",
+    "AutoModelForCausalLM": "modeling_kimi_linear.KimiLinearForCausalLM",
+}
+CODE_FILES = ("configuration_kimi_linear.py", "modeling_kimi_linear.py")
+
+
+def _guarded(tensor, fill):
+    """Initialise a tensor unless transformers marked it as loaded from a checkpoint."""
+    if not getattr(tensor, "_is_hf_initialized", False):
+        with torch.no_grad():
+            fill(tensor)
+
+
+class KimiLinearPreTrainedModel(PreTrainedModel):
+    config_class = KimiLinearConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["KimiLinearDecoderLayer"]
+    _supports_sdpa = True
+    _is_stateful = True  # a recurrent state cannot be cropped: no assisted generation
+    _keep_in_fp32_modules_strict = ["A_log", "dt_bias", "e_score_correction_bias"]
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, KimiDeltaAttention):
+            # A in [1, 16]; dt in [1e-3, 1e-1] stored as its inverse softplus
+            _guarded(module.A_log, lambda t: t.copy_(torch.empty_like(t).uniform_(1, 16).log()))
+            dt = torch.empty_like(module.dt_bias).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp_min(1e-4)
+            _guarded(module.dt_bias, lambda t: t.copy_(dt + torch.log(-torch.expm1(-dt))))
+        elif isinstance(module, KimiLinearRouter):
+            _guarded(module.weight, lambda t: t.normal_(0.0, std))
+            _guarded(module.e_score_correction_bias, lambda t: t.zero_())
+        elif isinstance(module, (KimiLinearRMSNorm, KimiLinearGatedRMSNorm)):
+            _guarded(module.weight, lambda t: t.fill_(1.0))
+        elif isinstance(module, (nn.Linear, nn.Conv1d, nn.Embedding)):
+            _guarded(module.weight, lambda t: t.normal_(0.0, std))
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Weights, config.json with auto_map, generation config, and this model's code files."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        here = Path(__file__).resolve().parent
+        for name in CODE_FILES:
+            target = Path(save_directory) / name
+            if not target.exists() or not target.samefile(here / name):
+                shutil.copyfile(here / name, target)
+
+    @classmethod
+    def from_pretrained(cls, *args, strict=True, **kwargs):
+        """As transformers' from_pretrained, but a checkpoint with a missing, unexpected or misshaped tensor raises
+        a ValueError naming it (transformers would only warn and initialise it at random). strict=False restores
+        the lenient behaviour."""
+        want_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+        problems = []
+        if info.get("missing_keys"):
+            problems.append(f"missing from the checkpoint: {sorted(info['missing_keys'])}")
+        if info.get("unexpected_keys"):
+            problems.append(f"not used by {cls.__name__}: {sorted(info['unexpected_keys'])}")
+        if info.get("mismatched_keys") and not ignore_mismatched:
+            shapes = [f"{name} {list(ckpt)} vs {list(ours)}" for name, ckpt, ours in sorted(info["mismatched_keys"])]
+            problems.append(f"wrong shape (checkpoint vs model): {', '.join(shapes)}")
+        if problems and strict:
+            raise ValueError(
+                f"Checkpoint does not match the Kimi Linear layout ({'; '.join(problems)}). "
+                "Convert it with conversion/ or pass strict=False to load anyway."
+            )
+        return (model, info) if want_info else model
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls):
+        return False  # generate() must not build a DynamicCache; we supply KimiLinearCache
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode=None, batch_size=None, max_cache_length=None, *args,
+        **kwargs,
+    ):  # fmt: skip
+        """generate()'s cache: KimiLinearCache, or with `cache_implementation="static"` a KimiLinearStaticCache sized
+        for this call (batch x beams rows, prompt + max_new_tokens - 1 tokens) whose decode steps replay a CUDA graph
+        on CUDA."""
+        implementation = generation_config.cache_implementation
+        user_cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
+        if user_cache is not None:
+            if not isinstance(user_cache, KimiLinearCache):
+                raise TypeError(
+                    "Kimi Linear needs a KimiLinearCache (KDA states and MLA latents), "
+                    f"got {type(user_cache).__name__}. "
+                    "Pass `cache=KimiLinearCache(model.config)` or no cache at all."
+                )
+            if implementation is not None:
+                raise ValueError(f"Pass either cache_implementation={implementation!r} or a cache object, not both.")
+            if isinstance(user_cache, KimiLinearStaticCache) and max_cache_length is not None:
+                if max_cache_length > user_cache.max_length:
+                    raise ValueError(
+                        f"This generation needs room for {max_cache_length} tokens (prompt + max_new_tokens - 1) but "
+                        f"the KimiLinearStaticCache has max_length={user_cache.max_length}. Build it with a larger "
+                        "max_length, or lower max_new_tokens."
+                    )
+            return
+        if generation_config.use_cache is False:
+            return
+        if implementation in (None, "dynamic"):
+            model_kwargs[_CACHE_FIELD] = KimiLinearCache(self.config)
+        elif implementation == "static":
+            beams = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+            rows = batch_size * beams if batch_size is not None else None  # None: from the first forward
+            length = max(
+                max_cache_length or generation_config.max_length, getattr(generation_config, "max_cache_len", 0) or 0
+            )
+            model_kwargs[_CACHE_FIELD] = KimiLinearStaticCache(self.config, max_length=length, batch_size=rows)
+        else:
+            raise ValueError(
+                f"Kimi Linear supports cache_implementation None / 'dynamic' (KimiLinearCache) or 'static' "
+                f"(KimiLinearStaticCache, CUDA-graph decoding), got {implementation!r}."
+            )
+
+
+class KimiLinearModel(KimiLinearPreTrainedModel):
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\."]  # a causal-LM checkpoint loads into the base model
+
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__(config)
+        pad = (
+            config.pad_token_id if config.pad_token_id is not None and config.pad_token_id < config.vocab_size else None
+        )
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, pad)
+        self.layers = nn.ModuleList(KimiLinearDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = KimiLinearRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        use_cache=None,
+        **kwargs,
+    ):
+        cache = cache if cache is not None else past_key_values  # transformers >= 5.24 says `cache`
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if use_cache and cache is None:
+            cache = KimiLinearCache(self.config)
+        if cache is not None and not isinstance(cache, KimiLinearCache):
+            raise TypeError(f"Kimi Linear needs a KimiLinearCache, got {type(cache).__name__}.")
+        past = cache.get_seq_length() if cache is not None else 0
+        _check_attention_mask(attention_mask, B, T, past)
+        static = isinstance(cache, KimiLinearStaticCache)
+        if static:
+            cache.begin(B, T, x.device)
+            if T == 1 and past > 0:  # a decode step: fixed shapes, no host sync (what a CUDA graph captures)
+                x = self._static_step(x, cache)
+                cache.advance(1)
+                return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache})
+
+        key_mask = None
+        if attention_mask is not None:
+            key_mask = None if bool(attention_mask.all()) else attention_mask.bool()
+        segs = _segments(key_mask, position_ids, kwargs.get("cu_seq_lens_q"), B, T, past, x.device)
+        packed = segs is not None and segs.packed
+        mask = build_attention_mask(key_mask, T, past + T, x.device, segs if packed else None)
+
+        states = cache.layers if cache is not None else [None] * len(self.layers)
+        for layer, state in zip(self.layers, states):
+            x = layer(x, state=state, segs=segs, mask=mask)
+        x = self.norm(x)
+        if static:
+            cache.record_prefill(T, key_mask)
+        return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache if use_cache else None})
+
+    def _static_step(self, x, cache):
+        """One token per row, x [B, 1, hidden], through every layer on a KimiLinearStaticCache: every shape fixed,
+        every cache tensor updated in place, the cached length read and advanced on the device only."""
+        mask = cache.decode_mask()
+        for layer, state in zip(self.layers, cache.layers):
+            x = layer(x, state=state, mask=mask)
+        cache.position.add_(1)
+        return self.norm(x)
+
+
+def _check_attention_mask(attention_mask, B, T, past):
+    if attention_mask is not None and (
+        attention_mask.dim() != 2
+        or attention_mask.shape[0] != B
+        or attention_mask.shape[1] not in (past + T, T)
+        or (attention_mask.shape[1] == T and past and T != past + T)
+    ):
+        raise ValueError(
+            "attention_mask must be a 2D 0/1 tensor [batch, cached + new tokens] "
+            f"(expected [{B}, {past + T}], got {list(attention_mask.shape)})."
+        )
+
+
+def _segments(key_mask, position_ids, cu_seq_lens, B, T, past, device):
+    """Segments for a batch with padding among its new tokens or with packed documents, else None.
+    Documents start where position_ids restart at 0 (transformers' DataCollatorWithFlattening, and any packing
+    that numbers positions per document) or at cu_seq_lens (flash-attention style, one row)."""
+    real = key_mask[:, -T:] if key_mask is not None else None
+    if real is not None and bool(real.all()):
+        real = None  # padding only among cached tokens (decode after a padded prompt): nothing to drop now
+    starts = None
+    if cu_seq_lens is not None:
+        if B != 1:
+            raise ValueError(f"cu_seq_lens_q describes one packed row; got a batch of {B} rows.")
+        starts = torch.zeros(1, T, dtype=torch.bool, device=device)
+        starts[0, cu_seq_lens[:-1].to(device).clamp_max(T - 1)] = True
+    elif position_ids is not None and T > 1:
+        position_ids = position_ids.view(-1, T).expand(B, T)
+        starts = (position_ids == 0).to(device)
+    if starts is not None and not bool(starts[:, 1:].any()):
+        starts = None
+    if real is None and starts is None:
+        return None
+    segs = Segments(real if real is not None else torch.ones(B, T, dtype=torch.bool, device=device), starts)
+    if segs.packed and past:
+        raise ValueError(
+            "Packed documents (position_ids restarting at 0, or cu_seq_lens_q) cannot continue a cache: "
+            "pass each document as its own row, or run packed batches without a cache (use_cache=False)."
+        )
+    return segs
+
+
+class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: KimiLinearConfig):
+        super().__init__(config)
+        self.model = KimiLinearModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
+        if (
+            isinstance(cache if cache is not None else past_key_values, KimiLinearStaticCache)
+            and input_ids is not None
+            and input_ids.shape[1] == 1
+            and inputs_embeds is None
+            and labels is None
+        ):
+            static = cache if cache is not None else past_key_values
+            past = static.get_seq_length()
+            if past > 0:  # a decode step: replayed from the CUDA graph when it can be
+                _check_attention_mask(attention_mask, input_ids.shape[0], 1, past)
+                static.begin(input_ids.shape[0], 1, input_ids.device)
+                logits = static.graph_decode(self, input_ids)
+                if logits is not None:
+                    return CausalLMOutputWithPast(logits=logits, **{_CACHE_FIELD: static})
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            cu_seq_lens_q=kwargs.get("cu_seq_lens_q"),
+        )
+        hidden = out.last_hidden_state
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:]
+        elif not isinstance(logits_to_keep, int):
+            hidden = hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
+
+    def _decode_logits(self, input_ids, cache):
+        """Logits [B, 1, vocab] of one decode step on a KimiLinearStaticCache (what its CUDA graph captures)."""
+        return self.lm_head(self.model._static_step(self.model.embed_tokens(input_ids), cache))
+
+
+__all__ = [
+    "KimiLinearCache",
+    "KimiLinearStaticCache",
+    "KimiLinearForCausalLM",
+    "KimiLinearModel",
+    "KimiLinearPreTrainedModel",
+]
