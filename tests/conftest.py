@@ -61,3 +61,12 @@ def tiny_model():
 def rel_err(a, b):
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def pytest_runtest_logreport(report):
+    """With KIMI_REPORT_FAILURES_AT_ONCE=1 (.ci/gpu sets it), a failure's traceback is printed when it happens, not at
+    the end: a run cut off by a time limit (the device machine's) still shows why each failed test failed."""
+    if report.failed and os.environ.get("KIMI_REPORT_FAILURES_AT_ONCE") == "1":
+        import sys
+
+        print(f"\nFAILED {report.nodeid} ({report.when}):\n{report.longreprtext}\n", file=sys.stderr, flush=True)

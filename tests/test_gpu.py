@@ -1,5 +1,7 @@
 """GPU paths (fla-core's Triton KDA) against the PyTorch specification. Run on a CUDA machine with fla-core."""
 
+import copy
+
 import pytest
 import torch
 
@@ -116,7 +118,11 @@ def test_fused_decode_matches_its_torch_twin(B, dtype, tol):
 
 @torch.no_grad()
 def test_model_on_cuda_with_triton_path_matches_torch_path():
-    model = _cuda_model()
+    # In bf16, as a GPU runs it: the Triton path (prefill, then the fused decode step) must sit as close to a float32
+    # run of the plain PyTorch path as the plain path in bf16 does (both share the bf16 weights' rounding; a wrong
+    # kernel is off by far more). float32 on fla is not compared this way: its kernels' dot products run in TF32.
+    model32 = _cuda_model()
+    model = copy.deepcopy(model32).bfloat16()
     ids = torch.randint(3, 512, (2, 200), generator=torch.Generator().manual_seed(0)).cuda()
     assert kernels.kda_backend(ids.float()) == "triton"
     fast = model(ids).logits
@@ -126,11 +132,14 @@ def test_model_on_cuda_with_triton_path_matches_torch_path():
     ]
     try:
         kernels.force_backend("torch")
+        ref = model32(ids).logits
         plain = model(ids).logits
     finally:
         kernels.force_backend(None)
-    assert rel_rms(fast, plain) < 5e-3
-    assert rel_rms(torch.cat(steps, 1), plain) < 5e-3
+    floor = rel_rms(plain, ref)
+    errors = {"prefill": rel_rms(fast, ref), "prefill + decode": rel_rms(torch.cat(steps, 1), ref), "plain": floor}
+    assert floor < 0.1, errors  # about 0.04 for this random tiny model
+    assert errors["prefill"] < 1.5 * floor + 1e-3 and errors["prefill + decode"] < 1.5 * floor + 1e-3, errors
 
 
 @torch.no_grad()
