@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, rel_err, tiny_config
+from conftest import ROOT, rel_err, tiny_config, tiny_config_dict
 from kimi_linear.configuration_kimi_linear import KDA
 from kimi_linear.modeling_kimi_linear import (
     _CACHE_FIELD,
@@ -274,3 +274,27 @@ def test_streaming_script_with_cuda_graph_switch_streams_the_same_text(tmp_path,
         assert "[16 tokens in" in out.err
     assert texts[0] == texts[1] and len(texts[0]) > len("Hello")
     assert "decode: eager (CUDA graphs need a CUDA device, the model runs on cpu)" in out.err
+
+
+def test_prefill_benchmark_runs_on_cpu(tmp_path):
+    out = tmp_path / "bench"
+    hybrid = tiny_config_dict()
+    mla = dict(hybrid, linear_attn_config=dict(hybrid["linear_attn_config"], kda_layers=[],
+               full_attn_layers=list(range(1, hybrid["num_hidden_layers"] + 1))))  # fmt: skip
+    paths = []
+    for name, cfg in (("hybrid", hybrid), ("mla", mla)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(cfg))
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "prefill_gpu.py"))
+    result = bench["main"](["--device", "cpu", "--dtype", "float32", "--configs", *map(str, paths),
+                            "--contexts", "96", "160", "--chunk", "64", "--out-dir", str(out)])  # fmt: skip
+    assert json.loads((out / "prefill_gpu.json").read_text()) == result and (out / "prefill_gpu.png").exists()
+    rows = {(r["model"], r["context"]): r for r in result["rows"]}
+    assert all(r["status"] == "ok" and r["tokens"] == r["context"] for r in rows.values())
+    assert set(result["all_mla_over_hybrid"]) == {"96", "160"}
+    cfg = tiny_config()
+    latent = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4  # float32 latents per MLA layer and token
+    # the all-MLA cache is latents alone, every layer; the hybrid's grows only by its MLA layers' latents
+    assert rows[("all-MLA", 160)]["cache_bytes"] == 160 * latent * len(cfg.layer_types)
+    n_mla = len(cfg.layer_types) - cfg.layer_types.count(KDA)
+    assert rows[("hybrid", 160)]["cache_bytes"] - rows[("hybrid", 96)]["cache_bytes"] == 64 * latent * n_mla
