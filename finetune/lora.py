@@ -8,10 +8,11 @@ experts) can carry an adapter; the router stays frozen.
 The checkpoint loads with `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` and `AutoTokenizer`.
 The data is a local jsonl / json / parquet / csv / text file (or a folder of them) read with `datasets`, or a Hub
 dataset id already in the local cache. Each example is tokenized (plain text with an EOS appended; chat data in
---messages-column through the tokenizer's chat template) and truncated to --max-length; batches are padded on the
-right (labels -100 on padding). --pack packs whole documents into rows of --max-length tokens instead, with
-position_ids restarting at each document: the model then restarts KDA's state and conv windows there and keeps MLA
-inside the document, so a packed row trains exactly as its documents would as separate rows.
+--messages-column through the tokenizer's chat template, trained on the assistant's tokens only unless
+--train-on-prompts) and truncated to --max-length; batches are padded on the right (labels -100 on padding).
+--pack packs whole documents into rows of --max-length tokens instead, with position_ids restarting at each document:
+the model then restarts KDA's state and conv windows there and keeps MLA inside the document, so a packed row trains
+exactly as its documents would as separate rows.
 --out receives the adapter (adapter_config.json + adapter_model.safetensors), `train_log.json` (arguments and every
 step's loss, learning rate, gradient norm and tokens) and `loss.png`. --merge-to writes a merged full checkpoint
 with `kimi_linear_conversion.merge_lora.merge_lora`.
@@ -216,9 +217,53 @@ def load_data(data, split="train", config_name=None, data_format=None):
     return datasets.load_dataset(str(data), config_name, split=split)
 
 
-def tokenize_dataset(dataset, tokenizer, max_length, text_column="text", messages_column=None, add_eos=True):
+class Document(list):
+    """One example's token ids; `trained` marks, per token, whether its prediction is trained (its label kept): the
+    assistant's tokens of a conversation. A plain list trains every token."""
+
+    def __init__(self, ids, trained):
+        super().__init__(ids)
+        self.trained = list(trained)
+
+
+def _render(tokenizer, messages, **kwargs):
+    return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+
+def chat_tokens(tokenizer, messages, assistant_only=True):
+    """A conversation's token ids through the chat template: a list, or with assistant_only a Document whose trained
+    tokens are the assistant messages' (None when it has no assistant message). Each assistant message spans from
+    the conversation before it rendered with the generation prompt to the conversation through it; the template must
+    render those prefixes as prefixes of the whole (templates that rewrite earlier turns, e.g. drop past reasoning,
+    are refused, naming the way out)."""
+    full = _render(tokenizer, messages)
+    ids = list(tokenizer(full, add_special_tokens=False)["input_ids"])
+    if not assistant_only:
+        return ids
+    trained = [False] * len(ids)
+    for i, message in enumerate(messages):
+        if message.get("role") != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        through = _render(tokenizer, messages[: i + 1])
+        spans = [tokenizer(t, add_special_tokens=False)["input_ids"] if t else [] for t in (before, through)]
+        if not (through.startswith(before) and full.startswith(through) and ids[: len(spans[1])] == spans[1]):
+            raise ValueError(
+                f"the chat template does not render the conversation up to message {i} as a prefix of the whole, so "
+                "the assistant's tokens cannot be told apart; train on every token instead (assistant_only=False, "
+                "--train-on-prompts)"
+            )
+        trained[len(spans[0]) : len(spans[1])] = [True] * (len(spans[1]) - len(spans[0]))
+    return Document(ids, trained) if any(trained) else None
+
+
+def tokenize_dataset(dataset, tokenizer, max_length, text_column="text", messages_column=None, add_eos=True,
+                     assistant_only=True):  # fmt: skip
     """A list of token-id lists, one per example, each at most max_length long (examples with < 2 tokens dropped).
-    Raises ValueError for a missing column, a tokenizer without a chat template (messages), or no usable example."""
+    Chat data (messages_column) goes through the tokenizer's chat template; with assistant_only (the default) the
+    examples are Documents that train only the assistant's tokens, and conversations without an assistant message
+    are dropped. Raises ValueError for a missing column, a tokenizer without a chat template (messages), or no usable
+    example."""
     if len(dataset) == 0:
         raise ValueError("the dataset is empty")
     columns = list(dataset.column_names or [])
@@ -236,24 +281,38 @@ def tokenize_dataset(dataset, tokenizer, max_length, text_column="text", message
     for row in dataset:
         value = row[column]
         if messages_column:
-            text = tokenizer.apply_chat_template(value, tokenize=False)
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids = chat_tokens(tokenizer, value, assistant_only)
+            if ids is None:
+                continue
         else:
             if value is None:
                 continue
             ids = tokenizer(str(value))["input_ids"]
             if eos is not None and len(ids) and ids[-1] != eos:
                 ids = ids + [eos]
-        ids = list(ids)[:max_length]
+        if isinstance(ids, Document):
+            ids = Document(ids[:max_length], ids.trained[:max_length])
+            if not any(ids.trained[1:]):  # truncation cut every trained token (the first one predicts nothing)
+                continue
+        else:
+            ids = list(ids)[:max_length]
         if len(ids) >= 2:
             sequences.append(ids)
     if not sequences:
-        raise ValueError(f"the dataset ({len(dataset)} rows) has no example with at least 2 tokens in {column!r}")
+        raise ValueError(f"the dataset ({len(dataset)} rows) has no example with at least 2 tokens in {column!r}"
+                         + (" and an assistant message" if messages_column and assistant_only else ""))  # fmt: skip
     return sequences
 
 
+def _mask_untrained(labels, offset, doc):
+    trained = getattr(doc, "trained", None)
+    if trained is not None:
+        keep = torch.tensor(trained, dtype=torch.bool)
+        labels[offset : offset + len(doc)].masked_fill_(~keep, -100)
+
+
 def collate(sequences, pad_id):
-    """Right-padded input_ids, attention_mask and labels (-100 on padding)."""
+    """Right-padded input_ids, attention_mask and labels (-100 on padding and on a Document's untrained tokens)."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -261,6 +320,8 @@ def collate(sequences, pad_id):
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
     labels = ids.masked_fill(mask == 0, -100)
+    for i, seq in enumerate(sequences):
+        _mask_untrained(labels[i], 0, seq)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
@@ -282,7 +343,7 @@ def pack_documents(sequences, max_length):
 def collate_packed(rows, pad_id):
     """Packed rows (lists of documents): input_ids, attention_mask, position_ids restarting at 0 for each document
     (the model restarts KDA's state and confines MLA to the document there), and labels with -100 on padding and on
-    each document's first token (nothing before it in its document predicts it)."""
+    each document's first token (nothing before it in its document predicts it) and a Document's untrained tokens."""
     flat = [[t for doc in row for t in doc] for row in rows]
     batch = collate(flat, pad_id)
     batch["position_ids"] = torch.zeros_like(batch["input_ids"])
@@ -290,6 +351,7 @@ def collate_packed(rows, pad_id):
         start = 0
         for doc in row:
             batch["position_ids"][i, start : start + len(doc)] = torch.arange(len(doc))
+            _mask_untrained(batch["labels"][i], start, doc)
             batch["labels"][i, start] = -100
             start += len(doc)
     return batch
@@ -338,6 +400,7 @@ def train_lora(
     tokenizer=None,
     text_column="text",
     messages_column=None,
+    assistant_only=True,
     split="train",
     data_config=None,
     data_format=None,
@@ -370,11 +433,13 @@ def train_lora(
     `data` (see `load_data`), save the adapter, step log and loss plot to `out`, optionally merge into `merge_to`.
     Runs `steps` optimizer steps if given, else `epochs` passes over the data. Returns a LoraResult.
 
-    pack: documents are packed whole into rows of max_length tokens (position_ids restart per document, so each
-    trains exactly as it would alone); save_every: a resumable checkpoint (adapter, optimizer, scheduler, step log)
-    in out/checkpoint-N every N steps, the newest keep_checkpoints kept; resume: continue from the newest checkpoint
-    in `out` at the same step, with the same data order. Under `accelerate launch` (WORLD_SIZE > 1) each of the
-    processes trains on its share of every batch (batch_size is the global batch) with data-parallel gradients."""
+    assistant_only: chat data (messages_column) trains on the assistant's tokens only (False: every token of the
+    rendered conversation). pack: documents are packed whole into rows of max_length tokens (position_ids restart
+    per document, so each trains exactly as it would alone); save_every: a resumable checkpoint (adapter, optimizer,
+    scheduler, step log) in out/checkpoint-N every N steps, the newest keep_checkpoints kept; resume: continue from
+    the newest checkpoint in `out` at the same step, with the same data order. Under `accelerate launch`
+    (WORLD_SIZE > 1) each of the processes trains on its share of every batch (batch_size is the global batch) with
+    data-parallel gradients."""
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -421,7 +486,9 @@ def train_lora(
 
     # Data first: a bad dataset fails before any training state exists.
     dataset = load_data(data, split=split, config_name=data_config, data_format=data_format)
-    sequences = tokenize_dataset(dataset, tokenizer, max_length, text_column, messages_column)
+    sequences = tokenize_dataset(
+        dataset, tokenizer, max_length, text_column, messages_column, assistant_only=assistant_only
+    )
     documents = len(sequences)
     if pack:
         sequences = pack_documents(sequences, max_length)
@@ -463,7 +530,7 @@ def train_lora(
     out.mkdir(parents=True, exist_ok=True)
     run_key = {"base": base_path, "targets": names, "rank": rank, "alpha": alpha, "lr": lr, "steps": total,
                "batch_size": batch_size, "max_length": max_length, "pack": pack, "seed": seed,
-               "examples": len(sequences)}  # fmt: skip
+               "examples": len(sequences), "assistant_only": bool(messages_column and assistant_only)}  # fmt: skip
     log, first_step = [], 0
     if resume:
         ckpt = latest_checkpoint(out)
@@ -649,6 +716,11 @@ def main(argv=None):
     ap.add_argument("--split", default="train", help="Hub dataset split (default: %(default)s)")
     ap.add_argument("--text-column", default="text", help="(default: %(default)s)")
     ap.add_argument("--messages-column", help="chat data: a column of [{role, content}] rendered by the chat template")
+    ap.add_argument(
+        "--train-on-prompts",
+        action="store_true",
+        help="chat data: train on every token of the rendered conversation, not only the assistant's",
+    )
     ap.add_argument("--max-length", type=int, default=1024, help="tokens per sequence (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=4, help="(default: %(default)s)")
     group = ap.add_mutually_exclusive_group()
@@ -684,6 +756,7 @@ def main(argv=None):
         args.out,
         text_column=args.text_column,
         messages_column=args.messages_column,
+        assistant_only=not args.train_on_prompts,
         split=args.split,
         data_config=args.data_config,
         data_format=args.data_format,

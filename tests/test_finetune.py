@@ -224,6 +224,72 @@ def test_collate_packed_marks_documents():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+CHAT = [
+    {"role": "user", "content": "hi there"},
+    {"role": "assistant", "content": "a cat sat"},
+    {"role": "user", "content": "and then?"},
+    {"role": "assistant", "content": "it slept"},
+]
+
+
+@pytest.fixture
+def chat_tokenizer(setup):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(setup[1])
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def _trained_text(tok, batch, row=0):
+    ids, labels = batch["input_ids"][row], batch["labels"][row]
+    return tok.decode(ids[labels != -100].tolist())
+
+
+def test_chat_trains_only_the_assistant_tokens(chat_tokenizer):
+    import datasets
+
+    from kimi_linear_finetune.lora import collate_packed, pack_documents, tokenize_dataset
+
+    tok = chat_tokenizer
+    data = datasets.Dataset.from_dict({"messages": [CHAT, CHAT[:1], CHAT[:2]]})
+    docs = tokenize_dataset(data, tok, 256, messages_column="messages")
+    assert len(docs) == 2  # the conversation without an assistant message is dropped
+    batch = collate(docs, tok.pad_token_id)
+    # the tokens whose prediction is trained are the assistant's replies (after the generation prompt), nothing else
+    assert _trained_text(tok, batch, 0) == "a cat sat</s>it slept</s>"
+    assert _trained_text(tok, batch, 1) == "a cat sat</s>"
+    everything = tokenize_dataset(data, tok, 256, messages_column="messages", assistant_only=False)
+    assert len(everything) == 3 and everything[0] == list(docs[0])
+    assert _trained_text(tok, collate(everything, tok.pad_token_id), 0) == tok.apply_chat_template(CHAT, tokenize=False)
+    # packed: the same trained tokens per document (a document's first token is never a target)
+    packed = collate_packed(pack_documents(docs, 256), tok.pad_token_id)
+    assert _trained_text(tok, packed) == "a cat sat</s>it slept</s>a cat sat</s>"
+    # truncation that cuts every assistant token drops the example; no example left is an error that says why
+    prompt = len(tok(tok.apply_chat_template(CHAT[:1], tokenize=False, add_generation_prompt=True))["input_ids"])
+    with pytest.raises(ValueError, match="assistant message"):
+        tokenize_dataset(data, tok, prompt, messages_column="messages")
+    with pytest.raises(ValueError, match="assistant message"):
+        tokenize_dataset(datasets.Dataset.from_dict({"messages": [CHAT[:1]]}), tok, 256, messages_column="messages")
+
+
+def test_chat_template_that_rewrites_earlier_turns_is_refused(chat_tokenizer):
+    import datasets
+
+    from kimi_linear_finetune.lora import tokenize_dataset
+
+    tok = chat_tokenizer
+    tok.chat_template = "[{{ messages | length }}]" + CHAT_TEMPLATE  # the header changes as the conversation grows
+    data = datasets.Dataset.from_dict({"messages": [CHAT]})
+    with pytest.raises(ValueError, match="train-on-prompts"):
+        tokenize_dataset(data, tok, 256, messages_column="messages")
+    assert len(tokenize_dataset(data, tok, 256, messages_column="messages", assistant_only=False)) == 1
+
+
 def _cli(ckpt, data, out, *extra):
     return [sys.executable, "-m", "kimi_linear_finetune.lora", "--model", str(ckpt), "--data", str(data),
             "--out", str(out), "--max-length", "48", "--batch-size", "4", "--lr", "3e-3", "--no-progress",
