@@ -52,6 +52,7 @@ from kimi_linear.modeling_kimi_linear import (
     KimiLinearForCausalLM,
     KimiLinearStaticCache,
 )
+from kimi_linear_kernels.tuned import record_if_tuned
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = [REPO / "benchmarks" / "configs" / f"bench_1b_{name}.json" for name in ("hybrid", "all_mla")]
@@ -442,6 +443,7 @@ def main(argv=None):
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(out / "decode_gpu.json")
     plot(result, out / "decode_gpu.png")
+    record_if_tuned(out, "decode")
     print(table(result))
     took = time.perf_counter() - started
     print(f"[wrote {out / 'decode_gpu.json'} and {out / 'decode_gpu.png'} in {took:.0f} s]", file=sys.stderr)

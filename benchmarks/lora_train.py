@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from kimi_linear_kernels.tuned import record_if_tuned
+
 HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "f_a_proj", "f_b_proj", "g_a_proj", "g_b_proj", "b_proj",
            "kv_a_proj_with_mqa", "kv_b_proj", "gate_proj", "up_proj", "down_proj"]  # fmt: skip
@@ -135,6 +137,7 @@ def main():
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "lora_train.json").write_text(json.dumps(report, indent=1))
     plot(report, args.out_dir / "lora_train.png")
+    record_if_tuned(args.out_dir, "lora")
     print(f"\n{'impl':8s} {'tokens/s':>10s} {'s/step':>8s} {'first step s':>13s} {'peak GB':>8s}")
     for r in report["rows"]:
         if "tokens_per_s" in r:

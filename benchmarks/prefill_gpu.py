@@ -31,6 +31,7 @@ from decode_gpu import free, metadata, sync  # noqa: E402
 
 from kimi_linear.configuration_kimi_linear import KDA, KimiLinearConfig  # noqa: E402
 from kimi_linear.modeling_kimi_linear import KimiLinearCache, KimiLinearForCausalLM  # noqa: E402
+from kimi_linear_kernels.tuned import record_if_tuned  # noqa: E402
 
 CONFIGS = [HERE / "configs" / f"bench_1b_{name}.json" for name in ("hybrid", "all_mla")]
 
@@ -153,6 +154,7 @@ def main(argv=None):
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.replace(args.out_dir / "prefill_gpu.json")
     plot(result, args.out_dir / "prefill_gpu.png")
+    record_if_tuned(args.out_dir, "prefill")
     print(table(result))
     return result
 

@@ -10,6 +10,10 @@ KIMI_FLA_PINNED=0 turns pinning off; KIMI_FLA_TUNED=path reads another file.
 
 Record a file on the card (in a process that does not pin, so that the autotuners run):
     KIMI_FLA_PINNED=0 python -m kimi_linear_kernels.tuned --out kernels/tuned_sm90.json
+The GPU benchmarks also write what they had to tune beyond the file (record_if_tuned: transformers' built-in model
+calls fla's kernels in other ways); fold those in with
+    python -m kimi_linear_kernels.tuned --merge kernels/tuned_sm90.json tuned_sm90.decode.json \
+        --out kernels/tuned_sm90.json
 """
 
 import argparse
@@ -115,6 +119,54 @@ class _LooseCache(dict):
         return dict.__getitem__(self, found)
 
 
+def record_if_tuned(out_dir, name):
+    """At the end of a GPU benchmark: when fla's autotuners hold choices this process made beyond the pinned file
+    (another call pattern, e.g. transformers' built-in model, or another dtype), write them all to
+    out_dir/tuned_smXY.<name>.json, to be merged into kernels/ with `--merge`; returns the path or None."""
+    import torch
+
+    if not any(n.startswith("fla.") for n in sys.modules) or not torch.cuda.is_available():
+        return None
+    ident = _identity()
+    pinned = default_file(ident["capability"])
+    known = _entries(json.loads(pinned.read_text())) if pinned.exists() else set()
+    path = Path(out_dir) / f"{default_file(ident['capability']).stem}.{name}.json"
+    data = record(path, card=torch.cuda.get_device_name(0))
+    if _entries(data) <= known:
+        path.unlink()
+        return None
+    print(f"[fla tuned kernels beyond {pinned.name}: all choices written to {path}; fold them in with "
+          f"python -m kimi_linear_kernels.tuned --merge kernels/{pinned.name} {path.name} --out kernels/{pinned.name}]",
+          file=sys.stderr, flush=True)  # fmt: skip
+    return path
+
+
+def _entries(data):
+    return {(where, json.dumps(e, sort_keys=True)) for where, entries in data["kernels"].items() for e in entries}
+
+
+def merge(paths, out):
+    """One file holding every choice of `paths` (the same fla-core, Triton and GPU architecture; the first file's
+    choice wins where two disagree on a key), written atomically to `out`."""
+    files = [json.loads(Path(p).read_text()) for p in paths]
+    ident = {k: files[0].get(k) for k in ("fla-core", "triton", "capability")}
+    for p, data in zip(paths, files):
+        other = {k: data.get(k) for k in ident}
+        if other != ident:
+            raise ValueError(f"{p} was tuned on {other}, not {ident} like {paths[0]}: files of one setup only")
+    kernels = {}
+    for data in files:
+        for where, entries in data["kernels"].items():
+            have = kernels.setdefault(where, [])
+            keys = {json.dumps(e["key"]) for e in have}
+            have += [e for e in entries if json.dumps(e["key"]) not in keys]
+    merged = {**ident, "card": files[0].get("card"), "kernels": dict(sorted(kernels.items()))}
+    tmp = Path(f"{out}.tmp")
+    tmp.write_text(json.dumps(merged, indent=1) + "\n")
+    os.replace(tmp, out)
+    return merged
+
+
 _pinned = set()
 
 
@@ -203,7 +255,14 @@ PASSES = (("bfloat16", True), ("float32", False))
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True, help="configuration file to write")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="FILE",
+                    help="instead of tuning: merge these files (e.g. kernels/tuned_sm90.json and what benchmarks "
+                    "recorded, tuned_sm90.<name>.json) into --out")  # fmt: skip
     args = ap.parse_args()
+    if args.merge:
+        data = merge(args.merge, args.out)
+        print(f"wrote {args.out}: {sum(len(v) for v in data['kernels'].values())} choices")
+        return
     if os.environ.get("KIMI_FLA_PINNED") != "0":
         ap.error("set KIMI_FLA_PINNED=0: recording needs the autotuners to run, not the pinned choices")
     import torch

@@ -1,5 +1,6 @@
 """The kernel dispatch: CPU tensors never reach a Triton kernel, whatever is installed; tests can pin a path."""
 
+import json
 import os
 import subprocess
 import sys
@@ -147,3 +148,29 @@ def test_l2norm_before_the_chunk_kernel_matches_float64(dtype, tol):
     (y.double() * w).sum().backward()
     (ref * w).sum().backward()
     assert ((x.grad.double() - x64.grad).norm() / x64.grad.norm()).item() < 2 * tol
+
+
+def test_tuned_files_merge_by_key_and_refuse_other_setups(tmp_path):
+    from kimi_linear_kernels.tuned import merge
+
+    def entry(key, bv):
+        return {"key": key, "kwargs": {"BV": bv}, "num_warps": 4, "num_stages": 3, "num_ctas": 1, "maxnreg": None}
+
+    ident = {"fla-core": "0.6.0", "triton": "3.6.0", "capability": [9, 0], "card": "H100"}
+    a = {**ident, "kernels": {"m:k1": [entry([1, "torch.bfloat16"], 32)]}}
+    b = {**ident, "kernels": {"m:k1": [entry([1, "torch.bfloat16"], 64), entry([1, "torch.float32"], 16)],
+                              "m:k2": [entry([7], 8)]}}  # fmt: skip
+    paths = []
+    for name, data in (("a", a), ("b", b)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(data))
+    out = tmp_path / "merged.json"
+    merged = merge(paths, out)
+    assert json.loads(out.read_text()) == merged
+    k1 = {json.dumps(e["key"]): e["kwargs"]["BV"] for e in merged["kernels"]["m:k1"]}
+    assert k1 == {'[1, "torch.bfloat16"]': 32, '[1, "torch.float32"]': 16}  # the first file wins a shared key
+    assert merged["kernels"]["m:k2"][0]["key"] == [7]
+    paths[1].write_text(json.dumps({**b, "triton": "3.5.0"}))
+    with pytest.raises(ValueError, match="one setup"):
+        merge(paths, out)
+    assert json.loads(out.read_text()) == merged  # nothing half-written
