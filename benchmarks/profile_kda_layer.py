@@ -4,9 +4,11 @@
     python benchmarks/profile_kda_layer.py --out-dir benchmarks/results      # on a CUDA machine (bash .ci/gpu profile)
 
 For each --lengths T: the forward under no_grad and (up to --train-max) forward + backward, after two untimed
-calls (fla's kernels compile on the first). Prints, per case, the wall time per call and the kernels that take the
-most GPU time (self CUDA time, summed over --reps calls, divided by --reps), and writes profile_kda_layer.json with
-the same rows, the card, versions and date. A diagnostic: the timings that count are benchmarks/kda_gpu.py's.
+calls (fla's kernels compile on the first); then one short convolution + SiLU alone (the layer runs three), timed
+for the current F.conv1d, W shifted multiply-adds, and fla's causal_conv1d. Prints, per case, the wall time per
+call and the kernels that take the most GPU time (self CUDA time, summed over --reps calls, divided by --reps), and
+writes profile_kda_layer.json with the same rows, the card, versions and date. A diagnostic: the timings that count
+are benchmarks/kda_gpu.py's.
 """
 
 import argparse
@@ -21,7 +23,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from kda_gpu import metadata  # noqa: E402
+from kda_gpu import measure, metadata  # noqa: E402
 
 
 def build_layer():
@@ -61,6 +63,42 @@ def profile_case(fn, reps, top):
     return {"wall_ms": wall * 1e3, "gpu_ms": gpu_total, "top": rows[:top]}
 
 
+def shifted_conv(x, weight):
+    """Causal depthwise conv + SiLU as W shifted multiply-adds in [B, T, D] (no transposes), float32 sums."""
+    W, T = weight.shape[-1], x.shape[1]
+    xp = torch.cat([x.new_zeros(x.shape[0], W - 1, x.shape[2]), x], dim=1)
+    w = weight[:, 0, :].float()
+    acc = xp[:, :T].float() * w[:, 0]
+    for i in range(1, W):
+        acc = acc.addcmul(xp[:, i : i + T], w[:, i])
+    return torch.nn.functional.silu(acc).to(x.dtype)
+
+
+def conv_variants(T, D, W=4):
+    """Milliseconds (median, CUDA events) of one short convolution + SiLU at [1, T, D] bf16, forward and forward +
+    backward, for the layer's current implementation and two candidates."""
+    from kimi_linear.modeling_kimi_linear import short_conv
+
+    x = torch.randn(1, T, D, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(D, 1, W, device="cuda", dtype=torch.bfloat16) * 0.5
+    variants = {"F.conv1d (current)": lambda x, w: short_conv(x, w)[0], "shifted multiply-adds": shifted_conv}
+    try:
+        from fla.modules.causal_conv1d import causal_conv1d
+
+        variants["fla causal_conv1d"] = lambda x, w: causal_conv1d(x, w[:, 0, :], activation="silu")[0]
+    except ImportError as err:
+        print(f"note: no fla causal_conv1d ({err})", flush=True)
+    rows = {}
+    for name, fn in variants.items():
+        xg, wg = x.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        with torch.no_grad():
+            fwd = measure(lambda fn=fn: fn(x, weight))
+        train = measure(lambda fn=fn, xg=xg, wg=wg: fn(xg, wg).float().sum().backward())
+        rows[name] = {"forward_ms": fwd, "forward_backward_ms": train}
+        print(f"  conv T={T}: {name:24s} forward {fwd:8.3f} ms   forward + backward {train:8.3f} ms", flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 65536], help="(default: %(default)s)")
@@ -92,6 +130,7 @@ def main():
             for row in r["top"]:
                 print(f"  {row['gpu_ms_per_call']:9.3f} ms  x{row['launches']:<4d} {row['name']}", flush=True)
         layer.zero_grad(set_to_none=True)
+        report.setdefault("short_conv", {})[T] = conv_variants(T, layer.q_proj.out_features)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     path = args.out_dir / "profile_kda_layer.json"
     tmp = path.with_name(f".{path.name}.tmp")
