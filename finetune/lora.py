@@ -20,7 +20,7 @@ with `kimi_linear_conversion.merge_lora.merge_lora`.
 Long runs: --save-every N writes out/checkpoint-N (adapter, optimizer, scheduler, log); --resume continues from the
 newest one at the same step with the same data order. Several GPUs (data parallel):
     accelerate launch --num_processes 2 finetune/lora.py --model ... --batch-size 16 ...
---batch-size is the global batch, split over the processes; FSDP through an `accelerate config` file.
+--batch-size is the global batch, split over the processes; --fsdp shards the model over them instead of copying it.
 
 Library: `train_lora(model, data, out, ...)` returns a `LoraResult` (the trained PeftModel, the step log, paths);
 `lora_targets(model, targets)` gives the list of module names a target specification selects and
@@ -428,6 +428,7 @@ def train_lora(
     save_every=None,
     keep_checkpoints=2,
     resume=False,
+    fsdp=False,
 ):
     """Attach a LoRA to `model` (a checkpoint path / Hub id, or an already loaded model with `tokenizer`), train it on
     `data` (see `load_data`), save the adapter, step log and loss plot to `out`, optionally merge into `merge_to`.
@@ -439,7 +440,8 @@ def train_lora(
     scheduler, step log) in out/checkpoint-N every N steps, the newest keep_checkpoints kept; resume: continue from
     the newest checkpoint in `out` at the same step, with the same data order. Under `accelerate launch`
     (WORLD_SIZE > 1) each of the processes trains on its share of every batch (batch_size is the global batch) with
-    data-parallel gradients."""
+    data-parallel gradients; with fsdp the model is sharded over the processes instead of copied (torch's
+    fully_shard, one unit per decoder layer), for a model that does not fit one device."""
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -451,6 +453,12 @@ def train_lora(
         raise ValueError("steps must be at least 1")
     if save_every is not None and save_every < 1:
         raise ValueError("save_every must be at least 1 (or None for no checkpoints)")
+    if fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        raise ValueError("fsdp shards the model over several processes: launch with torchrun --nproc_per_node N or "
+                         "accelerate launch --num_processes N (N >= 2)")  # fmt: skip
+    if fsdp and (save_every or resume):
+        raise ValueError("--save-every and --resume do not work with --fsdp yet (the optimizer state is sharded); "
+                         "drop them, or train data parallel without --fsdp")  # fmt: skip
     accelerator = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by accelerate launch / torchrun
         from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -499,6 +507,11 @@ def train_lora(
         pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
 
     names = lora_targets(model, targets)
+    if fsdp and any(".experts." in n for n in names):
+        raise ValueError(
+            "--fsdp does not train adapters on the routed experts yet (processes whose tokens pick different experts "
+            "would reduce different gradients); choose targets without them, e.g. --targets kda,mla,mlp,shared"
+        )
     config = peft.LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -516,6 +529,8 @@ def train_lora(
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if fsdp:
+        _shard(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -537,7 +552,7 @@ def train_lora(
         if ckpt is None:
             raise FileNotFoundError(f"resume: no checkpoint-N folder in {out}; start without --resume")
         log, first_step = _load_checkpoint(ckpt, peft_model, opt, sched, run_key)
-    if accelerator is not None:
+    if accelerator is not None and not fsdp:  # data parallel (DDP); fully_shard has already wrapped an fsdp model
         model, opt = accelerator.prepare(model, opt)
     collate_fn = collate_packed if pack else collate
     stream = batches(sequences, batch_size, seed, skip=first_step)
@@ -561,6 +576,7 @@ def train_lora(
         if accelerator is not None:
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(params, clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # fsdp: DTensor
             loss = accelerator.reduce(loss.detach(), reduction="mean")
         else:
             loss.backward()
@@ -595,12 +611,16 @@ def train_lora(
     elapsed = time.perf_counter() - start
     model.eval()
     model = peft_model
+    adapter = _full_adapter_state(model) if fsdp else None  # every process takes part in gathering the shards
     if accelerator is not None:
         accelerator.wait_for_everyone()
     if not main_process:
         return LoraResult(model=model, log=log, out=out, targets=names)
 
-    model.save_pretrained(out)
+    if fsdp:
+        model.save_pretrained(out, state_dict=adapter)
+    else:
+        model.save_pretrained(out)
     summary = {
         "base": base_path,
         "targets": targets,
@@ -609,6 +629,7 @@ def train_lora(
         "examples": documents,
         "packed_rows": len(sequences) if pack else None,
         "processes": accelerator.num_processes if accelerator is not None else 1,
+        "fsdp": fsdp,
         "resumed_at_step": first_step if resume else None,
         "steps": total,
         "batch_size": batch_size,
@@ -634,6 +655,33 @@ def train_lora(
 
         merged = Path(merge_lora(_resolve_local(base_path), out, merge_to, overwrite=overwrite_merge))
     return LoraResult(model=model, log=log, out=out, merged=merged, targets=names)
+
+
+def _shard(peft_model):
+    """Shard the model over the processes with torch's fully_shard: each decoder layer one unit, the rest (embedding,
+    final norm, lm_head) the root's. The (frozen) routed experts run the per-expert loop: the grouped path keeps its
+    expert weights as views into one stacked tensor, which must not happen to parameters fully_shard gathers and
+    frees."""
+    from torch.distributed.fsdp import fully_shard
+
+    base = peft_model.get_base_model()
+    for module in base.modules():
+        if hasattr(module, "_drop_stacked") and hasattr(module, "grouped"):
+            module._drop_stacked()
+            module.grouped = False
+    for module in base.modules():
+        if type(module).__name__ == "KimiLinearDecoderLayer":
+            fully_shard(module)
+    fully_shard(base)
+
+
+def _full_adapter_state(peft_model):
+    """The adapter's weights as whole tensors (a collective: every process calls it)."""
+    return {
+        name: t.full_tensor() if hasattr(t, "full_tensor") else t
+        for name, t in peft_model.state_dict().items()
+        if "lora_" in name
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -748,6 +796,12 @@ def main(argv=None):
     ap.add_argument("--save-every", type=int, help="write a resumable checkpoint every N steps")
     ap.add_argument("--keep-checkpoints", type=int, default=2, help="newest checkpoints kept (default: %(default)s)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    ap.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun / accelerate launch: shard the model over the processes (torch's fully_shard) instead "
+        "of copying it to each",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     result = train_lora(
@@ -783,6 +837,7 @@ def main(argv=None):
         save_every=args.save_every,
         keep_checkpoints=args.keep_checkpoints,
         resume=args.resume,
+        fsdp=args.fsdp,
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return  # one report, from the main process

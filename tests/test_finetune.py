@@ -335,24 +335,51 @@ def test_a_killed_run_resumes_at_the_same_step_and_reaches_the_same_losses(setup
     assert other.returncode != 0 and "other settings" in other.stderr and "'rank'" in other.stderr
 
 
-def test_two_processes_data_parallel_follow_the_one_process_loss_curve(setup, tmp_path):
+def test_two_processes_data_parallel_and_sharded_follow_the_one_process_loss_curve(setup, tmp_path):
+    from safetensors.torch import load_file
+
     root, ckpt, data = setup
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    steps = ["--steps", "12", "--batch-size", "8"]
+    # every part but the routed experts (--fsdp does not take adapters on them yet)
+    steps = ["--steps", "12", "--batch-size", "8", "--targets", "kda,mla,mlp,shared"]
     one = subprocess.run(_cli(ckpt, data, tmp_path / "one", *steps), env=env, capture_output=True, text=True)
     assert one.returncode == 0, one.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "train_log.json").read_text())
+    la = [e["loss"] for e in a["log"]]
     # torchrun sets the same WORLD_SIZE / RANK environment as `accelerate launch --multi_gpu` (which on CPUs wants
-    # MPI); the script's Accelerator then runs data parallel over gloo
+    # MPI); the script's Accelerator then runs data parallel over gloo, or with --fsdp shards the model (fully_shard)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               "-m", "kimi_linear_finetune.lora"]  # fmt: skip
-    cmd = launch + _cli(ckpt, data, tmp_path / "two", *steps)[3:]
-    two = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a = json.loads((tmp_path / "one" / "train_log.json").read_text())
-    b = json.loads((tmp_path / "two" / "train_log.json").read_text())
-    assert b["processes"] == 2 and a["processes"] == 1
-    la, lb = [e["loss"] for e in a["log"]], [e["loss"] for e in b["log"]]
-    assert sum(e["tokens"] for e in a["log"]) == sum(e["tokens"] for e in b["log"])
-    # each process averages over its own tokens: equal to the one-process mean up to the rows' length spread
-    assert max(abs(x - y) / x for x, y in zip(la, lb)) < 0.02, (la, lb)
-    assert lb[-1] < lb[0] - 0.2
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+        two = subprocess.run(launch + _cli(ckpt, data, tmp_path / name, *steps, *extra)[3:], env=env,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert two.returncode == 0, two.stderr[-3000:]
+        b = json.loads((tmp_path / name / "train_log.json").read_text())
+        assert b["processes"] == 2 and a["processes"] == 1 and b["fsdp"] == (name == "fsdp")
+        lb = [e["loss"] for e in b["log"]]
+        assert sum(e["tokens"] for e in a["log"]) == sum(e["tokens"] for e in b["log"])
+        # each process averages over its own tokens: equal to the one-process mean up to the rows' length spread
+        assert max(abs(x - y) / x for x, y in zip(la, lb)) < 0.02, (name, la, lb)
+        assert lb[-1] < lb[0] - 0.2
+    # sharding changes where the weights live, not what is computed: the sharded run's adapter, saved whole, is the
+    # data-parallel run's (and has the one-process run's shapes)
+    adapters = {n: load_file(tmp_path / n / "adapter_model.safetensors") for n in ("one", "ddp", "fsdp")}
+    assert adapters["fsdp"].keys() == adapters["ddp"].keys() == adapters["one"].keys()
+    for key, w in adapters["fsdp"].items():
+        assert w.shape == adapters["one"][key].shape, key
+    flat = {n: torch.cat([t.flatten() for _, t in sorted(d.items())]) for n, d in adapters.items()}
+    assert rel_err(flat["fsdp"], flat["ddp"]) < 1e-4
+    assert rel_err(flat["fsdp"], flat["one"]) < 0.05
+    # adapters on the routed experts are refused under --fsdp, saying what to choose instead
+    refused = subprocess.run(launch + _cli(ckpt, data, tmp_path / "no", "--steps", "1", "--fsdp")[3:], env=env,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert refused.returncode != 0 and "--targets kda,mla,mlp,shared" in refused.stderr
+
+
+def test_fsdp_refusals_name_the_way_out(setup, tmp_path, monkeypatch):
+    root, ckpt, data = setup
+    with pytest.raises(ValueError, match="several processes"):
+        train_lora(str(ckpt), data, tmp_path / "x", steps=1, fsdp=True, **FAST)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # refused before any process group is set up
+    with pytest.raises(ValueError, match="--save-every and --resume"):
+        train_lora(str(ckpt), data, tmp_path / "x", steps=1, fsdp=True, save_every=1, **FAST)
