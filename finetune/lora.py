@@ -545,7 +545,9 @@ def train_lora(
     out.mkdir(parents=True, exist_ok=True)
     run_key = {"base": base_path, "targets": names, "rank": rank, "alpha": alpha, "lr": lr, "steps": total,
                "batch_size": batch_size, "max_length": max_length, "pack": pack, "seed": seed,
-               "examples": len(sequences), "assistant_only": bool(messages_column and assistant_only)}  # fmt: skip
+               "examples": len(sequences)}  # fmt: skip
+    if messages_column and assistant_only:  # only then: checkpoints of earlier runs on text data still resume
+        run_key["assistant_only"] = True
     log, first_step = [], 0
     if resume:
         ckpt = latest_checkpoint(out)
