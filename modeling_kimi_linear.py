@@ -760,7 +760,10 @@ class KimiLinearMoE(nn.Module):
     Experts wrapped by an adapter (PEFT LoRA) run through moe_experts_loop, so the adapter applies. Set `grouped`
     to False to force moe_experts_loop. On CUDA, where torch._grouped_mm would read its group offsets on the host
     (every dtype but bfloat16 on sm90/sm100), up to `gather_max_tokens` tokens run through moe_experts_gathered
-    instead, so that a decode step never syncs and can be captured in a CUDA graph."""
+    instead, so that a decode step never syncs and can be captured in a CUDA graph. With `train_every_expert` set
+    (multi-process training does), every trainable routed-expert parameter joins the graph through a zero-weighted
+    term: an expert no token picked gets a zero gradient instead of none, so that every process reduces the same
+    set of gradients (sharded training requires it)."""
 
     def __init__(self, config: KimiLinearConfig):
         super().__init__()
@@ -772,6 +775,7 @@ class KimiLinearMoE(nn.Module):
             else None
         )
         self.grouped = True
+        self.train_every_expert = False
         self.gather_max_tokens = 64  # up to this many tokens, CUDA dtypes without a fused _grouped_mm gather experts
         # (w13, w2, data pointer of every expert weight in _expert_weights' order, finalizer of the first weight)
         self._stacked = None
@@ -783,6 +787,10 @@ class KimiLinearMoE(nn.Module):
         stacked = self._grouped_weights(flat) if self.grouped else None
         if stacked is None:
             out = moe_experts_loop(flat, ids, weights, self.experts)
+            if self.train_every_expert and torch.is_grad_enabled():
+                trainable = [p.sum() for p in self.experts.parameters() if p.requires_grad]
+                if trainable:
+                    out = out + 0.0 * torch.stack(trainable).sum().to(out.dtype)
         else:
             w13, w2 = stacked
             # decode steps (a few tokens) never sync: where _grouped_mm would, the chosen experts are gathered

@@ -507,11 +507,6 @@ def train_lora(
         pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
 
     names = lora_targets(model, targets)
-    if fsdp and any(".experts." in n for n in names):
-        raise ValueError(
-            "--fsdp does not train adapters on the routed experts yet (processes whose tokens pick different experts "
-            "would reduce different gradients); choose targets without them, e.g. --targets kda,mla,mlp,shared"
-        )
     config = peft.LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -529,6 +524,10 @@ def train_lora(
             base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if accelerator is not None:  # processes whose tokens pick other experts must reduce the same set of gradients
+        for module in model.modules():
+            if hasattr(module, "train_every_expert"):
+                module.train_every_expert = True
     if fsdp:
         _shard(model)
     model.train()

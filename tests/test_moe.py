@@ -253,3 +253,28 @@ def test_hot_path_reads_no_tensor_data_on_the_host():
     assert out.shape == x.shape and w13.grad.shape == w13.shape and moe.gate.weight.grad is not None
     with pytest.raises((RuntimeError, NotImplementedError), match="(?i)meta"):
         moe_experts_loop(x, ids, weights, moe.experts)
+
+
+def test_train_every_expert_gives_unpicked_experts_zero_gradients_and_changes_nothing_else():
+    # what multi-process training sets: every process then reduces the same gradients (sharded training needs it)
+    moe = make_moe(num_experts=16, num_experts_per_token=2)
+    moe.grouped = False  # the loop, as adapters on the experts make it
+    x = torch.randn(1, 3, moe.gate.weight.shape[1])
+    plain = moe(x)
+    plain.square().sum().backward()
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in moe.named_parameters()}
+    moe.zero_grad(set_to_none=True)
+    moe.train_every_expert = True
+    touched = moe(x)
+    touched.square().sum().backward()
+    assert torch.equal(touched, plain)
+    unpicked = 0
+    for name, p in moe.named_parameters():
+        if grads[name] is not None:
+            assert torch.equal(p.grad, grads[name]), name
+        elif name.startswith("experts."):
+            assert p.grad is not None and not p.grad.any(), name
+            unpicked += 1
+        else:
+            assert p.grad is None, name  # the selection-only bias stays out
+    assert unpicked > 0
