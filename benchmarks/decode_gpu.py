@@ -65,14 +65,20 @@ def version(name):
         return None
 
 
-def metadata(device):
+def git_commit():
+    """The commit the numbers come from: KIMI_COMMIT first (the device machine's copy of the tree may carry a stale
+    .git; .ci/gpu passes it in), else git's HEAD, else None. The GPU benchmarks' one source for it."""
     commit = os.environ.get("KIMI_COMMIT")
-    if not commit:
-        try:
-            git = ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]
-            commit = subprocess.run(git, capture_output=True, text=True).stdout.strip() or None
-        except OSError:
-            commit = None
+    if commit:
+        return commit
+    try:
+        git = ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"]
+        return subprocess.run(git, capture_output=True, text=True).stdout.strip() or None
+    except OSError:
+        return None
+
+
+def metadata(device):
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return {
         "card": card,
@@ -82,7 +88,7 @@ def metadata(device):
         "transformers": version("transformers"),
         "fla-core": version("fla-core"),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "git_commit": commit,
+        "git_commit": git_commit(),
     }
 
 

@@ -28,8 +28,7 @@ import argparse
 import datetime
 import importlib.metadata as md
 import json
-import os
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -41,6 +40,9 @@ from triton.testing import do_bench, do_bench_cudagraph
 import kimi_linear_kernels as kernels
 from kimi_linear.configuration_kimi_linear import KimiLinearConfig
 from kimi_linear.modeling_kimi_linear import KimiDeltaAttention, kda_decode_torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_gpu import git_commit  # noqa: E402
 
 H, K, W = 32, 128, 4
 D = H * K
@@ -55,17 +57,6 @@ def version(name):
 
 
 def metadata():
-    # KIMI_COMMIT first: the device machine's copy of the tree may carry a stale .git
-    commit = os.environ.get("KIMI_COMMIT")
-    try:
-        commit = commit or (
-            subprocess.run(
-                ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-            ).stdout.strip()
-            or None
-        )
-    except OSError:
-        commit = None
     return {
         "card": torch.cuda.get_device_name(0),
         "torch": torch.__version__,
@@ -73,7 +64,7 @@ def metadata():
         "fla-core": version("fla-core"),
         "transformers": version("transformers"),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "git_commit": commit,
+        "git_commit": git_commit(),
         # a cold start is only cold with an empty Triton cache
         "triton_cache_entries_at_start": len(list((Path.home() / ".triton" / "cache").glob("*"))),
     }  # fmt: skip

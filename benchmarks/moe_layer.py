@@ -30,6 +30,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +39,9 @@ from tqdm import tqdm
 
 from kimi_linear.configuration_kimi_linear import KimiLinearConfig
 from kimi_linear.modeling_kimi_linear import KimiLinearMoE
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_gpu import git_commit  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -189,7 +193,7 @@ def main():
         "python": platform.python_version(),
         "dtype": args.dtype,
         "repeats": args.repeats,
-        "git_commit": os.environ.get("KIMI_COMMIT") or git("rev-parse", "--short", "HEAD"),
+        "git_commit": git_commit(),
         "model_file_modified_since_commit": bool(git("status", "--porcelain", "modeling_kimi_linear.py")),
         "loadavg_at_start": load_start,
         "loadavg_at_end": os.getloadavg(),
