@@ -525,9 +525,8 @@ def train_lora(
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if accelerator is not None:  # processes whose tokens pick other experts must reduce the same set of gradients
-        for module in model.modules():
-            if hasattr(module, "train_every_expert"):
-                module.train_every_expert = True
+        for moe in _moe_layers(model):
+            moe.train_every_expert = True
     if fsdp:
         _shard(model)
     model.train()
@@ -658,6 +657,11 @@ def train_lora(
     return LoraResult(model=model, log=log, out=out, merged=merged, targets=names)
 
 
+def _moe_layers(model):
+    """The model's MoE blocks (KimiLinearMoE, from whichever copy of the code the checkpoint runs)."""
+    return [m for m in model.modules() if type(m).__name__ == "KimiLinearMoE"]
+
+
 def _shard(peft_model):
     """Shard the model over the processes with torch's fully_shard: each decoder layer one unit, the rest (embedding,
     final norm, lm_head) the root's. The (frozen) routed experts run the per-expert loop: the grouped path keeps its
@@ -666,10 +670,9 @@ def _shard(peft_model):
     from torch.distributed.fsdp import fully_shard
 
     base = peft_model.get_base_model()
-    for module in base.modules():
-        if hasattr(module, "_drop_stacked") and hasattr(module, "grouped"):
-            module._drop_stacked()
-            module.grouped = False
+    for moe in _moe_layers(base):
+        moe._drop_stacked()
+        moe.grouped = False
     for module in base.modules():
         if type(module).__name__ == "KimiLinearDecoderLayer":
             fully_shard(module)

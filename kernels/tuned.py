@@ -79,7 +79,11 @@ def record(path, card=None):
         ]  # fmt: skip
         if entries:
             kernels[f"{module}:{attr}"] = entries
-    data = {**_identity(), "card": card, "kernels": dict(sorted(kernels.items()))}
+    return _write(path, {**_identity(), "card": card, "kernels": dict(sorted(kernels.items()))})
+
+
+def _write(path, data):
+    """A configuration file written beside and renamed into place; returns data."""
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(data, indent=1) + "\n")
     os.replace(tmp, path)
@@ -160,11 +164,7 @@ def merge(paths, out):
             have = kernels.setdefault(where, [])
             keys = {json.dumps(e["key"]) for e in have}
             have += [e for e in entries if json.dumps(e["key"]) not in keys]
-    merged = {**ident, "card": files[0].get("card"), "kernels": dict(sorted(kernels.items()))}
-    tmp = Path(f"{out}.tmp")
-    tmp.write_text(json.dumps(merged, indent=1) + "\n")
-    os.replace(tmp, out)
-    return merged
+    return _write(out, {**ident, "card": files[0].get("card"), "kernels": dict(sorted(kernels.items()))})
 
 
 _pinned = set()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kimi_linear_kernels as kernels
-from conftest import build_model, tiny_config, tiny_config_dict
+from conftest import build_model, tiny_config_dict
 from kimi_linear.configuration_kimi_linear import KDA
 from kimi_linear.modeling_kimi_linear import (
     _CACHE_FIELD,
@@ -16,6 +16,7 @@ from kimi_linear.modeling_kimi_linear import (
     kda_decode_torch,
     kda_prefill_torch,
 )
+from test_moe import make_moe, reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -213,22 +214,9 @@ class TestGroupedMoE:
     @staticmethod
     def moe(seed=0, **overrides):
         cfg = dict(hidden_size=256, head_dim=64, moe_intermediate_size=128, num_experts=16, num_experts_per_token=4)
-        cfg.update(overrides)
-        torch.manual_seed(seed)
-        moe = KimiLinearMoE(tiny_config(**cfg))
-        with torch.no_grad():
-            for p in moe.parameters():
-                p.normal_(0, 0.05)
-            moe.gate.e_score_correction_bias.normal_(0, 0.3)
-        return moe.cuda().bfloat16()
+        return make_moe(seed, std=0.05, **{**cfg, **overrides}).cuda().bfloat16()
 
-    @staticmethod
-    def loop(moe, x):
-        moe.grouped = False
-        try:
-            return moe(x)
-        finally:
-            moe.grouped = True
+    loop = staticmethod(reference)  # the same module through moe_experts_loop
 
     @pytest.mark.parametrize("shape", [(1, 1), (8, 1), (1, 512), (3, 100)])
     def test_grouped_matches_loop_forward_and_backward(self, shape):

@@ -21,12 +21,12 @@ from kimi_linear.modeling_kimi_linear import (
 )
 
 
-def make_moe(seed=0, dtype=torch.float32, **overrides):
+def make_moe(seed=0, dtype=torch.float32, std=0.2, **overrides):
     torch.manual_seed(seed)
     moe = KimiLinearMoE(tiny_config(**overrides))
     with torch.no_grad():
         for p in moe.parameters():
-            p.normal_(0, 0.2)
+            p.normal_(0, std)
         moe.gate.e_score_correction_bias.normal_(0, 0.3)
     return moe.to(dtype)
 
