@@ -7,7 +7,9 @@ a length not seen before costs anything over a warm call of that length.
 Each mode runs in its own fresh process with an empty Triton cache (TRITON_CACHE_DIR in a new temporary folder),
 on the bench_1b_hybrid model (benchmarks/configs/, random weights, bf16):
   autotune   KIMI_FLA_PINNED=0: fla autotunes every kernel on first use (the baseline)
-  pinned     the pre-chosen configurations (the default)
+  pinned     the pre-chosen configurations, kernels compiled one by one as calls reach them (KIMI_FLA_PRECOMPILE=0)
+  precompiled  the pre-chosen configurations and the recorded kernel variants compiled side by side on first use
+             (kernels/precompile.py; the default)
 Per mode: first prefill of --prefill-len tokens and its warm median; first training step (forward + backward,
 --train-len tokens, loss over all positions) and its warm median; then, for each --new-lengths, the first prefill at
 that length against the warm median at the same length. "Compile + tune" = first call - warm call.
@@ -80,15 +82,25 @@ def child(args):
 
         return step
 
-    out["first_prefill"] = first_and_warm(prefill(args.prefill_len))
-    print(f"[{args.child}] first prefill {out['first_prefill']}", flush=True)
-    out["first_train_step"] = first_and_warm(train_step(args.train_len))
-    print(f"[{args.child}] first training step {out['first_train_step']}", flush=True)
-    out["new_lengths"] = {}
-    for T in args.new_lengths:
-        out["new_lengths"][T] = r = first_and_warm(prefill(T))
-        r["over_warm"] = r["overhead_s"] / r["warm_s"]
-        print(f"[{args.child}] new length {T}: {r}", flush=True)
+    from kimi_linear_kernels import precompile
+
+    with precompile.compile_events() as events:  # fla kernel variants compiled at a launch: what precompile missed
+
+        def measured(name, fn):
+            before = len(events)
+            r = first_and_warm(fn)
+            r["compiled_at_launch"] = sorted({e["name"].rpartition(".")[2] for e in events[before:] if not e["warmup"]})
+            r["precompiled"] = [list(h) for h in precompile.history]
+            precompile.history.clear()
+            print(f"[{args.child}] {name}: {r}", flush=True)
+            return r
+
+        out["first_prefill"] = measured("first prefill", prefill(args.prefill_len))
+        out["first_train_step"] = measured("first training step", train_step(args.train_len))
+        out["new_lengths"] = {}
+        for T in args.new_lengths:
+            out["new_lengths"][T] = r = measured(f"new length {T}", prefill(T))
+            r["over_warm"] = r["overhead_s"] / r["warm_s"]
     out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     if args.record:
         from kimi_linear_kernels.tuned import PASSES, exercise, record
@@ -103,7 +115,8 @@ def child(args):
 def run_mode(mode, args):
     env = dict(os.environ, TRITON_CACHE_DIR=tempfile.mkdtemp(prefix=f"triton-{mode}-"))
     env["KIMI_FLA_PINNED"] = "0" if mode == "autotune" else "1"
-    if mode == "pinned" and args.record:
+    env["KIMI_FLA_PRECOMPILE"] = "1" if mode == "precompiled" else "0"
+    if mode != "autotune" and args.record:
         env["KIMI_FLA_TUNED"] = str(args.record)  # the choices the autotune run just made
     cmd = [sys.executable, __file__, "--child", mode, "--prefill-len", str(args.prefill_len),
            "--train-len", str(args.train_len), "--new-lengths", *map(str, args.new_lengths)]  # fmt: skip
@@ -129,13 +142,13 @@ def plot(report, path):
     modes = report["modes"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
     labels = ["first prefill", "first training step"]
-    width = 0.38
+    width = 0.8 / len(modes)
     for i, m in enumerate(modes):
         vals = [m["first_prefill"]["overhead_s"], m["first_train_step"]["overhead_s"]]
         bars = ax.bar([j + i * width for j in range(2)], vals, width, label=m["mode"])
         ax.bar_label(bars, fmt="%.1f s")
     ax.axhline(30, color="k", ls="--", lw=1, label="30 s target")
-    ax.set_xticks([j + width / 2 for j in range(2)], labels)
+    ax.set_xticks([j + width * (len(modes) - 1) / 2 for j in range(2)], labels)
     ax.set_ylabel("compile + tune (first call - warm call), s")
     meta = report["metadata"]
     ax.set_title(f"Cold start, bench_1b_hybrid | {meta['card']} | fla-core {meta['fla-core']} | "
@@ -156,7 +169,12 @@ def main():
         default=[32768, 50001, 131072],
         help="(default: %(default)s; an odd length checks Triton's per-divisibility specialisation)",
     )
-    ap.add_argument("--modes", nargs="+", default=["autotune", "pinned"], choices=["autotune", "pinned"])
+    ap.add_argument(
+        "--modes",
+        nargs="+",
+        default=["autotune", "pinned", "precompiled"],
+        choices=["autotune", "pinned", "precompiled"],
+    )
     ap.add_argument("--record", type=Path, help="the autotune mode writes its chosen configurations here")
     ap.add_argument("--out-dir", type=Path, default=HERE / "results", help="(default: %(default)s)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -173,12 +191,12 @@ def main():
     for mode in args.modes:
         report["modes"].append(run_mode(mode, args))
     (args.out_dir / "cold_start.json").write_text(json.dumps(report, indent=1))
-    print(f"\n{'mode':10s} {'prefill first/warm s':>22s} {'train first/warm s':>22s}  new lengths (first/warm s)")
+    print(f"\n{'mode':12s} {'prefill first/warm s':>22s} {'train first/warm s':>22s}  new lengths (first/warm s)")
     for m in report["modes"]:
         p, t = m["first_prefill"], m["first_train_step"]
         new = "  ".join(f"{T}: {r['first_s']:.2f}/{r['warm_s']:.2f}" for T, r in m["new_lengths"].items())
         cells = f"{p['first_s']:10.1f}/{p['warm_s']:<10.3f} {t['first_s']:10.1f}/{t['warm_s']:<10.3f}"
-        print(f"{m['mode']:10s} {cells}  {new}")
+        print(f"{m['mode']:12s} {cells}  {new}")
     plot(report, args.out_dir / "cold_start.png")
     print(f"wrote {args.out_dir / 'cold_start.json'} and cold_start.png")
 

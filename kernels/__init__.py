@@ -4,7 +4,8 @@ own package).
 One dispatch point: `kda_backend(tensor)` says which implementation serves a tensor. CUDA tensors go to the Triton
 path when a tested fla-core is installed: `kda_prefill` (the q/k L2 norm, then fla's `chunk_kda` with the gate and
 beta fused in; prefill and training, dense or variable-length) and this package's `kda_decode_fused` (one launch per
-decode step, nothing tuned). fla's autotuned kernels start from pre-chosen configurations (kernels/tuned.py).
+decode step, nothing tuned). fla's autotuned kernels start from pre-chosen configurations (kernels/tuned.py) and
+the variants the model uses compile side by side on first use (kernels/precompile.py).
 Everything else (CPU tensors above all, whatever is installed) stays on the plain PyTorch path in
 `modeling_kimi_linear.py`, whose functions are the twins. `force_backend("torch")` pins the plain path for tests. fla
 is called by keyword only: its positional order has changed between releases.
@@ -75,6 +76,24 @@ def _pin_tuned():
         logger.warning("Kimi Linear: could not pin fla kernel configurations (%s); fla autotunes as usual", err)
 
 
+_precompiled = set()
+
+
+def _precompile(dtype, training):
+    """On the first call of a kind (dtype, training or not): compile the recorded fla kernel variants it will need
+    side by side (kernels/precompile.py) rather than one by one as the call reaches them. A failure here only costs
+    that parallelism, never correctness."""
+    if (dtype, training) in _precompiled:
+        return
+    _precompiled.add((dtype, training))
+    try:
+        from .precompile import warm
+
+        warm(dtype, training)
+    except Exception as err:  # noqa: BLE001
+        logger.warning("Kimi Linear: could not precompile fla kernels (%s); they compile on first use", err)
+
+
 def kda_backend(x):
     """'triton' or 'torch' for the tensor x. CPU tensors never reach a Triton kernel."""
     if _forced is not None:
@@ -104,6 +123,7 @@ def kda_prefill(q, k, v, g, beta, A_log, dt_bias, initial_state=None, output_fin
     [B, T, H, K], beta = b_proj(x) [B, T, H], A_log with H elements, dt_bias [H*K]; cu_seqlens [S+1] with B == 1
     for S variable-length sequences (initial_state [S, H, K, V]). Twin: kda_prefill_torch in modeling_kimi_linear.py."""
     chunk_kda, _ = _load_fla()
+    _precompile(q.dtype, torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta, A_log, dt_bias)))
     if initial_state is not None:
         initial_state = initial_state.float()
     return chunk_kda(

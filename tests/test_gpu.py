@@ -16,6 +16,7 @@ from kimi_linear.modeling_kimi_linear import (
     kda_decode_torch,
     kda_prefill_torch,
 )
+from kimi_linear_kernels import precompile
 from test_moe import make_moe, reference
 
 pytestmark = [
@@ -383,3 +384,46 @@ class TestCudaGraphDecode:
         assert cache._graph is not graph and cache.graph_replays == 19
         eager, _, _ = self.generate(model, ids, KimiLinearStaticCache(model.config, max_length=80, cuda_graph=False))
         assert torch.equal(changed, eager) and not torch.equal(changed, first)
+
+
+_PRECOMPILE_CHILD = """
+import json, sys, torch
+import kimi_linear_kernels as kernels
+from kimi_linear_kernels import precompile
+gen = torch.Generator().manual_seed(0)
+q, k, v, g = (torch.randn(2, 1000, 32, 128, generator=gen).cuda().bfloat16() for _ in range(4))
+beta = torch.randn(2, 1000, 32, generator=gen).cuda().bfloat16()
+A_log, dt_bias = torch.rand(32).mul(15).add(1).log().cuda(), torch.randn(32 * 128).mul(0.1).cuda()
+with precompile.compile_events() as events, torch.no_grad():
+    o, h = kernels.kda_prefill(q, k, v, g, beta, A_log, dt_bias)
+    torch.cuda.synchronize()
+torch.save({"o": o.cpu(), "h": h.cpu()}, sys.argv[1])
+print(json.dumps({"at_launch": sorted({e["name"] for e in events if not e["warmup"]}),
+                  "preloaded": len([e for e in events if e["warmup"]]), "history": precompile.history}))
+"""
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not precompile.default_file(torch.cuda.get_device_capability()).exists(),
+    reason="no precompile record for this GPU architecture (python -m kimi_linear_kernels.precompile --out ...)",
+)
+def test_precompiled_kernels_are_the_ones_a_launch_compiles(tmp_path):
+    # Two fresh processes with empty Triton caches: the record's variants compiled side by side leave nothing for
+    # the launches to compile, and give bit-for-bit the outputs of kernels compiled one by one at launch.
+    import json
+    import os
+    import subprocess
+    import sys
+
+    runs = {}
+    for flag in ("1", "0"):
+        env = dict(os.environ, KIMI_FLA_PRECOMPILE=flag, TRITON_CACHE_DIR=str(tmp_path / f"triton{flag}"))
+        proc = subprocess.run([sys.executable, "-c", _PRECOMPILE_CHILD, str(tmp_path / f"out{flag}.pt")], env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[flag] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert runs["1"]["at_launch"] == [], f"launched kernels the record lacks: {runs['1']['at_launch']}"
+    assert runs["1"]["preloaded"] > 0 and runs["1"]["history"]
+    assert runs["0"]["at_launch"] and runs["0"]["preloaded"] == 0  # the hook sees launch-time compiles
+    a, b = torch.load(tmp_path / "out1.pt"), torch.load(tmp_path / "out0.pt")
+    assert torch.equal(a["o"], b["o"]) and torch.equal(a["h"], b["h"])

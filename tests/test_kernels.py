@@ -133,6 +133,49 @@ def test_pinned_configurations_round_trip_through_fla_autotuners(tmp_path):
     assert int(out.stdout.split()[-1]) >= 20
 
 
+@pytest.mark.skipif(not FLA_SITE, reason="set KIMI_FLA_SITE to a folder holding fla-core + triton (.ci/run does)")
+def test_precompile_record_is_matched_to_the_machine_and_its_failures_are_contained(tmp_path):
+    # No GPU here (the record itself and the bit-for-bit check run in test_gpu.py): a record names fla kernels by
+    # their full Triton names, is ignored for another fla / Triton / GPU, asks only for the phases a call needs,
+    # each once, and a variant that cannot be preloaded is reported and skipped, never raised.
+    script = textwrap.dedent("""
+        import json, logging, os, sys
+        sys.path.insert(0, sys.argv[1])
+        import torch
+        import kimi_linear_kernels.precompile as pc
+        ident = {"fla-core": "0.6.0", "triton": "3.6.0", "capability": [9, 0]}
+        pc._identity = lambda: dict(ident)
+        name = "fla.ops.kda.chunk_intra.chunk_kda_fwd_kernel_inter_solve_fused"
+        assert pc._jit_function(name).__class__.__name__ == "JITFunction"
+        assert pc.phases(torch.bfloat16, True) == ["bfloat16:forward", "bfloat16:backward"]
+        assert pc.phases(torch.float32, False) == ["float32:forward"]
+        variants = [{"phase": "bfloat16:forward", "name": name, "data": "{}"},
+                    {"phase": "bfloat16:backward", "name": name, "data": "{}"}]
+        json.dump({**ident, "variants": variants}, open(sys.argv[2], "w"))
+        json.dump({**ident, "triton": "9.9.9", "variants": variants}, open(sys.argv[3], "w"))
+        assert pc.warm(torch.bfloat16, False, path=sys.argv[3]) == (0, 0.0)  # another Triton: ignored
+        pc._done.clear()
+        logging.basicConfig(level=logging.WARNING)
+        count, _ = pc.warm(torch.bfloat16, False, path=sys.argv[2])  # the preload fails: no GPU, data empty
+        assert count == 1, count
+        assert pc.warm(torch.bfloat16, False, path=sys.argv[2]) == (0, 0.0)  # each phase once per process
+        assert pc.warm(torch.bfloat16, True, path=sys.argv[2])[0] == 1  # training adds only the backward phase
+        pc._done.clear()
+        os.environ["KIMI_FLA_PRECOMPILE"] = "0"
+        assert pc.warm(torch.bfloat16, True, path=sys.argv[2]) == (0, 0.0)
+        print("ok")
+    """)
+    out = subprocess.run(
+        [sys.executable, "-c", script, FLA_SITE, str(tmp_path / "a.json"), str(tmp_path / "b.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[-1] == "ok"
+    assert "could not be precompiled" in out.stderr
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 4e-3)])
 def test_l2norm_before_the_chunk_kernel_matches_float64(dtype, tol):
     # the q/k L2 norm kda_prefill applies before fla's chunk_kda; fla's formula x / sqrt(sum x^2 + eps)
