@@ -92,20 +92,23 @@ def _write(path, data):
 
 # Key arguments that do not change which launch configuration is valid or best by much: a choice recorded for
 # one value serves the others (the varlen variant of a kernel shares its tiles with the dense one; the batch size
-# only changes the grid).
+# only changes the grid). Exact choices, where recorded, come first.
 LOOSE_KEYS = {"B", "IS_VARLEN"}
 
 
 class _LooseCache(dict):
     """An autotuner's cache that answers a key it has not seen with the choice recorded for a key equal to it in
-    everything but LOOSE_KEYS (the dtype strings after the named keys included)."""
+    everything but LOOSE_KEYS and the optional tensors: after its named keys, Triton's autotuner key lists the dtype
+    of every tensor argument given, so an initial state, a final state or the variable-length offsets each change
+    it; only the first (the inputs' dtype) is kept."""
 
     def __init__(self, names, *args):
         super().__init__(*args)
+        self.names = len(names)
         self.loose = [i for i, n in enumerate(names) if n in LOOSE_KEYS]
 
     def _strict(self, key):
-        return tuple(v for i, v in enumerate(key) if i not in self.loose)
+        return tuple(v for i, v in enumerate(key[: self.names + 1]) if i not in self.loose)
 
     def _find(self, key):
         if dict.__contains__(self, key):

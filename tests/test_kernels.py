@@ -114,6 +114,9 @@ def test_pinned_configurations_round_trip_through_fla_autotuners(tmp_path):
             assert t.cache[key].all_kwargs() == cfg.all_kwargs(), (m, a)
             loose = tuple(False if k == "IS_VARLEN" else (3 if k == "B" else v) for k, v in zip(t.keys, key)) + key[-1:]
             assert loose in t.cache and t.cache[loose].all_kwargs() == cfg.all_kwargs()
+            optional = key + ("torch.float32", "torch.int64")  # an initial state and varlen offsets given
+            assert optional in t.cache and t.cache[optional].all_kwargs() == cfg.all_kwargs()
+            assert key[:-1] + ("torch.float32",) not in t.cache  # another input dtype is another choice
             if any(k not in tuned.LOOSE_KEYS for k in t.keys):
                 strict = tuple(v + 1 if k not in tuned.LOOSE_KEYS else v for k, v in zip(t.keys, key)) + key[-1:]
                 assert strict not in t.cache, (m, a)
