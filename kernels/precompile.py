@@ -61,6 +61,14 @@ def _jit_function(full_name):
     raise LookupError(f"{full_name} is not a Triton kernel")
 
 
+def _triton_dir():
+    """Where Triton is installed: the launch options name its libdevice by absolute path, so a record made on one
+    machine is moved to this one's (in the options and in the JIT cache key alike)."""
+    import triton
+
+    return os.path.dirname(triton.__file__)
+
+
 @contextmanager
 def compile_events(only_fla=True):
     """Within the block, every kernel variant Triton compiles (or loads from its disk cache) into a process's JIT
@@ -125,9 +133,10 @@ def warm(dtype, training, path=None):
         failed = []
         with ThreadPoolExecutor(threads, thread_name_prefix="kimi-precompile") as pool:
             with AsyncCompileMode(pool, ignore_errors=True):
+                here = _triton_dir()
                 for e in entries:
                     try:
-                        _jit_function(e["name"]).preload(e["data"])
+                        _jit_function(e["name"]).preload(e["data"].replace(data["triton_dir"], here))
                     except Exception as err:  # noqa: BLE001 - a variant that cannot be preloaded compiles later
                         failed.append(f"{e['name']}: {err}")
         seconds = time.perf_counter() - start
@@ -192,7 +201,8 @@ def record(out, T=1024, H=32, K=128):
 
     if record_if_tuned(Path(out).parent, "precompile"):  # then the record also holds every candidate it tried
         print("warning: fla autotuned during the record: merge the tuned file written and record again", flush=True)
-    return _write(out, {**_identity(), "card": torch.cuda.get_device_name(0), "variants": variants})
+    card = torch.cuda.get_device_name(0)
+    return _write(out, {**_identity(), "card": card, "triton_dir": _triton_dir(), "variants": variants})
 
 
 def main():

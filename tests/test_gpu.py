@@ -199,9 +199,22 @@ def test_model_packed_row_trains_like_separate_rows_on_cuda():
     gap = rel_rms(logits, alone_logits)
     assert gap < 1e-2 and gap < 0.05 * rel_rms(leaky, alone_logits), (gap, rel_rms(leaky, alone_logits))
     assert rel_rms(packed, alone) < 3e-3
+    # Gradients: the separate rows again in float32 through the plain path are the reference; the packed row's
+    # bf16 error may not exceed twice the separate rows' bf16 error (a router's gradient sums many small terms and
+    # carries a few % of bf16 noise either way; a leak is far above that).
+    model32 = copy.deepcopy(model).float()
+    model32.zero_grad()
+    kernels.force_backend("torch")
+    try:
+        ref_logits = [model32(d[None].cuda(), use_cache=False).logits[0] for d in docs]
+        sum(ce(x[:-1], d[1:].cuda(), reduction="sum") for x, d in zip(ref_logits, docs) if len(d) > 1).backward()
+    finally:
+        kernels.force_backend(None)
+    ref = dict(model32.named_parameters())
     for name, p in model.named_parameters():
         if name in grads:
-            assert rel_rms(grads[name], p.grad) < 3e-2, name
+            bound = 2 * rel_rms(p.grad, ref[name].grad) + 5e-3
+            assert rel_rms(grads[name], ref[name].grad) < bound, (name, bound)
 
 
 class TestGroupedMoE:

@@ -154,8 +154,9 @@ def test_precompile_record_is_matched_to_the_machine_and_its_failures_are_contai
         assert pc.phases(torch.float32, False) == ["float32:forward"]
         variants = [{"phase": "bfloat16:forward", "name": name, "data": "{}"},
                     {"phase": "bfloat16:backward", "name": name, "data": "{}"}]
-        json.dump({**ident, "variants": variants}, open(sys.argv[2], "w"))
-        json.dump({**ident, "triton": "9.9.9", "variants": variants}, open(sys.argv[3], "w"))
+        record = {**ident, "triton_dir": "/elsewhere", "variants": variants}
+        json.dump(record, open(sys.argv[2], "w"))
+        json.dump({**record, "triton": "9.9.9"}, open(sys.argv[3], "w"))
         assert pc.warm(torch.bfloat16, False, path=sys.argv[3]) == (0, 0.0)  # another Triton: ignored
         pc._done.clear()
         logging.basicConfig(level=logging.WARNING)
