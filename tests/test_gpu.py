@@ -406,7 +406,8 @@ from kimi_linear_kernels import precompile
 gen = torch.Generator().manual_seed(0)
 q, k, v, g = (torch.randn(2, 1000, 32, 128, generator=gen).cuda().bfloat16() for _ in range(4))
 beta = torch.randn(2, 1000, 32, generator=gen).cuda().bfloat16()
-A_log, dt_bias = torch.rand(32).mul(15).add(1).log().cuda(), torch.randn(32 * 128).mul(0.1).cuda()
+A_log = torch.rand(32, generator=gen).mul(15).add(1).log().cuda()
+dt_bias = torch.randn(32 * 128, generator=gen).mul(0.1).cuda()
 with precompile.compile_events() as events, torch.no_grad():
     o, h = kernels.kda_prefill(q, k, v, g, beta, A_log, dt_bias)
     torch.cuda.synchronize()
