@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -496,15 +496,53 @@ class KimiMLAAttention(nn.Module):
             out = self._attend_expanded(q, latent, mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, h * self.v_dim))
 
-    def _attend_expanded(self, q, latent, mask):
+    # Inference past this many keys attends block by block (key_block keys per call, queries in pieces of as many),
+    # merged by log-sum-exp: one call over a 512k-token cache of 32 heads indexes past 2^31 elements (an illegal
+    # memory access in the attention kernel on an H100) and expands every cached token at once.
+    key_block = 1 << 17
+
+    def _expand(self, latent):
+        """Per-head keys [B, h, S, 192] and values [B, h, S, 128] from latents [B, S, 576]."""
         B, S, _ = latent.shape
         h = self.num_heads
         c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope], dim=-1)
         kv = self.kv_b_proj(c_kv).view(B, S, h, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe[:, None].expand(B, h, S, self.rope)], dim=-1)
-        is_causal = mask is None and q.shape[2] > 1
+        return torch.cat([k_nope, k_pe[:, None].expand(B, h, S, self.rope)], dim=-1), v
+
+    def _attend_expanded(self, q, latent, mask):
+        T, S = q.shape[2], latent.shape[1]
+        causal_only = mask is None or isinstance(mask, CausalBias)  # no padding: causal, aligned bottom right
+        if S > self.key_block and causal_only and not torch.is_grad_enabled():
+            return self._attend_blocked(q, latent)
+        k, v = self._expand(latent)
+        is_causal = mask is None and T > 1
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling)
+
+    def _attend_blocked(self, q, latent):
+        """Causal attention of the last T positions of S (no padding) in blocks of at most key_block keys: each piece
+        of queries attends to every earlier key block in full and to itself causally; the blocks' outputs are merged
+        by their log-sum-exp."""
+        T, S, step = q.shape[2], latent.shape[1], self.key_block
+        out = []
+        for t0 in range(0, T, step):
+            qp = q[:, :, t0 : t0 + step]
+            start = S - T + t0  # the piece's first position
+            blocks = [(s, min(s + step, start), False) for s in range(0, start, step)] + [
+                (start, start + qp.shape[2], True)
+            ]
+            o = lse = None
+            for s0, s1, causal in blocks:
+                k, v = self._expand(latent[:, s0:s1])
+                ob, lb = _attention_lse(qp, k, v, causal, self.scaling)
+                if o is None:
+                    o, lse = ob.float(), lb
+                    continue
+                new = torch.logaddexp(lse, lb)
+                o = o * (lse - new).exp()[..., None] + ob.float() * (lb - new).exp()[..., None]
+                lse = new
+            out.append(o.to(q.dtype))
+        return torch.cat(out, dim=2)
 
     def _attend_latent(self, q, latent, mask):
         h = self.num_heads
@@ -536,6 +574,23 @@ class KimiMLAAttention(nn.Module):
         if mask is not None:
             scores = scores.masked_fill(~mask[:, 0], float("-inf"))
         return torch.bmm(scores.softmax(-1).to(latent.dtype), latent[..., : self.kv_lora_rank])
+
+
+def _attention_lse(q, k, v, causal, scale):
+    """Attention output [B, h, T, Dv] and its log-sum-exp [B, h, T] (float32) for one key block; causal: top-left
+    aligned (the block holds the queries' own positions). CUDA half types use the memory-efficient attention kernel,
+    which returns the log-sum-exp; elsewhere float32 math."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q, k, v, None, True, 0.0, causal, scale=scale
+        )[:2]
+        return out, lse[..., : q.shape[2]]
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if causal:
+        T, S = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(T, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    lse = scores.logsumexp(-1)
+    return torch.matmul((scores - lse[..., None]).exp(), v.float()), lse
 
 
 _BMM_OUT_DTYPE = [True]  # torch.bmm(..., out_dtype=float32) on CUDA half types, until it fails once

@@ -441,3 +441,18 @@ def test_precompiled_kernels_are_the_ones_a_launch_compiles(tmp_path):
     assert runs["0"]["at_launch"] and runs["0"]["preloaded"] == 0  # the hook sees launch-time compiles
     a, b = torch.load(tmp_path / "out1.pt"), torch.load(tmp_path / "out0.pt")
     assert torch.equal(a["o"], b["o"]) and torch.equal(a["h"], b["h"])
+
+
+@torch.no_grad()
+def test_mla_key_blocks_match_one_attention_call_in_bf16(monkeypatch):
+    # the blocked path's CUDA kernel (memory-efficient attention with its log-sum-exp), one-shot and continued
+    from kimi_linear.modeling_kimi_linear import KimiMLAAttention
+
+    model = _cuda_model().bfloat16()
+    ids = torch.randint(3, 512, (2, 700), generator=torch.Generator().manual_seed(8)).cuda()
+    ref_cache = KimiLinearCache(model.config)
+    ref = torch.cat([model(ids[:, :500], cache=ref_cache).logits, model(ids[:, 500:], cache=ref_cache).logits], 1)
+    monkeypatch.setattr(KimiMLAAttention, "key_block", 128)
+    cache = KimiLinearCache(model.config)
+    out = torch.cat([model(ids[:, :500], cache=cache).logits, model(ids[:, 500:], cache=cache).logits], 1)
+    assert rel_rms(out, ref) < 1e-2

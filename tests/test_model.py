@@ -55,6 +55,25 @@ def test_long_inference_prefill_runs_each_kda_layer_in_pieces(tiny_model, monkey
             assert rel_err(x, y) < 1e-5
 
 
+def test_long_inference_attention_runs_in_key_blocks(tiny_model, monkeypatch):
+    # MLA past key_block keys (inference, no padding): query pieces against key blocks merged by log-sum-exp; the
+    # same logits and cache as one SDPA call, for a one-shot prefill and for a continuation of a cached prefix
+    from kimi_linear.modeling_kimi_linear import KimiMLAAttention
+
+    ids = ids_for(2, 150, seed=7)
+    with torch.no_grad():
+        ref_cache = KimiLinearCache(tiny_model.config)
+        ref = tiny_model(ids[:, :100], cache=ref_cache).logits
+        ref_next = tiny_model(ids[:, 100:], cache=ref_cache).logits
+        monkeypatch.setattr(KimiMLAAttention, "key_block", 16)  # 100 keys: 7 blocks; the continuation 50 more
+        cache = KimiLinearCache(tiny_model.config)
+        blocked = tiny_model(ids[:, :100], cache=cache).logits
+        blocked_next = tiny_model(ids[:, 100:], cache=cache).logits
+    assert rel_err(blocked, ref) < 1e-5 and rel_err(blocked_next, ref_next) < 1e-5
+    trained = tiny_model(ids[:, :100]).logits  # gradients on: one SDPA call, as training needs
+    assert rel_err(trained.detach(), ref) < 1e-5
+
+
 @torch.no_grad()
 def test_bfloat16_decode_tracks_float32():
     model32 = build_model()
