@@ -200,8 +200,9 @@ def test_model_packed_row_trains_like_separate_rows_on_cuda():
     assert gap < 1e-2 and gap < 0.05 * rel_rms(leaky, alone_logits), (gap, rel_rms(leaky, alone_logits))
     assert rel_rms(packed, alone) < 3e-3
     # Gradients: the separate rows again in float32 through the plain path are the reference; the packed row's
-    # bf16 error may not exceed twice the separate rows' bf16 error (a router's gradient sums many small terms and
-    # carries a few % of bf16 noise either way; a leak is far above that).
+    # bf16 error may not exceed twice the separate rows' bf16 error, three times for the MoE (a router's gradient
+    # sums many small terms, and a token near a routing tie picks another expert in another bf16 run: ~5-10% of
+    # noise either way; a leak across documents is far above that).
     model32 = copy.deepcopy(model).float()
     model32.zero_grad()
     kernels.force_backend("torch")
@@ -213,7 +214,7 @@ def test_model_packed_row_trains_like_separate_rows_on_cuda():
     ref = dict(model32.named_parameters())
     for name, p in model.named_parameters():
         if name in grads:
-            bound = 2 * rel_rms(p.grad, ref[name].grad) + 5e-3
+            bound = (3 if "block_sparse_moe" in name else 2) * rel_rms(p.grad, ref[name].grad) + 5e-3
             assert rel_rms(grads[name], ref[name].grad) < bound, (name, bound)
 
 
@@ -448,11 +449,21 @@ def test_mla_key_blocks_match_one_attention_call_in_bf16(monkeypatch):
     # the blocked path's CUDA kernel (memory-efficient attention with its log-sum-exp), one-shot and continued
     from kimi_linear.modeling_kimi_linear import KimiMLAAttention
 
-    model = _cuda_model().bfloat16()
+    model32 = _cuda_model()
+    model = copy.deepcopy(model32).bfloat16()
     ids = torch.randint(3, 512, (2, 700), generator=torch.Generator().manual_seed(8)).cuda()
-    ref_cache = KimiLinearCache(model.config)
-    ref = torch.cat([model(ids[:, :500], cache=ref_cache).logits, model(ids[:, 500:], cache=ref_cache).logits], 1)
+
+    def run(m):
+        cache = KimiLinearCache(m.config)
+        return torch.cat([m(ids[:, :500], cache=cache).logits, m(ids[:, 500:], cache=cache).logits], 1)
+
+    kernels.force_backend("torch")
+    try:
+        ref = run(model32)  # float32, plain path, one attention call
+    finally:
+        kernels.force_backend(None)
+    plain = run(model)
     monkeypatch.setattr(KimiMLAAttention, "key_block", 128)
-    cache = KimiLinearCache(model.config)
-    out = torch.cat([model(ids[:, :500], cache=cache).logits, model(ids[:, 500:], cache=cache).logits], 1)
-    assert rel_rms(out, ref) < 1e-2
+    blocked = run(model)
+    floor = rel_rms(plain, ref)  # bf16's own error here
+    assert floor < 0.1 and rel_rms(blocked, ref) < 1.5 * floor + 1e-3, (rel_rms(blocked, ref), floor)
