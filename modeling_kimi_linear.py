@@ -576,15 +576,37 @@ class KimiMLAAttention(nn.Module):
         return torch.bmm(scores.softmax(-1).to(latent.dtype), latent[..., : self.kv_lora_rank])
 
 
+_CUDNN_LSE = [None]  # cuDNN attention's log-sum-exp: None until checked against the memory-efficient kernel's
+
+
+def _lse_cudnn(q, k, v, causal, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+    return out, lse.reshape(*q.shape[:2], -1)[..., : q.shape[2]].float()
+
+
+def _lse_efficient(q, k, v, causal, scale):
+    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
+    return out, lse[..., : q.shape[2]]
+
+
 def _attention_lse(q, k, v, causal, scale):
     """Attention output [B, h, T, Dv] and its log-sum-exp [B, h, T] (float32) for one key block; causal: top-left
-    aligned (the block holds the queries' own positions). CUDA half types use the memory-efficient attention kernel,
-    which returns the log-sum-exp; elsewhere float32 math."""
+    aligned (the block holds the queries' own positions). CUDA half types use cuDNN's attention kernel (what SDPA
+    picks for MLA's 192/128 head dims on an H100, about 600 TFLOP/s there) once its log-sum-exp has matched the
+    memory-efficient kernel's (about 130 TFLOP/s) on a small slice, else that one; elsewhere float32 math."""
     if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            q, k, v, None, True, 0.0, causal, scale=scale
-        )[:2]
-        return out, lse[..., : q.shape[2]]
+        if _CUDNN_LSE[0] is None:
+            small = (q[:1, :, :64], k[:1, :, :64], v[:1, :, :64], causal, scale)
+            try:
+                agree = torch.allclose(_lse_cudnn(*small)[1], _lse_efficient(*small)[1], atol=1e-2, rtol=1e-3)
+                why = "its log-sum-exp disagrees with the memory-efficient kernel's"
+            except RuntimeError as err:
+                agree, why = False, str(err)
+            _CUDNN_LSE[0] = agree
+            if not agree:
+                logger.warning_once(f"Kimi Linear: long-context attention blocks use the memory-efficient kernel, not "
+                                    f"cuDNN ({why}); slower, same result")  # fmt: skip
+        return (_lse_cudnn if _CUDNN_LSE[0] else _lse_efficient)(q, k, v, causal, scale)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if causal:
         T, S = scores.shape[-2:]
