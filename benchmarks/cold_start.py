@@ -130,6 +130,10 @@ def run_mode(mode, args):
         raise SystemExit(f"{mode} run failed ({proc.returncode})")
     result = json.loads(result_file.read_text())
     result["process_wall_s"] = time.perf_counter() - start
+    # what importing fla costs a fresh process (inside the first prefill's overhead above; nothing is compiled)
+    probe = "import time; t = time.perf_counter(); import fla.ops.kda; print(time.perf_counter() - t)"
+    result["fla_import_s"] = float(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
+                                                  text=True, check=True).stdout.split()[-1])  # fmt: skip
     return result
 
 
@@ -197,7 +201,7 @@ def main():
         p, t = m["first_prefill"], m["first_train_step"]
         new = "  ".join(f"{T}: {r['first_s']:.2f}/{r['warm_s']:.2f}" for T, r in m["new_lengths"].items())
         cells = f"{p['first_s']:10.1f}/{p['warm_s']:<10.3f} {t['first_s']:10.1f}/{t['warm_s']:<10.3f}"
-        print(f"{m['mode']:12s} {cells}  {new}")
+        print(f"{m['mode']:12s} {cells}  {new}  (importing fla: {m['fla_import_s']:.1f} s of the first prefill)")
     plot(report, args.out_dir / "cold_start.png")
     print(f"wrote {args.out_dir / 'cold_start.json'} and cold_start.png")
 
