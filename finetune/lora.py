@@ -643,6 +643,7 @@ def train_lora(
         "seconds": elapsed,
         "tokens": seen_tokens,
         "tokens_per_second": seen_tokens / max(elapsed, 1e-9),
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None,
         "log": log,
     }
     (out / "train_log.json").write_text(json.dumps(summary, indent=1))
