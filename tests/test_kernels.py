@@ -40,6 +40,13 @@ def test_kernels_folder_is_not_importable_as_top_level_kernels():
 FLA_SITE = os.environ.get("KIMI_FLA_SITE")
 
 
+def run_script(script, *args):
+    """Run `script` in a fresh Python with `args` (sys.argv[1:]); it must succeed. Returns the finished process."""
+    out = subprocess.run([sys.executable, "-c", script, *map(str, args)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
 @pytest.mark.skipif(not FLA_SITE, reason="set KIMI_FLA_SITE to a folder holding fla-core + triton (.ci/run does)")
 def test_model_on_cpu_runs_with_fla_and_triton_installed():
     # With fla and triton importable on a machine without a GPU, every Triton op would raise; the model must
@@ -62,10 +69,7 @@ def test_model_on_cpu_runs_with_fla_and_triton_installed():
             print(model.generate(ids, max_new_tokens=3, do_sample=False)[0, -3:].tolist())
     """)
     cfg = os.path.join(os.path.dirname(__file__), "..", "conversion", "configs", "tiny.json")
-    with_fla = subprocess.run(
-        [sys.executable, "-c", script, FLA_SITE, cfg], capture_output=True, text=True, timeout=300
-    )
-    assert with_fla.returncode == 0, with_fla.stderr[-3000:]
+    with_fla = run_script(script, FLA_SITE, cfg)
     without = subprocess.run(
         [
             sys.executable,
@@ -126,13 +130,7 @@ def test_pinned_configurations_round_trip_through_fla_autotuners(tmp_path):
         assert tuned.pin(sys.argv[3]) == 0
         print(len(tuners))
     """)
-    out = subprocess.run(
-        [sys.executable, "-c", script, FLA_SITE, str(tmp_path / "a.json"), str(tmp_path / "b.json")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_script(script, FLA_SITE, tmp_path / "a.json", tmp_path / "b.json")
     assert int(out.stdout.split()[-1]) >= 20
 
 
@@ -169,13 +167,7 @@ def test_precompile_record_is_matched_to_the_machine_and_its_failures_are_contai
         assert pc.warm(torch.bfloat16, True, path=sys.argv[2]) == (0, 0.0)
         print("ok")
     """)
-    out = subprocess.run(
-        [sys.executable, "-c", script, FLA_SITE, str(tmp_path / "a.json"), str(tmp_path / "b.json")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    out = run_script(script, FLA_SITE, tmp_path / "a.json", tmp_path / "b.json")
     assert out.stdout.split()[-1] == "ok"
     assert "could not be precompiled" in out.stderr
 
