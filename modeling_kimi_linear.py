@@ -528,9 +528,8 @@ class KimiMLAAttention(nn.Module):
         for t0 in range(0, T, step):
             qp = q[:, :, t0 : t0 + step]
             start = S - T + t0  # the piece's first position
-            blocks = [(s, min(s + step, start), False) for s in range(0, start, step)] + [
-                (start, start + qp.shape[2], True)
-            ]
+            blocks = [(s, min(s + step, start), False) for s in range(0, start, step)]
+            blocks.append((start, start + qp.shape[2], True))  # the piece itself, causally
             o = lse = None
             for s0, s1, causal in blocks:
                 k, v = self._expand(latent[:, s0:s1])
@@ -606,7 +605,15 @@ def _attention_lse(q, k, v, causal, scale):
             if not agree:
                 logger.warning_once(f"Kimi Linear: long-context attention blocks use the memory-efficient kernel, not "
                                     f"cuDNN ({why}); slower, same result")  # fmt: skip
-        return (_lse_cudnn if _CUDNN_LSE[0] else _lse_efficient)(q, k, v, causal, scale)
+        if _CUDNN_LSE[0]:
+            try:
+                return _lse_cudnn(q, k, v, causal, scale)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as err:  # a shape cuDNN does not take: the memory-efficient kernel from now on
+                _CUDNN_LSE[0] = False
+                logger.warning_once(f"Kimi Linear: long-context attention blocks leave cuDNN ({err})")
+        return _lse_efficient(q, k, v, causal, scale)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if causal:
         T, S = scores.shape[-2:]

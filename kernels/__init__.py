@@ -79,17 +79,18 @@ def _pin_tuned():
 _precompiled = set()
 
 
-def _precompile(dtype, training):
-    """On the first call of a kind (dtype, training or not): compile the recorded fla kernel variants it will need
-    side by side (kernels/precompile.py) rather than one by one as the call reaches them. A failure here only costs
-    that parallelism, never correctness."""
-    if (dtype, training) in _precompiled:
+def _precompile(device, dtype, training):
+    """On the first call of a kind (device, dtype, training or not): compile the recorded fla kernel variants it will
+    need side by side (kernels/precompile.py) rather than one by one as the call reaches them. A failure here only
+    costs that parallelism, never correctness."""
+    if (device, dtype, training) in _precompiled:
         return
-    _precompiled.add((dtype, training))
+    _precompiled.add((device, dtype, training))
     try:
         from .precompile import warm
 
-        warm(dtype, training)
+        with torch.cuda.device(device):  # Triton keeps its compiled kernels per device
+            warm(dtype, training)
     except Exception as err:  # noqa: BLE001
         logger.warning("Kimi Linear: could not precompile fla kernels (%s); they compile on first use", err)
 
@@ -123,7 +124,8 @@ def kda_prefill(q, k, v, g, beta, A_log, dt_bias, initial_state=None, output_fin
     [B, T, H, K], beta = b_proj(x) [B, T, H], A_log with H elements, dt_bias [H*K]; cu_seqlens [S+1] with B == 1
     for S variable-length sequences (initial_state [S, H, K, V]). Twin: kda_prefill_torch in modeling_kimi_linear.py."""
     chunk_kda, _ = _load_fla()
-    _precompile(q.dtype, torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta, A_log, dt_bias)))
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta, A_log, dt_bias))
+    _precompile(q.device, q.dtype, training)
     if initial_state is not None:
         initial_state = initial_state.float()
     return chunk_kda(

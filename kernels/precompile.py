@@ -31,7 +31,7 @@ from .tuned import HERE, _identity, _write
 
 logger = logging.getLogger(__name__)
 
-_done = set()  # phases warmed (or found absent) in this process
+_done = set()  # (device, phase) warmed (or found absent) in this process
 history = []  # (phases, variants submitted, seconds) per warm() that compiled something: benchmarks report it
 _lock = threading.Lock()
 
@@ -115,11 +115,14 @@ def warm(dtype, training, path=None):
     Failures only cost the parallelism: such a variant compiles on first use."""
     if os.environ.get("KIMI_FLA_PRECOMPILE", "1") == "0":
         return 0, 0.0
+    import torch
+
+    device = torch.cuda.current_device() if torch.cuda.is_available() else None  # Triton caches per device
     with _lock:
-        wanted = [p for p in phases(dtype, training) if p not in _done]
+        wanted = [p for p in phases(dtype, training) if (device, p) not in _done]
         if not wanted:
             return 0, 0.0
-        _done.update(wanted)
+        _done.update((device, p) for p in wanted)
         data = _load(path)
         if data is None:
             return 0, 0.0
