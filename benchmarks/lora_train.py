@@ -73,6 +73,7 @@ def run(impl, args, config, dtype, device):
         print(f"[{impl}] step {i + 1}: {times[-1]:.3f} s, loss {loss:.4f}", flush=True)
     timed = times[args.warmup :]
     per_step = sorted(timed)[len(timed) // 2]
+    top = profile_steps(step, args, device) if args.profile else None
     row = {
         "impl": impl,
         "trainable_parameters": sum(p.numel() for p in params),
@@ -82,7 +83,29 @@ def run(impl, args, config, dtype, device):
         "tokens_per_s": args.batch * args.seq_len / per_step,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None,
     }
+    if top is not None:
+        row["profile_top"] = top
     return row
+
+
+def profile_steps(step, args, device, steps=3):
+    """The kernels of `steps` more training steps by time per step (torch.profiler), printed and returned."""
+    from profile_decode import kernel_table
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    table = kernel_table(prof, steps, torch.device(device))
+    busy = sum(t for t, _ in table.values())
+    print(f"  kernels per step: {sum(n for _, n in table.values()):.0f}, {busy / 1e3:.1f} ms of kernel time")
+    top = sorted(table.items(), key=lambda kv: -kv[1][0])[: args.profile]
+    for name, (us, calls) in top:
+        print(f"  {us / 1e3:8.2f} ms  x{calls:6.1f}  {name[:110]}")
+    return [{"name": n, "us": t, "calls": c} for n, (t, c) in top]
 
 
 def plot(report, path):
@@ -112,6 +135,13 @@ def main():
     ap.add_argument("--rank", type=int, default=16, help="(default: %(default)s)")
     ap.add_argument("--warmup", type=int, default=2, help="(default: %(default)s)")
     ap.add_argument("--steps", type=int, default=8, help="timed steps (default: %(default)s)")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after the timed steps, profile 3 more and list the N costliest kernels (default: off)",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out-dir", type=Path, default=HERE / "results", help="(default: %(default)s)")
     args = ap.parse_args()
