@@ -771,21 +771,27 @@ def moe_experts_loop(x, ids, weights, experts):
     return out
 
 
-def moe_experts_grouped(x, ids, weights, w13, w2):
+def moe_experts_grouped(x, ids, weights, w13, w2, lora=None):
     """The sum moe_experts_loop computes, as grouped matrix products over the (token, slot) assignments sorted by
     expert: no per-expert loop, no host sync, every shape fixed by N, k and the weights.
 
     x, ids, weights as in moe_experts_loop; w13 [E, 2I, hidden] holds each expert's w1 rows then its w3 rows,
     w2 [E, hidden, I] (nn.Linear layouts). The group ends come from searchsorted on the sorted ids (bincount would
     read its maximum on the host); the k expert outputs of a token are combined by one batched product, in a fixed
-    order (no atomic adds)."""
+    order (no atomic adds). lora: ExpertAdapters (LoRA on every expert's w1, w3 and w2), added as PEFT adds them."""
     N, k = ids.shape
     E, _, H = w13.shape
     expert, order = ids.flatten().sort(stable=True)  # [N*k] assignments grouped by expert
     ends = torch.searchsorted(expert, torch.arange(E, device=ids.device), right=True, out_int32=True)  # [E]
     xs = x.index_select(0, order // k)  # [N*k, hidden]
-    gate, up = _grouped_mm(xs, w13.transpose(1, 2), offs=ends).chunk(2, dim=-1)  # [N*k, I] each
-    ys = _grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=ends)  # [N*k, hidden]
+    h13 = _grouped_mm(xs, w13.transpose(1, 2), offs=ends)  # [N*k, 2I]
+    if lora is not None:
+        h13 = lora.add(h13, torch.cat([lora.delta(xs, 0, ends), lora.delta(xs, 1, ends)], dim=-1))
+    gate, up = h13.chunk(2, dim=-1)  # [N*k, I] each
+    h = F.silu(gate) * up
+    ys = _grouped_mm(h, w2.transpose(1, 2), offs=ends)  # [N*k, hidden]
+    if lora is not None:
+        ys = lora.add(ys, lora.delta(h, 2, ends))
     ys = torch.empty_like(ys).index_copy_(0, order, ys).view(N, k, H)  # back in (token, slot) order
     return torch.bmm(weights.to(ys.dtype).unsqueeze(1), ys).squeeze(1)
 
@@ -800,6 +806,67 @@ def moe_experts_gathered(x, ids, weights, w13, w2):
     gate, up = torch.bmm(w13[chosen], xs).squeeze(-1).chunk(2, dim=-1)  # [N*k, I] each
     ys = torch.bmm(w2[chosen], (F.silu(gate) * up).unsqueeze(-1)).view(N, k, -1)  # [N, k, hidden]
     return torch.bmm(weights.to(ys.dtype).unsqueeze(1), ys).squeeze(1)
+
+
+class ExpertAdapters:
+    """Vanilla LoRA (PEFT's) on every routed expert's w1, w3 and w2, stacked per projection for grouped products:
+    A[j] [E, r, in], B[j] [E, out, r] for j = 0 (w1), 1 (w3), 2 (w2); one scaling and dropout probability for all.
+    Stacked again each forward (differentiable: every expert's adapter gets its gradient, zero where no token went)."""
+
+    def __init__(self, parts, training):
+        self.A = [torch.stack([parts[3 * e + j][0] for e in range(len(parts) // 3)]) for j in range(3)]
+        self.B = [torch.stack([parts[3 * e + j][1] for e in range(len(parts) // 3)]) for j in range(3)]
+        self.scaling, self.p = parts[0][2], parts[0][3]
+        self.training = training
+
+    @staticmethod
+    def of(modules, training):
+        """ExpertAdapters for the projections [w1 0, w3 0, w2 0, w1 1, ...], None when none carries an active
+        adapter, False when the grouped path cannot reproduce them (another adapter kind, several active adapters,
+        some experts adapted and others not, ranks, scalings or dropouts that differ, widths _grouped_mm does not
+        take): the loop runs those."""
+        parts = [_vanilla_lora(m) for m in modules]
+        if all(p is None for p in parts):
+            return None
+        if any(p is None or p is False for p in parts):
+            return False
+        first = parts[0]
+        dtype, r = first[0].dtype, first[0].shape[0]
+        same = all(p[2] == first[2] and p[3] == first[3] and p[0].dtype == dtype and p[0].shape[0] == r for p in parts)
+        if not (same and _grouped_mm_takes(dtype, r) and _grouped_mm_runs(first[0].device.type, dtype)):
+            return False
+        return ExpertAdapters(parts, training)
+
+    def delta(self, x, j, ends):
+        """B_e A_e dropout(x) for each row's expert, in the adapters' dtype (unscaled)."""
+        x = F.dropout(x.to(self.A[j].dtype), self.p, self.training) if self.p else x.to(self.A[j].dtype)
+        return _grouped_mm(_grouped_mm(x, self.A[j].transpose(1, 2), offs=ends), self.B[j].transpose(1, 2), offs=ends)
+
+    def add(self, base, delta):
+        """base + scaling * delta the way PEFT adds them: in the promoted dtype, back in the base's."""
+        return (base + delta * self.scaling).to(base.dtype)
+
+
+def _vanilla_lora(module):
+    """For an expert projection: None when it is a plain nn.Linear or its adapters do nothing now (disabled, merged,
+    none active); (A weight, B weight, scaling, dropout p) for one active vanilla LoRA adapter on an nn.Linear;
+    False for anything else."""
+    if type(module) is nn.Linear:
+        return None
+    base = getattr(module, "base_layer", None)
+    if type(base) is not nn.Linear or not hasattr(module, "lora_A"):
+        return False
+    if module.disable_adapters or module.merged:
+        return None
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    if not active:
+        return None
+    name = active[0]
+    A, B, drop = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
+    if len(active) > 1 or name in getattr(module, "lora_variant", {}) or A.bias is not None or B.bias is not None:
+        return False
+    p = 0.0 if isinstance(drop, nn.Identity) else drop.p if type(drop) is nn.Dropout else None
+    return False if p is None else (A.weight, B.weight, module.scaling[name], p)
 
 
 @functools.cache
@@ -839,15 +906,18 @@ class KimiLinearMoE(nn.Module):
     matrix products (moe_experts_grouped). For that, the first forward copies their weights into two stacked
     tensors and makes every expert parameter a view of them, so no copy is made per step and optimizers,
     load_state_dict and in-place edits write straight into the stacked tensors. Each forward checks that every
-    expert projection is still a plain nn.Linear whose weight lives at its place in the stacked tensors, and
-    stacks again (one copy) where a parameter was replaced (.to(), loading by assignment, merging an adapter).
-    Experts wrapped by an adapter (PEFT LoRA) run through moe_experts_loop, so the adapter applies. Set `grouped`
-    to False to force moe_experts_loop. On CUDA, where torch._grouped_mm would read its group offsets on the host
-    (every dtype but bfloat16 on sm90/sm100), up to `gather_max_tokens` tokens run through moe_experts_gathered
-    instead, so that a decode step never syncs and can be captured in a CUDA graph. With `train_every_expert` set
-    (multi-process training does), every trainable routed-expert parameter joins the graph through a zero-weighted
-    term: an expert no token picked gets a zero gradient instead of none, so that every process reduces the same
-    set of gradients (sharded training requires it)."""
+    expert projection is still an nn.Linear (or a LoRA wrapper's base nn.Linear) whose weight lives at its place in
+    the stacked tensors, and stacks again (one copy) where a parameter was replaced (.to(), loading by assignment,
+    merging an adapter). Experts carrying PEFT LoRA adapters run grouped too (ExpertAdapters: the adapters stacked
+    per projection, their terms added as PEFT adds them); other adapter kinds, and adapters on some experts only,
+    run through moe_experts_loop, which calls each wrapped module. Set `grouped` to False to force
+    moe_experts_loop. On CUDA, where torch._grouped_mm would read its group offsets on the host (every dtype but
+    bfloat16 on sm90/sm100), up to `gather_max_tokens` tokens run through moe_experts_gathered instead (the loop,
+    with adapters), so that a decode step never syncs and can be captured in a CUDA graph. With
+    `train_every_expert` set (multi-process training does), every trainable routed-expert parameter joins the graph
+    through a zero-weighted term on the loop path: an expert no token picked gets a zero gradient instead of none,
+    so that every process reduces the same set of gradients (sharded training requires it; on the grouped path
+    every stacked adapter gets one anyway)."""
 
     def __init__(self, config: KimiLinearConfig):
         super().__init__()
@@ -868,7 +938,11 @@ class KimiLinearMoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         ids, weights = self.gate(flat)  # [N, k]
-        stacked = self._grouped_weights(flat) if self.grouped else None
+        stacked, lora = self._grouped_weights(flat) if self.grouped else (None, None)
+        few = flat.shape[0] <= self.gather_max_tokens
+        gather = stacked is not None and few and _grouped_mm_reads_offsets_on_host(flat.device, stacked[0].dtype)
+        if gather and lora is not None:
+            stacked = None  # the gathered few-token path takes no adapters: the loop
         if stacked is None:
             out = moe_experts_loop(flat, ids, weights, self.experts)
             if self.train_every_expert and torch.is_grad_enabled():
@@ -878,36 +952,46 @@ class KimiLinearMoE(nn.Module):
         else:
             w13, w2 = stacked
             # decode steps (a few tokens) never sync: where _grouped_mm would, the chosen experts are gathered
-            few = flat.shape[0] <= self.gather_max_tokens
-            gather = few and _grouped_mm_reads_offsets_on_host(flat.device, w13.dtype)
-            experts = moe_experts_gathered if gather else moe_experts_grouped
-            out = experts(flat.to(w13.dtype), ids, weights, w13, w2).to(flat.dtype)
+            if lora is not None:
+                out = moe_experts_grouped(flat.to(w13.dtype), ids, weights, w13, w2, lora=lora).to(flat.dtype)
+            elif gather:
+                out = moe_experts_gathered(flat.to(w13.dtype), ids, weights, w13, w2).to(flat.dtype)
+            else:
+                out = moe_experts_grouped(flat.to(w13.dtype), ids, weights, w13, w2).to(flat.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(shape)
 
-    def _expert_weights(self):
-        """Every routed expert's weight, [w1 0, w3 0, w2 0, w1 1, ...], or None when some projection is not a plain
-        nn.Linear (an adapter wraps it). Runs every forward, over every expert: reads the module dictionaries
-        directly."""
-        linears = [ex._modules[name] for ex in self.experts._modules.values() for name in ("w1", "w3", "w2")]
-        if any(type(m) is not nn.Linear for m in linears):
+    def _expert_projections(self):
+        """Every routed expert's projection module, [w1 0, w3 0, w2 0, w1 1, ...]. Runs every forward, over every
+        expert: reads the module dictionaries directly."""
+        return [ex._modules[name] for ex in self.experts._modules.values() for name in ("w1", "w3", "w2")]
+
+    def _expert_weights(self, modules=None):
+        """Every routed expert's weight in _expert_projections' order (a LoRA wrapper's base layer's), or None when
+        some projection is neither an nn.Linear nor an adapter on one."""
+        modules = modules or self._expert_projections()
+        bases = [m if type(m) is nn.Linear else m._modules.get("base_layer") for m in modules]
+        if any(type(b) is not nn.Linear for b in bases):
             return None
-        return [m._parameters["weight"] for m in linears]
+        return [b._parameters["weight"] for b in bases]
 
     def _is_stacked(self, weights):
         return self._stacked is not None and [w.data_ptr() for w in weights] == self._stacked[2]
 
     def _grouped_weights(self, x):
-        """(w13, w2) for moe_experts_grouped, differentiable with respect to the expert parameters when autograd needs
-        them and cast like nn.Linear's weights under autocast; None where moe_experts_loop must run instead."""
-        weights = self._expert_weights()
+        """((w13, w2), adapters) for moe_experts_grouped: the stacked weights, differentiable with respect to the
+        expert parameters when autograd needs them and cast like nn.Linear's weights under autocast, and the experts'
+        LoRA adapters (ExpertAdapters) or None; (None, None) where moe_experts_loop must run instead."""
+        modules = self._expert_projections()
+        lora = ExpertAdapters.of(modules, self.training)
+        weights = self._expert_weights(modules) if lora is not False else None
         if weights is None:
-            return None
+            return None, None
         if not self._is_stacked(weights):
             self._stack(weights)
             if self._stacked is None:
-                return None
+                return None, None
         w13, w2 = self._stacked[:2]
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
             w13 = _StackedExperts.apply(w13, *(w for i, w in enumerate(weights) if i % 3 != 2))
@@ -915,9 +999,9 @@ class KimiLinearMoE(nn.Module):
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
             if not (_grouped_mm_takes(dtype, *w2.shape[1:]) and _grouped_mm_runs(x.device.type, dtype)):
-                return None
+                return None, None
             w13, w2 = w13.to(dtype), w2.to(dtype)
-        return w13, w2
+        return (w13, w2), lora
 
     def _stack(self, weights):
         """Copy the expert weights into stacked tensors and make each parameter a view of its block (one copy; the

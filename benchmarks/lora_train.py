@@ -9,7 +9,8 @@ Each implementation gets a model with random weights (bf16 on CUDA, float32 on C
 (default benchmarks/configs/bench_1b_hybrid.json), LoRA rank --rank on the nn.Linear projections both
 implementations name alike (KDA q/k/v/o, the forget-gate and output-gate low-rank pairs, b_proj; MLA q_proj,
 kv_a_proj_with_mqa, kv_b_proj, o_proj; dense MLP and shared experts; the built-in model keeps its routed experts in
-fused 3-D parameters that PEFT cannot wrap, so routed experts are left out for both), AdamW on the adapters,
+fused 3-D parameters that PEFT cannot wrap, so routed experts are left out for both; `ours+experts` adds them for
+this repo alone: the cost of training every expert's adapter), AdamW on the adapters,
 batches of --batch x --seq-len random tokens, loss over every position. --warmup steps first (the first one
 includes compilation and fla's autotuning, reported separately), then --steps timed steps: tokens/s, seconds per
 step, peak memory. Writes lora_train.json and lora_train.png and prints a table.
@@ -32,7 +33,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "f_a_proj", "f_b_proj", "g_a_
 
 def build(impl, config, dtype, device):
     torch.manual_seed(0)
-    if impl == "ours":
+    if impl.startswith("ours"):
         from kimi_linear.configuration_kimi_linear import KimiLinearConfig
         from kimi_linear.modeling_kimi_linear import KimiLinearForCausalLM
     else:
@@ -45,7 +46,8 @@ def run(impl, args, config, dtype, device):
     import peft
 
     model = build(impl, config, dtype, device)
-    lora = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, task_type="CAUSAL_LM")
+    targets = TARGETS + (["w1", "w2", "w3"] if impl == "ours+experts" else [])  # w1/w2/w3: the routed experts
+    lora = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, lora)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -129,7 +131,14 @@ def plot(report, path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", type=Path, default=HERE / "configs" / "bench_1b_hybrid.json")
-    ap.add_argument("--impls", nargs="+", default=["ours", "builtin"], choices=["ours", "builtin"])
+    ap.add_argument(
+        "--impls",
+        nargs="+",
+        default=["ours", "builtin", "ours+experts"],
+        choices=["ours", "builtin", "ours+experts"],
+        help="ours+experts: also every routed expert's w1/w2/w3 (grouped LoRA; the built-in model's "
+        "fused experts take no PEFT adapter) (default: %(default)s)",
+    )
     ap.add_argument("--seq-len", type=int, default=4096, help="(default: %(default)s)")
     ap.add_argument("--batch", type=int, default=1, help="(default: %(default)s)")
     ap.add_argument("--rank", type=int, default=16, help="(default: %(default)s)")
@@ -168,14 +177,14 @@ def main():
     (args.out_dir / "lora_train.json").write_text(json.dumps(report, indent=1))
     plot(report, args.out_dir / "lora_train.png")
     record_if_tuned(args.out_dir, "lora")
-    print(f"\n{'impl':8s} {'tokens/s':>10s} {'s/step':>8s} {'first step s':>13s} {'peak GB':>8s}")
+    print(f"\n{'impl':13s} {'tokens/s':>10s} {'s/step':>8s} {'first step s':>13s} {'peak GB':>8s}")
     for r in report["rows"]:
         if "tokens_per_s" in r:
             peak = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
             cells = f"{r['tokens_per_s']:10.0f} {r['median_step_s']:8.3f} {r['first_step_s']:13.1f} {peak:>8s}"
-            print(f"{r['impl']:8s} {cells}")
+            print(f"{r['impl']:13s} {cells}")
         else:
-            print(f"{r['impl']:8s} {r['error']}")
+            print(f"{r['impl']:13s} {r['error']}")
     if "speedup" in report:
         print(f"ours / built-in: {report['speedup']:.2f}x")
     print(f"wrote {args.out_dir / 'lora_train.json'} and lora_train.png")

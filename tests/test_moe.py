@@ -128,22 +128,54 @@ def test_whole_model_logits_unchanged_prefill_and_decode():
     assert rel_err(runs[True], runs[False]) < 1e-6
 
 
-@torch.no_grad()
-def test_lora_on_experts_falls_back_to_the_loop_and_applies():
+def test_lora_on_experts_runs_grouped_like_the_loop():
+    # PEFT LoRA on every expert's w1, w3, w2: the grouped path adds the stacked adapters' terms; the loop calls each
+    # wrapped module (PEFT's own forward, the reference). Same logits, same gradient for every adapter.
     model = build_model(seed=3)
     ids = torch.randint(3, 512, (2, 19), generator=torch.Generator().manual_seed(2))
-    base = model(ids).logits  # stacks the experts first: adapters must work on stacked parameters too
+    with torch.no_grad():
+        base = model(ids).logits  # stacks the experts first: adapters must work on stacked parameters too
     moe = model.model.layers[1].block_sparse_moe
     assert moe._stacked is not None
     config = LoraConfig(r=4, lora_alpha=8, target_modules=r".*experts\.\d+\.w[123]", init_lora_weights=False)
     peft_model = get_peft_model(model, config)
-    x = torch.randn(5, model.config.hidden_size)
-    assert moe._grouped_weights(x) is None  # wrapped experts: the loop runs, so the adapters apply
+    stacked, lora = moe._grouped_weights(torch.randn(5, model.config.hidden_size))
+    assert stacked is not None and lora is not None  # wrapped experts stay on the grouped path
+    runs = {}
+    for grouped in (True, False):
+        set_grouped(model, grouped)
+        peft_model.zero_grad()
+        logits = peft_model(ids).logits
+        logits.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if "lora_" in n and ".experts." in n}
+        runs[grouped] = logits.detach(), grads
+    assert rel_err(runs[True][0], runs[False][0]) < 1e-5
+    assert rel_err(runs[True][0], base) > 1e-3  # the adapters apply
+    experts = sum(len(m.experts) for m in model.modules() if isinstance(m, KimiLinearMoE))
+    assert runs[True][1].keys() == runs[False][1].keys() and len(runs[True][1]) == 2 * 3 * experts  # A, B; w1, w3, w2
+    for name, g in runs[True][1].items():
+        assert rel_err(g, runs[False][1][name]) < 1e-4, name
+    set_grouped(model, True)
+    with torch.no_grad():
+        merged = peft_model.merge_and_unload()  # weights changed by the merge, modules plain nn.Linear again
+        assert rel_err(merged(ids).logits, runs[True][0]) < 1e-5
+    assert moe._stacked is not None
+
+
+@torch.no_grad()
+def test_lora_on_some_experts_only_runs_the_loop():
+    model = build_model(seed=3)
+    ids = torch.randint(3, 512, (2, 19), generator=torch.Generator().manual_seed(2))
+    base = model(ids).logits
+    moe = model.model.layers[1].block_sparse_moe
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=r".*experts\.0\.w[123]", init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    assert moe._grouped_weights(torch.randn(5, model.config.hidden_size)) == (None, None)  # the loop runs
     adapted = peft_model(ids).logits
-    assert rel_err(adapted, base) > 1e-3
-    merged = peft_model.merge_and_unload()  # weights changed by the merge, modules plain nn.Linear again
-    assert rel_err(merged(ids).logits, adapted) < 1e-5
-    assert moe._stacked is not None  # back on the grouped path
+    assert rel_err(adapted, base) > 1e-4
+    with peft_model.disable_adapter():  # adapters off: the grouped path again, the base model's logits
+        assert moe._grouped_weights(torch.randn(5, model.config.hidden_size))[0] is not None
+        assert rel_err(peft_model(ids).logits, base) < 1e-6
 
 
 def test_stacked_weights_follow_every_change_of_the_parameters():
