@@ -17,7 +17,7 @@ from kimi_linear.modeling_kimi_linear import (
     kda_prefill_torch,
 )
 from kimi_linear_kernels import precompile
-from test_moe import make_moe, reference
+from test_moe import grad_or_zeros, make_moe, reference
 
 pytestmark = [
     pytest.mark.gpu,
@@ -307,6 +307,36 @@ class TestGroupedMoE:
             for m in moes:
                 m.grouped = True
         assert rel_rms(grouped, loop) < 1e-4
+
+    def test_lora_on_experts_grouped_equals_loop_on_cuda(self):
+        # the grouped adapters' products on CUDA (float32: torch._grouped_mm's per-group fallback) against PEFT's own
+        # per-module forward through the loop: logits and every expert adapter's gradient
+        from peft import LoraConfig, get_peft_model
+
+        model = build_model().cuda()
+        ids = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(0)).cuda()
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=r".*experts\.\d+\.w[123]", init_lora_weights=False)
+        peft_model = get_peft_model(model, config)
+        moes = [m for m in model.modules() if isinstance(m, KimiLinearMoE)]
+        runs = {}
+        try:
+            kernels.force_backend("torch")
+            for grouped in (True, False):
+                for m in moes:
+                    m.grouped = grouped
+                peft_model.zero_grad()
+                logits = peft_model(ids).logits
+                logits.square().mean().backward()
+                grads = {n: grad_or_zeros(p) for n, p in peft_model.named_parameters() if "lora_" in n}
+                runs[grouped] = logits.detach(), grads
+        finally:
+            kernels.force_backend(None)
+            for m in moes:
+                m.grouped = True
+        assert rel_rms(runs[True][0], runs[False][0]) < 1e-4
+        assert runs[True][1].keys() == runs[False][1].keys() and runs[True][1]
+        for name, g in runs[True][1].items():  # (an expert no token picked: zero both ways)
+            assert (g - runs[False][1][name]).norm() <= 1e-3 * runs[False][1][name].norm() + 1e-12, name
 
 
 class TestCudaGraphDecode:
