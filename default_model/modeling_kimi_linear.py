@@ -863,7 +863,8 @@ def _vanilla_lora(module):
         return None
     name = active[0]
     A, B, drop = module.lora_A[name], module.lora_B[name], module.lora_dropout[name]
-    if len(active) > 1 or name in getattr(module, "lora_variant", {}) or A.bias is not None or B.bias is not None:
+    variant = name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(name, False)
+    if len(active) > 1 or variant or A.bias is not None or B.bias is not None:
         return False
     p = 0.0 if isinstance(drop, nn.Identity) else drop.p if type(drop) is nn.Dropout else None
     return False if p is None else (A.weight, B.weight, module.scaling[name], p)

@@ -181,6 +181,9 @@ def test_lora_on_some_experts_only_runs_the_loop():
     with peft_model.disable_adapter():  # adapters off: the grouped path again, the base model's logits
         assert moe._grouped_weights(torch.randn(5, model.config.hidden_size))[0] is not None
         assert rel_err(peft_model(ids).logits, base) < 1e-6
+    dora = get_peft_model(build_model(seed=3), LoraConfig(r=4, target_modules=r".*experts\.\d+\.w[123]", use_dora=True))
+    moe = dora.base_model.model.model.layers[1].block_sparse_moe
+    assert moe._grouped_weights(torch.randn(5, model.config.hidden_size)) == (None, None)  # another kind: the loop
 
 
 def test_stacked_weights_follow_every_change_of_the_parameters():
