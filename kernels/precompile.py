@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
-from .tuned import HERE, _identity, _write
+from .tuned import HERE, _identity, _unwrap, _write, read_matching, record_if_tuned
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +53,10 @@ def _jit_function(full_name):
     from triton.runtime.jit import JITFunction
 
     module, _, attr = full_name.rpartition(".")
-    value = getattr(importlib.import_module(module), attr)
-    for _ in range(8):
-        if isinstance(value, JITFunction):
-            return value
-        value = getattr(value, "fn", None)
-    raise LookupError(f"{full_name} is not a Triton kernel")
+    found = _unwrap(getattr(importlib.import_module(module), attr), JITFunction)
+    if found is None:
+        raise LookupError(f"{full_name} is not a Triton kernel")
+    return found
 
 
 def _triton_dir():
@@ -97,16 +95,8 @@ def compile_events(only_fla=True):
 
 def _load(path=None):
     """The record matching this machine (fla-core, Triton, GPU architecture), or None."""
-    ident = _identity()
-    path = Path(path or os.environ.get("KIMI_FLA_COMPILED") or default_file(ident["capability"]))
-    if not path.exists():
-        return None
-    data = json.loads(path.read_text())
-    mismatch = [k for k in ("fla-core", "triton", "capability") if data.get(k) != ident[k]]
-    if mismatch:
-        logger.info("Kimi Linear: %s was recorded for another %s; kernels compile on first use", path.name, mismatch)
-        return None
-    return data
+    path = path or os.environ.get("KIMI_FLA_COMPILED") or default_file(_identity()["capability"])
+    return read_matching(path, "kernels compile on first use")
 
 
 def warm(dtype, training, path=None):
@@ -200,8 +190,6 @@ def record(out, T=1024, H=32, K=128):
                 seen.add(ident)
                 variants.append({"phase": phase, "name": e["name"], "data": e["data"]})
         print(f"{phase}: {sum(v['phase'] == phase for v in variants)} kernel variants", flush=True)
-    from .tuned import record_if_tuned
-
     if record_if_tuned(Path(out).parent, "precompile"):  # then the record also holds every candidate it tried
         print("warning: fla autotuned during the record: merge the tuned file written and record again", flush=True)
     card = torch.cuda.get_device_name(0)

@@ -34,15 +34,35 @@ def default_file(capability):
     return HERE / f"tuned_sm{capability[0]}{capability[1]}.json"
 
 
-def _unwrap(value):
-    """The Autotuner inside a kernel object (often wrapped by @triton.heuristics), or None."""
-    from triton.runtime.autotuner import Autotuner
+def _unwrap(value, kind=None):
+    """The object of class `kind` (default: Triton's Autotuner) inside a kernel object, following the `fn` of each
+    wrapper (@triton.heuristics, @triton.autotune), or None."""
+    if kind is None:
+        from triton.runtime.autotuner import Autotuner as kind
 
     for _ in range(8):
-        if isinstance(value, Autotuner):
+        if isinstance(value, kind):
             return value
         value = getattr(value, "fn", None)
     return None
+
+
+IDENTITY_KEYS = ("fla-core", "triton", "capability")
+
+
+def read_matching(path, what):
+    """The JSON record at `path` when it was made with this machine's fla-core, Triton and GPU architecture; None
+    when it is absent or made elsewhere (logged, naming `what` happens instead)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text())
+    ident = _identity()
+    mismatch = [k for k in IDENTITY_KEYS if data.get(k) != ident[k]]
+    if mismatch:
+        logger.info("Kimi Linear: %s was made for another %s; %s", path.name, mismatch, what)
+        return None
+    return data
 
 
 def _autotuners():
@@ -156,7 +176,7 @@ def merge(paths, out):
     """One file holding every choice of `paths` (the same fla-core, Triton and GPU architecture; the first file's
     choice wins where two disagree on a key), written atomically to `out`."""
     files = [json.loads(Path(p).read_text()) for p in paths]
-    ident = {k: files[0].get(k) for k in ("fla-core", "triton", "capability")}
+    ident = {k: files[0].get(k) for k in IDENTITY_KEYS}
     for p, data in zip(paths, files):
         other = {k: data.get(k) for k in ident}
         if other != ident:
@@ -180,15 +200,9 @@ def pin(path=None):
         return 0
     import triton
 
-    ident = _identity()
-    path = path or os.environ.get("KIMI_FLA_TUNED") or default_file(ident["capability"])
-    path = Path(path)
-    if path in _pinned or not path.exists():
-        return 0
-    data = json.loads(path.read_text())
-    mismatch = [k for k in ("fla-core", "triton", "capability") if data.get(k) != ident[k]]
-    if mismatch:
-        logger.info("Kimi Linear: %s was tuned for another %s; fla autotunes as usual", path.name, mismatch)
+    path = Path(path or os.environ.get("KIMI_FLA_TUNED") or default_file(_identity()["capability"]))
+    data = read_matching(path, "fla autotunes as usual") if path not in _pinned else None
+    if data is None:
         return 0
     count = 0
     for where, entries in data["kernels"].items():

@@ -38,6 +38,9 @@ def test_kernels_folder_is_not_importable_as_top_level_kernels():
 
 
 FLA_SITE = os.environ.get("KIMI_FLA_SITE")
+needs_fla_site = pytest.mark.skipif(
+    not FLA_SITE, reason="set KIMI_FLA_SITE to a folder holding fla-core + triton (.ci/run does)"
+)
 
 
 def run_script(script, *args):
@@ -47,7 +50,7 @@ def run_script(script, *args):
     return out
 
 
-@pytest.mark.skipif(not FLA_SITE, reason="set KIMI_FLA_SITE to a folder holding fla-core + triton (.ci/run does)")
+@needs_fla_site
 def test_model_on_cpu_runs_with_fla_and_triton_installed():
     # With fla and triton importable on a machine without a GPU, every Triton op would raise; the model must
     # still run on CPU tensors (and match the run without fla on the path).
@@ -88,7 +91,7 @@ def test_model_on_cpu_runs_with_fla_and_triton_installed():
     assert with_fla.stdout == without.stdout
 
 
-@pytest.mark.skipif(not FLA_SITE, reason="set KIMI_FLA_SITE to a folder holding fla-core + triton (.ci/run does)")
+@needs_fla_site
 def test_pinned_configurations_round_trip_through_fla_autotuners(tmp_path):
     # On fla's real kernel objects (most are wrapped by @triton.heuristics): choices recorded from the autotuners'
     # caches come back into fresh caches, serve the loose variants (varlen, other batch sizes), and a file from
@@ -134,7 +137,7 @@ def test_pinned_configurations_round_trip_through_fla_autotuners(tmp_path):
     assert int(out.stdout.split()[-1]) >= 20
 
 
-@pytest.mark.skipif(not FLA_SITE, reason="set KIMI_FLA_SITE to a folder holding fla-core + triton (.ci/run does)")
+@needs_fla_site
 def test_precompile_record_is_matched_to_the_machine_and_its_failures_are_contained(tmp_path):
     # No GPU here (the record itself and the bit-for-bit check run in test_gpu.py): a record names fla kernels by
     # their full Triton names, is ignored for another fla / Triton / GPU, asks only for the phases a call needs,
@@ -144,8 +147,9 @@ def test_precompile_record_is_matched_to_the_machine_and_its_failures_are_contai
         sys.path.insert(0, sys.argv[1])
         import torch
         import kimi_linear_kernels.precompile as pc
+        import kimi_linear_kernels.tuned as tuned
         ident = {"fla-core": "0.6.0", "triton": "3.6.0", "capability": [9, 0]}
-        pc._identity = lambda: dict(ident)
+        pc._identity = tuned._identity = lambda: dict(ident)
         name = "fla.ops.kda.chunk_intra.chunk_kda_fwd_kernel_inter_solve_fused"
         assert pc._jit_function(name).__class__.__name__ == "JITFunction"
         assert pc.phases(torch.bfloat16, True) == ["bfloat16:forward", "bfloat16:backward"]
