@@ -953,12 +953,11 @@ class KimiLinearMoE(nn.Module):
         else:
             w13, w2 = stacked
             # decode steps (a few tokens) never sync: where _grouped_mm would, the chosen experts are gathered
-            if lora is not None:
-                out = moe_experts_grouped(flat.to(w13.dtype), ids, weights, w13, w2, lora=lora).to(flat.dtype)
-            elif gather:
-                out = moe_experts_gathered(flat.to(w13.dtype), ids, weights, w13, w2).to(flat.dtype)
+            x_in = flat.to(w13.dtype)
+            if gather:  # (never with adapters: those took the loop above)
+                out = moe_experts_gathered(x_in, ids, weights, w13, w2).to(flat.dtype)
             else:
-                out = moe_experts_grouped(flat.to(w13.dtype), ids, weights, w13, w2).to(flat.dtype)
+                out = moe_experts_grouped(x_in, ids, weights, w13, w2, lora=lora).to(flat.dtype)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(shape)
