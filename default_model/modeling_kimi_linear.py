@@ -68,7 +68,18 @@ class KimiLinearRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.variance_epsilon = eps
 
-    def forward(self, x):
+    def forward(self, x, residual=None):
+        """RMSNorm of x; with residual, of s = x + residual, returning (normed, s). One fused launch on CUDA
+        (kimi_linear_kernels.rms_norm), else the plain code below (its twin)."""
+        fast = _triton_kernels(x)
+        if fast is not None and fast.rms_norm_serves(x, self.weight, residual):
+            return fast.rms_norm(x, self.weight, self.variance_epsilon, residual=residual)
+        if residual is not None:
+            x = x + residual
+            return self._norm(x), x
+        return self._norm(x)
+
+    def _norm(self, x):
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
@@ -84,6 +95,9 @@ class KimiLinearGatedRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x, gate):
+        fast = _triton_kernels(x)
+        if fast is not None and fast.rms_norm_serves(x, self.weight, gate):
+            return fast.rms_norm(x, self.weight, self.variance_epsilon, gate=gate)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
@@ -329,6 +343,16 @@ class Segments:
         out = fresh.expand(self.shape[0], *fresh.shape).clone() if row_tensor is None else row_tensor.clone()
         out[self.row[self.last]] = seq_tensor[self.last].to(out.dtype)
         return out
+
+
+def _triton_kernels(x):
+    """The kernels package when its own Triton kernels serve this tensor (CUDA, Triton installed), else None."""
+    return _kernels if _kernels is not None and _kernels.triton_serves(x) else None
+
+
+def _no_autograd(*tensors):
+    """Whether no autograd graph runs through these tensors (the inference-only kernels may serve)."""
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
 
 
 def _kda_backend(x):
@@ -678,8 +702,25 @@ class KimiLinearMLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, width, bias=False)
         self.down_proj = nn.Linear(width, config.hidden_size, bias=False)
 
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    # Up to this many tokens (a decode step), on CUDA and outside autograd, the MLP runs as two fused
+    # matrix-vector launches (kimi_linear_kernels.moe_experts); more tokens take the matrix products below.
+    few_tokens = 4
+
+    def forward(self, x, add=None):
+        """The MLP of x [..., hidden]; plus `add` (same shape) when given."""
+        fast = _triton_kernels(x)
+        if fast is not None and x.numel() <= self.few_tokens * x.shape[-1] and self._plain():
+            flat = x.reshape(-1, x.shape[-1]).contiguous()
+            extra = add.reshape(flat.shape).contiguous() if add is not None else None
+            out = fast.moe_experts(flat, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, add=extra)
+            return out.view(x.shape)
+        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return out if add is None else add + out
+
+    def _plain(self):
+        """Plain nn.Linear projections (no adapters) with no autograd graph to build through them."""
+        mods = (self.gate_proj, self.up_proj, self.down_proj)
+        return all(type(m) is nn.Linear for m in mods) and _no_autograd(*(m.weight for m in mods))
 
 
 class KimiLinearExpert(nn.Module):
@@ -777,7 +818,7 @@ def moe_experts_grouped(x, ids, weights, w13, w2, lora=None):
 
     x, ids, weights as in moe_experts_loop; w13 [E, 2I, hidden] holds each expert's w1 rows then its w3 rows,
     w2 [E, hidden, I] (nn.Linear layouts). The group ends come from searchsorted on the sorted ids (bincount would
-    read its maximum on the host); the k expert outputs of a token are combined by one batched product, in a fixed
+    read its maximum on the host); the k expert outputs of a token are summed with their weights, in a fixed
     order (no atomic adds). lora: ExpertAdapters (LoRA on every expert's w1, w3 and w2), added as PEFT adds them."""
     N, k = ids.shape
     E, _, H = w13.shape
@@ -793,7 +834,9 @@ def moe_experts_grouped(x, ids, weights, w13, w2, lora=None):
     if lora is not None:
         ys = lora.add(ys, lora.delta(h, 2, ends))
     ys = torch.empty_like(ys).index_copy_(0, order, ys).view(N, k, H)  # back in (token, slot) order
-    return torch.bmm(weights.to(ys.dtype).unsqueeze(1), ys).squeeze(1)
+    # weighted sum over the k slots elementwise: as a batched product of N [1, k] x [k, H] matrices (and its
+    # backward) it took a tiny-matrix GEMM kernel about 0.7 ms per layer at 4096 tokens on an H100
+    return (ys * weights.to(ys.dtype).unsqueeze(-1)).sum(1)
 
 
 def moe_experts_gathered(x, ids, weights, w13, w2):
@@ -938,6 +981,9 @@ class KimiLinearMoE(nn.Module):
     def forward(self, x):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
+        out = self._few_token_kernels(flat)
+        if out is not None:
+            return out.view(shape)
         ids, weights = self.gate(flat)  # [N, k]
         stacked, lora = self._grouped_weights(flat) if self.grouped else (None, None)
         few = flat.shape[0] <= self.gather_max_tokens
@@ -959,8 +1005,32 @@ class KimiLinearMoE(nn.Module):
             else:
                 out = moe_experts_grouped(x_in, ids, weights, w13, w2, lora=lora).to(flat.dtype)
         if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
+            out = self.shared_experts(flat, add=out)
         return out.view(shape)
+
+    def _few_token_kernels(self, flat):
+        """The MoE of a decode step in Triton (kimi_linear_kernels.route and moe_experts: router and chosen experts
+        in three launches, the shared expert in two more for a few tokens), or None where those kernels do not serve:
+        not CUDA, more (token, expert) pairs than experts (the grouped products read each expert once), autograd,
+        adapters, grouped top-k."""
+        gate = self.gate
+        if flat.shape[0] * gate.top_k > gate.num_experts or gate.groups > 1 or not self.grouped:
+            return None
+        fast = _triton_kernels(flat)
+        if fast is None or not _no_autograd(flat, gate.weight):
+            return None
+        stacked, lora = self._grouped_weights(flat)
+        if stacked is None or lora is not None or stacked[0].requires_grad:
+            return None
+        w13, w2 = stacked
+        E, I2, H = w13.shape
+        halves = w13.view(E, 2, I2 // 2, H)
+        flat = flat.contiguous()
+        ids, weights = fast.route(flat, gate.weight, gate.e_score_correction_bias, gate.top_k, gate.scaling,
+                                  sigmoid=gate.activation == "sigmoid", renormalize=gate.renormalize,
+                                  bias_in_weights=gate.bias_in_weights)  # fmt: skip
+        out = fast.moe_experts(flat, halves[:, 0], halves[:, 1], w2, ids=ids, weights=weights)
+        return self.shared_experts(flat, add=out) if self.shared_experts is not None else out
 
     def _expert_projections(self):
         """Every routed expert's projection module, [w1 0, w3 0, w2 0, w1 1, ...]. Runs every forward, over every
@@ -1075,9 +1145,9 @@ class KimiLinearDecoderLayer(GradientCheckpointingLayer):
             h = self.self_attn(h, state=state, segs=segs)
         else:
             h = self.self_attn(h, state=state, mask=mask)
-        x = x + h
+        h, x = self.post_attention_layernorm(h, residual=x)  # norm(x + h), x + h
         ffn = self.block_sparse_moe if hasattr(self, "block_sparse_moe") else self.mlp
-        return x + ffn(self.post_attention_layernorm(x))
+        return x + ffn(h)
 
 
 # ---------------------------------------------------------------------------------------------------------------

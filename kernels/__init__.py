@@ -108,11 +108,61 @@ def kda_backend(x):
     return "torch"
 
 
+_triton = None  # whether triton imports, once asked
+
+
+def triton_serves(x):
+    """Whether this package's own Triton kernels (the fused norms, the decode step's MoE) take tensor x: a CUDA tensor
+    with Triton importable, unless force_backend("torch") pinned the plain path."""
+    global _triton
+    if _forced == "torch" or not x.is_cuda:
+        return False
+    if _triton is None:
+        try:
+            import triton  # noqa: F401
+
+            _triton = True
+        except ImportError:
+            _triton = False
+    return _triton
+
+
+def rms_norm(x, weight, eps, residual=None, gate=None):
+    """Fused RMSNorm, gated RMSNorm, or residual add + RMSNorm, forward and backward; see kernels/norm.py."""
+    from .norm import rms_norm as fused
+
+    return fused(x, weight, eps, residual=residual, gate=gate)
+
+
+def rms_norm_serves(x, weight, *others):
+    from .norm import serves
+
+    return serves(x, weight, *others)
+
+
+def route(*args, **kwargs):
+    """The MoE router of a few tokens in one launch; see kernels/moe_decode.py."""
+    from .moe_decode import route as fused
+
+    return fused(*args, **kwargs)
+
+
+def moe_experts(*args, **kwargs):
+    """Routed or shared experts of a few tokens as matrix-vector products; see kernels/moe_decode.py."""
+    from .moe_decode import experts
+
+    return experts(*args, **kwargs)
+
+
 def l2norm(x, eps=1e-6):
-    """x / sqrt(sum(x^2) + eps) over the last dimension, in float32, rounded back to x's dtype (fla's l2norm). Plain
-    PyTorch on purpose: fla's own L2-norm kernel is autotuned per bucket of 2048 tokens (its NB key), so every
-    prompt of a new length bucket paid an autotuning sweep (about 11 s on an H100); these few elementwise passes
-    compile nothing and, by their memory traffic, should cost about 1% of a prefill (to be measured on a card)."""
+    """x / sqrt(sum(x^2) + eps) over the last dimension, in float32, rounded back to x's dtype (fla's l2norm): one
+    fused launch each way (kernels/norm.py), or these few PyTorch passes where Triton does not serve. Not fla's own
+    L2-norm kernel: it is autotuned per bucket of 2048 tokens (its NB key), so every prompt of a new length bucket
+    paid an autotuning sweep (about 11 s on an H100)."""
+    if triton_serves(x):
+        from .norm import l2_norm
+
+        return l2_norm(x, eps)
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
 

@@ -339,6 +339,69 @@ class TestGroupedMoE:
             assert (g - runs[False][1][name]).norm() <= 1e-3 * runs[False][1][name].norm() + 1e-12, name
 
 
+class TestFusedKernels:
+    """The package's own Triton kernels compiled, in bfloat16, against float64 (the interpreter runs the same code on
+    CPU in test_fused_kernels.py): each must sit at least as close to float64 as its PyTorch twin in bfloat16 does.
+    These tests do not use fla-core."""
+
+    @pytest.fixture(autouse=True)
+    def need_fla(self):  # overrides the module's fixture: runs without fla-core
+        pass
+
+    @pytest.mark.parametrize("rows, width, kind", [(4096, 2304, "residual"), (4096 * 32, 128, "gated"),
+                                                   (1, 2304, "plain"), (3000, 576, "plain")])  # fmt: skip
+    def test_norm_forward_and_backward_near_float64(self, rows, width, kind):
+        from kimi_linear.modeling_kimi_linear import KimiLinearGatedRMSNorm, KimiLinearRMSNorm
+
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        x, r, g, dy, ds = (torch.randn(rows, width, device="cuda", generator=gen) for _ in range(5))
+        w = 1 + 0.3 * torch.randn(width, device="cuda", generator=gen)
+        norm = (KimiLinearGatedRMSNorm(width, 1e-5) if kind == "gated" else KimiLinearRMSNorm(width, 1e-5)).cuda()
+
+        def run(dtype, fused):
+            m = copy.deepcopy(norm).to(dtype)
+            m.weight.data.copy_(w)
+            xs = [t.to(dtype).requires_grad_() for t in (x, r, g)]
+            try:
+                kernels.force_backend(None if fused else "torch")
+                out = (
+                    m(xs[0], xs[2]) if kind == "gated" else m(xs[0], residual=xs[1]) if kind == "residual" else m(xs[0])
+                )
+                y, s = out if kind == "residual" else (out, None)
+                ((y * dy.to(dtype)).sum() + ((s * ds.to(dtype)).sum() if s is not None else 0)).backward()
+            finally:
+                kernels.force_backend(None)
+            used = [xs[0], m.weight] + ([xs[1]] if kind == "residual" else []) + ([xs[2]] if kind == "gated" else [])
+            return [y] + ([s] if s is not None else []) + [t.grad for t in used]
+
+        exact = run(torch.float64, fused=False)
+        twin = run(torch.bfloat16, fused=False)
+        fused = run(torch.bfloat16, fused=True)
+        for i, (f, t, e) in enumerate(zip(fused, twin, exact)):
+            assert rel_rms(f, e) <= 1.2 * rel_rms(t, e) + 1e-4, (i, rel_rms(f, e), rel_rms(t, e))
+
+    @torch.no_grad()
+    @pytest.mark.parametrize("tokens", [1, 4])
+    def test_decode_moe_kernels_near_float64(self, tokens):
+        moe = TestGroupedMoE.moe()  # 16 experts, 4 per token: up to 4 tokens take the kernels
+        x = torch.randn(
+            tokens, 1, 256, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(1)
+        )
+        fused = moe(x)
+        assert moe._few_token_kernels(x.view(-1, 256)) is not None
+        exact = reference(copy.deepcopy(moe).double(), x.double())
+        twin = reference(moe, x)
+        assert rel_rms(fused, exact) <= 1.2 * rel_rms(twin, exact) + 1e-4, (rel_rms(fused, exact), rel_rms(twin, exact))
+
+    def test_decode_moe_kernels_step_aside_for_autograd_and_larger_batches(self):
+        moe = TestGroupedMoE.moe()
+        x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            assert moe._few_token_kernels(x[:4]) is not None
+            assert moe._few_token_kernels(x) is None  # 32 (token, expert) pairs > 16 experts: grouped products
+        assert moe._few_token_kernels(x[:1].requires_grad_()) is None
+
+
 class TestCudaGraphDecode:
     """KimiLinearStaticCache's decode step captured in a CUDA graph: the same tokens as the same step run eagerly, one
     replay per decode step, no host sync. Runs with or without fla-core (without it, KDA decodes through its PyTorch

@@ -1,0 +1,132 @@
+"""The package's own fused Triton kernels (kernels/norm.py, kernels/moe_decode.py) against float64 references built
+from the model's PyTorch twins, on CPU through Triton's interpreter (TRITON_INTERPRET=1: the kernels' own code,
+run by numpy). The same kernels compiled on a GPU are tested in test_gpu.py, in bfloat16.
+
+Triton 3.6's interpreter needs numpy < 2.4 (it takes int() of one-element arrays); .ci/run installs one beside
+Triton in the KIMI_FLA_SITE folder."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+FLA_SITE = os.environ.get("KIMI_FLA_SITE")
+pytestmark = pytest.mark.skipif(not FLA_SITE, reason="set KIMI_FLA_SITE to a folder holding triton (.ci/run does)")
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.path.insert(0, sys.argv[1])
+    import torch
+    from kimi_linear_kernels import moe_decode, norm
+    from kimi_linear.configuration_kimi_linear import KimiLinearConfig
+    from kimi_linear.modeling_kimi_linear import (KimiLinearExpert, KimiLinearGatedRMSNorm, KimiLinearMLP,
+                                                  KimiLinearRMSNorm, KimiLinearRouter, moe_experts_loop)
+
+    def rel(a, b):
+        return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+    out = {}
+    torch.manual_seed(0)
+    # (rows, width, residual, gated): one row block, several per program in the backward (1100 rows of 40 values
+    # are 18 blocks of 64 rows over 16 programs), and a row wider than a tile's default (2304 values)
+    for M, D, res, gated in [(5, 40, False, False), (1100, 40, True, False), (1100, 40, False, True),
+                             (3, 2304, True, False)]:
+        x, r, g = (torch.randn(M, D, requires_grad=True) for _ in range(3))
+        w = (1 + 0.3 * torch.randn(D)).requires_grad_()
+        dy, ds = torch.randn(M, D), torch.randn(M, D)
+        got = norm.rms_norm(x, w, 1e-5, residual=r if res else None, gate=g if gated else None)
+        y, s = got if res else (got, None)
+        ((y * dy).sum() + ((s * ds).sum() if res else 0)).backward()
+        # float64 reference: the twins' forward, autograd's backward
+        xd, rd, gd, wd = (t.detach().double().requires_grad_() for t in (x, r, g, w))
+        if gated:
+            m = KimiLinearGatedRMSNorm(D, 1e-5).double()
+        else:
+            m = KimiLinearRMSNorm(D, 1e-5).double()
+        m.weight = torch.nn.Parameter(wd)
+        want = m(xd, gd) if gated else m(xd, residual=rd) if res else m(xd)
+        yd, sd = want if res else (want, None)
+        ((yd * dy.double()).sum() + ((sd * ds.double()).sum() if res else 0)).backward()
+        case = f"norm {M}x{D}" + (" residual" if res else "") + (" gated" if gated else "")
+        out[case + " y"] = rel(y, yd)
+        if res:
+            out[case + " sum"] = rel(s, sd)
+            out[case + " d residual"] = rel(r.grad, rd.grad)
+        for name, a, b in [("dx", x, xd), ("dweight", w, m.weight)] + ([("dgate", g, gd)] if gated else []):
+            out[f"{case} {name}"] = rel(a.grad, b.grad)
+
+    from kimi_linear_kernels import l2norm  # the PyTorch twin on CPU tensors
+    for M, D in [(7, 128), (1100, 40)]:
+        x = torch.randn(M, D, requires_grad=True)
+        dy = torch.randn(M, D)
+        (norm.l2_norm(x) * dy).sum().backward()
+        xd = x.detach().double().requires_grad_()
+        want = l2norm(xd)
+        (want * dy.double()).sum().backward()
+        out[f"norm l2 {M}x{D} y"] = rel(norm.l2_norm(x.detach()), want)
+        out[f"norm l2 {M}x{D} dx"] = rel(x.grad, xd.grad)
+
+    cfg = json.load(open(sys.argv[2]))
+    for variant in ({}, {"moe_router_activation_func": "softmax", "num_experts": 12, "num_experts_per_token": 3},
+                    {"moe_router_bias_in_weights": True, "moe_renormalize": False}):
+        c = KimiLinearConfig(**{**cfg, **variant})
+        router = KimiLinearRouter(c)
+        torch.nn.init.normal_(router.weight, std=0.3)
+        router.e_score_correction_bias.data.normal_(0, 0.1)
+        x = torch.randn(3, c.hidden_size)
+        ids, wts = moe_decode.route(x, router.weight, router.e_score_correction_bias, router.top_k, router.scaling,
+                                    sigmoid=router.activation == "sigmoid", renormalize=router.renormalize,
+                                    bias_in_weights=router.bias_in_weights)
+        with torch.no_grad():
+            rids, rwts = router.double()(x.double())
+        key = "router " + (",".join(variant) or "released")
+        out[key + " ids equal"] = float(torch.equal(ids, rids))
+        out[key + " weights"] = rel(wts, rwts)
+        experts = torch.nn.ModuleList(KimiLinearExpert(c) for _ in range(c.num_experts))
+        w13 = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in experts]).detach()
+        w2 = torch.stack([e.w2.weight for e in experts]).detach()
+        halves = w13.view(c.num_experts, 2, c.moe_intermediate_size, c.hidden_size)
+        got = moe_decode.experts(x, halves[:, 0], halves[:, 1], w2, ids=ids, weights=wts)
+        with torch.no_grad():
+            out[key + " experts"] = rel(got, moe_experts_loop(x.double(), ids, wts.double(), experts.double()))
+    mlp = KimiLinearMLP(c, 40)
+    add = torch.randn(3, c.hidden_size)
+    with torch.no_grad():
+        got = moe_decode.experts(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, add=add)
+        out["mlp plus add"] = rel(got, mlp.double()(x.double()) + add.double())
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def errors():
+    cfg = os.path.join(os.path.dirname(__file__), "..", "conversion", "configs", "tiny.json")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    run = subprocess.run([sys.executable, "-c", SCRIPT, FLA_SITE, cfg], capture_output=True, text=True, env=env,
+                         timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_norm_kernels_forward_and_backward_match_float64(errors):
+    norms = {k: v for k, v in errors.items() if k.startswith("norm")}
+    assert len(norms) == 21, sorted(norms)
+    bad = {k: v for k, v in norms.items() if not v < 1e-6}  # float32 kernels against float64: rounding only
+    assert not bad, bad
+
+
+def test_router_kernel_picks_the_same_experts_with_the_same_weights(errors):
+    for key in ("released", "moe_router_activation_func,num_experts,num_experts_per_token",
+                "moe_router_bias_in_weights,moe_renormalize"):  # fmt: skip
+        assert errors[f"router {key} ids equal"] == 1.0, key
+        assert errors[f"router {key} weights"] < 1e-6, key
+
+
+def test_expert_kernels_match_the_per_expert_loop(errors):
+    experts = {k: v for k, v in errors.items() if k.endswith("experts") or k.startswith("mlp")}
+    assert len(experts) == 4
+    bad = {k: v for k, v in experts.items() if not v < 1e-6}
+    assert not bad, bad
