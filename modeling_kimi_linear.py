@@ -396,6 +396,9 @@ class KimiDeltaAttention(nn.Module):
         if segs is not None:
             return segs.scatter(self._varlen(segs.gather(x), state, segs))
         if state is not None and state.recurrent is not None and T == 1:
+            fused = self._decode_layer(x[:, 0], state)
+            if fused is not None:
+                return self.o_proj(fused).unsqueeze(1)
             o = self._decode(x[:, 0], state).unsqueeze(1)
         elif T > self.prefill_piece and not torch.is_grad_enabled():  # the output gate and norm too: float32 inside
             state = state if state is not None else KDALayerState()
@@ -456,6 +459,31 @@ class KimiDeltaAttention(nn.Module):
             recurrent = segs.per_row(h, state.recurrent if cached else None, fresh_state)
             state.update(conv=windows, recurrent=recurrent, num_tokens=segs.shape[1])
         return self._output(x, o[0])
+
+    def _decode_layer(self, x, state):
+        """The decode step from the projections to o_proj's input in two Triton launches (f_a, g_a and b_proj in one,
+        then kimi_linear_kernels.kda_decode_layer: f_b, the step, the gated output norm), or None where they do not
+        serve (the kernels not installed or not on CUDA, adapters on these projections, autograd): _decode runs."""
+        fast = _kda_backend(x)
+        small = (self.f_a_proj, self.f_b_proj, self.g_a_proj, self.g_b_proj, self.b_proj)
+        if (
+            fast is None
+            or not all(type(m) is nn.Linear for m in small)
+            or type(self.o_norm) is not KimiLinearGatedRMSNorm
+        ):
+            return None
+        if not _no_autograd(x, *(m.weight for m in small)) or any(m.weight.dtype != x.dtype for m in small):
+            return None
+        x = x.contiguous()
+        fa, ga, b_raw = fast.small_projections(x, self.f_a_proj.weight, self.g_a_proj.weight, self.b_proj.weight)
+        o = fast.kda_decode_layer(
+            self.q_proj(x), self.k_proj(x), self.v_proj(x), *state.conv,
+            self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight,
+            fa, self.f_b_proj.weight, self.A_log, self.dt_bias, b_raw, state.recurrent,
+            ga, self.g_b_proj.weight, self.o_norm.weight, self.o_norm.variance_epsilon,
+        )  # fmt: skip
+        state.seen += 1
+        return o
 
     def _decode(self, x, state):
         """One token per sequence, x [B, hidden]: conv windows and recurrent state are updated in place."""

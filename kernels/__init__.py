@@ -201,3 +201,18 @@ def kda_decode_fused(*args, **kwargs):
     from .kda_decode import kda_decode_fused as fused
 
     return fused(*args, **kwargs)
+
+
+def kda_decode_layer(*args, **kwargs):
+    """A KDA layer's decode step from the projections to o_proj's input (the gate's f_b, the fused step, the gated
+    output norm) in one Triton launch; see kernels/kda_decode.py."""
+    from .kda_decode import kda_decode_layer as fused
+
+    return fused(*args, **kwargs)
+
+
+def small_projections(*args, **kwargs):
+    """Three narrow projections of one input in one Triton launch; see kernels/kda_decode.py."""
+    from .kda_decode import small_projections as fused
+
+    return fused(*args, **kwargs)

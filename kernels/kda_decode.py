@@ -91,3 +91,122 @@ def kda_decode_fused(
         num_warps=num_warps or 4,
     )  # fmt: skip
     return o
+
+
+@triton.jit
+def _small_proj_kernel(X, W1, W2, W3, Y1, Y2, Y3, H, R1, R2, R3, BR: tl.constexpr, BH: tl.constexpr):
+    """Y_i[b] = W_i x[b] for three narrow projections of the same input in one launch; program_id(1) walks the row
+    blocks of W1, then W2, then W3."""
+    b = tl.program_id(0)
+    p = tl.program_id(1)
+    n1 = tl.cdiv(R1, BR)
+    n2 = tl.cdiv(R2, BR)
+    if p < n1:
+        w, y, rows_total, r0 = W1, Y1, R1, p * BR
+    elif p < n1 + n2:
+        w, y, rows_total, r0 = W2, Y2, R2, (p - n1) * BR
+    else:
+        w, y, rows_total, r0 = W3, Y3, R3, (p - n1 - n2) * BR
+    rows = r0 + tl.arange(0, BR)
+    acc = tl.zeros([BR, BH], dtype=tl.float32)
+    for h0 in range(0, H, BH):
+        h = h0 + tl.arange(0, BH)
+        x = tl.load(X + b * H + h, mask=h < H, other=0.0).to(tl.float32)[None, :]
+        tile = tl.load(
+            w + rows[:, None] * H + h[None, :], mask=(rows < rows_total)[:, None] & (h < H)[None, :], other=0.0
+        )
+        acc += tile.to(tl.float32) * x
+    tl.store(y + b * rows_total + rows, tl.sum(acc, axis=1).to(y.dtype.element_ty), mask=rows < rows_total)
+
+
+def small_projections(x, w1, w2, w3, block_r=2, block_h=512):
+    """(x @ w1.T, x @ w2.T, x @ w3.T) for x [B, hidden] and three narrow nn.Linear weights [R_i, hidden] of x's dtype:
+    one launch (KDA's f_a, g_a and b_proj in a decode step) instead of three latency-bound products."""
+    B, H = x.shape
+    outs = [torch.empty(B, w.shape[0], dtype=x.dtype, device=x.device) for w in (w1, w2, w3)]
+    blocks = sum(triton.cdiv(w.shape[0], block_r) for w in (w1, w2, w3))
+    _small_proj_kernel[(B, blocks)](
+        x, w1, w2, w3, *outs, H, w1.shape[0], w2.shape[0], w3.shape[0], BR=block_r, BH=block_h, num_warps=4
+    )
+    return outs
+
+
+@triton.jit
+def _kda_layer_decode_kernel(
+    xq, xk, xv, cq, ck, cv, wq, wk, wv, FA, WFB, A_log, dt_bias, b_raw, S, GA, WGB, WN, O32, OUT,
+    scale, eps, R,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, RP: tl.constexpr,
+    BV: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    ck_ch = h * K + tl.arange(0, K)
+    q = _conv_step(xq, cq, wq, b, ck_ch, H * K, W, WP)
+    k = _conv_step(xk, ck, wk, b, ck_ch, H * K, W, WP)
+    q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6)
+    k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
+
+    # the gate's low-rank second half for this head: f_b rows [K, R] x f_a(x) [R], rounded as f_b's output is
+    r = tl.arange(0, RP)
+    fa = tl.load(FA + b * R + r, mask=r < R, other=0.0).to(tl.float32)
+    wfb = tl.load(WFB + ck_ch[:, None] * R + r[None, :], mask=(r < R)[None, :], other=0.0).to(tl.float32)
+    g_raw = tl.sum(wfb * fa[None, :], axis=1).to(FA.dtype.element_ty).to(tl.float32)
+    gr = g_raw + tl.load(dt_bias + ck_ch).to(tl.float32)
+    softplus = tl.where(gr > 20.0, gr, tl.log(1.0 + tl.exp(tl.minimum(gr, 20.0))))
+    decay = tl.exp(-tl.exp(tl.load(A_log + h).to(tl.float32)) * softplus)  # [K]
+    beta = tl.sigmoid(tl.load(b_raw + b * H + h).to(tl.float32))
+
+    s_base = S + (b * H + h) * K * V
+    o_base = (b * H + h) * V
+    sumsq = 0.0
+    for vb in tl.static_range(0, V, BV):
+        offv = vb + tl.arange(0, BV)
+        v = _conv_step(xv, cv, wv, b, h * V + offv, H * V, W, WP)  # [BV]
+        ptrs = s_base + tl.arange(0, K)[:, None] * V + offv[None, :]
+        s = tl.load(ptrs) * decay[:, None]  # decay first
+        u = beta * (v - tl.sum(s * k[:, None], axis=0))
+        s = s + k[:, None] * u[None, :]  # then the delta update
+        tl.store(ptrs, s)
+        o = (scale * tl.sum(s * q[:, None], axis=0)).to(OUT.dtype.element_ty).to(tl.float32)  # o in x's dtype
+        sumsq += tl.sum(o * o, axis=0)
+        tl.store(O32 + o_base + offv, o)
+    tl.debug_barrier()  # the tiles just stored are read back by other threads of this program
+    rstd = tl.rsqrt(sumsq / V + eps)
+    ga = tl.load(GA + b * R + r, mask=r < R, other=0.0).to(tl.float32)
+    for vb in tl.static_range(0, V, BV):
+        offv = vb + tl.arange(0, BV)
+        wgb = tl.load(WGB + (h * V + offv)[:, None] * R + r[None, :], mask=(r < R)[None, :], other=0.0)
+        gate = tl.sum(wgb.to(tl.float32) * ga[None, :], axis=1).to(GA.dtype.element_ty).to(tl.float32)
+        o = tl.load(O32 + o_base + offv)
+        y = tl.load(WN + offv).to(tl.float32) * (o * rstd) * tl.sigmoid(gate)
+        tl.store(OUT + o_base + offv, y.to(OUT.dtype.element_ty))
+
+
+def kda_decode_layer(
+    xq, xk, xv, conv_q, conv_k, conv_v, wq, wk, wv, fa, f_b, A_log, dt_bias, b_raw, state, ga, g_b, norm_weight,
+    eps, scale=None, block_v=None, num_warps=None,
+):  # fmt: skip
+    """kda_decode_fused and what surrounds it in a decode step, in one launch: the gate's second low-rank projection
+    g_raw = f_b @ fa, the step itself (in place on the windows and the state), and the output's gated RMSNorm with
+    the output gate g_b @ ga. fa, ga [B, R]: f_a(x), g_a(x); f_b, g_b [H*K, R] / [H*V, R] weights; norm_weight [V].
+    Returns the normed, gated output [B, H*V] in fa's dtype, ready for o_proj. Twin: KimiDeltaAttention._decode's
+    plain path (kda_decode_torch, then o_norm)."""
+    B, H = b_raw.shape
+    K, V = state.shape[-2:]
+    W = wq.shape[-1]
+    R = fa.shape[-1]
+    for t in (xq, xk, xv, conv_q, conv_k, conv_v, fa, f_b, b_raw, state, ga, g_b):
+        if not t.is_contiguous():
+            raise ValueError("kda_decode_layer needs contiguous inputs (the cache keeps its tensors contiguous)")
+    if state.dtype != torch.float32:
+        raise ValueError(f"the recurrent state must be float32, got {state.dtype}")
+    scratch = torch.empty(B, H, V, device=state.device, dtype=torch.float32)
+    out = torch.empty(B, H * V, device=state.device, dtype=fa.dtype)
+    _kda_layer_decode_kernel[(B * H,)](
+        xq, xk, xv, conv_q, conv_k, conv_v, wq, wk, wv, fa, f_b, A_log, dt_bias, b_raw, state, ga, g_b, norm_weight,
+        scratch, out, K**-0.5 if scale is None else scale, eps, R,
+        H=H, K=K, V=V, W=W, WP=triton.next_power_of_2(max(W - 1, 2)), RP=triton.next_power_of_2(R),
+        BV=block_v or min(V, 64), num_warps=num_warps or 4,
+    )  # fmt: skip
+    return out

@@ -97,6 +97,42 @@ SCRIPT = textwrap.dedent("""
     with torch.no_grad():
         got = moe_decode.experts(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, add=add)
         out["mlp plus add"] = rel(got, mlp.double()(x.double()) + add.double())
+
+    # a KDA layer's decode step: the small projections and kda_decode_layer, then o_proj, against the layer's plain
+    # path in float64 (output, recurrent state, conv windows)
+    import copy
+    from kimi_linear_kernels import kda_decode
+    from kimi_linear.modeling_kimi_linear import KDALayerState, KimiDeltaAttention
+
+    c = KimiLinearConfig(**cfg)
+    layer = KimiDeltaAttention(c, 1)
+    with torch.no_grad():
+        for p_ in layer.parameters():
+            p_.normal_(0, 0.3)
+        layer.A_log.uniform_(0, 1)
+        layer.o_norm.weight.uniform_(0.5, 1.5)
+    B, H, K, D = 3, layer.num_heads, layer.head_dim, layer.num_heads * layer.head_dim
+    g = torch.Generator().manual_seed(5)
+    conv = [torch.randn(B, D, c.kda_conv_size - 1, generator=g) for _ in range(3)]
+    recurrent = torch.randn(B, H, K, K, generator=g)
+    ref = KDALayerState()
+    ref.conv, ref.recurrent, ref.seen = tuple(t.double() for t in conv), recurrent.double(), 7
+    x = torch.randn(B, 1, c.hidden_size)
+    with torch.no_grad():
+        want = copy.deepcopy(layer).double()(x.double(), state=ref)[:, 0]
+        x2 = x[:, 0].contiguous()
+        fa, ga, b_raw = kda_decode.small_projections(x2, layer.f_a_proj.weight, layer.g_a_proj.weight,
+                                                     layer.b_proj.weight)
+        out["small projections"] = max(rel(fa, x2 @ layer.f_a_proj.weight.T), rel(ga, x2 @ layer.g_a_proj.weight.T),
+                                       rel(b_raw, x2 @ layer.b_proj.weight.T))
+        o = kda_decode.kda_decode_layer(
+            layer.q_proj(x2), layer.k_proj(x2), layer.v_proj(x2), *conv,
+            layer.q_conv1d.weight, layer.k_conv1d.weight, layer.v_conv1d.weight, fa, layer.f_b_proj.weight,
+            layer.A_log, layer.dt_bias, b_raw, recurrent, ga, layer.g_b_proj.weight, layer.o_norm.weight,
+            layer.o_norm.variance_epsilon)
+        out["kda layer decode output"] = rel(layer.o_proj(o), want)
+        out["kda layer decode state"] = rel(recurrent, ref.recurrent)
+        out["kda layer decode windows"] = max(rel(a, b) for a, b in zip(conv, ref.conv))
     print(json.dumps(out))
 """)
 
@@ -129,4 +165,10 @@ def test_expert_kernels_match_the_per_expert_loop(errors):
     experts = {k: v for k, v in errors.items() if k.endswith("experts") or k.startswith("mlp")}
     assert len(experts) == 4
     bad = {k: v for k, v in experts.items() if not v < 1e-6}
+    assert not bad, bad
+
+
+def test_kda_layer_decode_kernels_match_the_layers_plain_step(errors):
+    keys = ("small projections", "kda layer decode output", "kda layer decode state", "kda layer decode windows")
+    bad = {k: errors[k] for k in keys if not errors[k] < 1e-6}
     assert not bad, bad

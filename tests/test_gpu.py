@@ -393,6 +393,56 @@ class TestFusedKernels:
         twin = reference(moe, x)
         assert rel_rms(fused, exact) <= 1.2 * rel_rms(twin, exact) + 1e-4, (rel_rms(fused, exact), rel_rms(twin, exact))
 
+    @torch.no_grad()
+    @pytest.mark.parametrize("B", [1, 64])
+    def test_kda_layer_decode_near_float64(self, B):
+        # the layer's decode step through small_projections + kda_decode_layer (then o_proj) against the plain path
+        # in float64, at the released head shape; the plain path in bf16 sets the bar
+        from kimi_linear.modeling_kimi_linear import KDALayerState, KimiDeltaAttention
+        from kimi_linear_kernels import kda_decode
+
+        lac = dict(tiny_config_dict()["linear_attn_config"], num_heads=32, head_dim=128)
+        cfg = tiny_config_dict(linear_attn_config=lac, hidden_size=256, head_dim=64)
+        from kimi_linear.configuration_kimi_linear import KimiLinearConfig
+
+        torch.manual_seed(0)
+        layer = KimiDeltaAttention(KimiLinearConfig(**cfg), 1).cuda()
+        for p_ in layer.parameters():
+            p_.normal_(0, 0.05)
+        layer.A_log.uniform_(0, 1)
+        layer.o_norm.weight.uniform_(0.5, 1.5)
+        D, W = 32 * 128, layer.q_conv1d.weight.shape[-1]
+        conv = [torch.randn(B, D, W - 1, device="cuda") for _ in range(3)]
+        recurrent = torch.randn(B, 32, 128, 128, device="cuda") * 0.1
+        x = torch.randn(B, 1, 256, device="cuda")
+
+        def plain(dtype):
+            st = KDALayerState()
+            st.conv, st.recurrent, st.seen = tuple(t.to(dtype) for t in conv), recurrent.clone().double(), 5
+            if dtype != torch.float64:
+                st.recurrent = st.recurrent.float()
+            try:
+                kernels.force_backend("torch")
+                return copy.deepcopy(layer).to(dtype)(x.to(dtype), state=st)[:, 0], st.recurrent
+            finally:
+                kernels.force_backend(None)
+
+        exact, exact_state = plain(torch.float64)
+        twin, twin_state = plain(torch.bfloat16)
+        bf = copy.deepcopy(layer).bfloat16()
+        x2 = x[:, 0].bfloat16().contiguous()
+        windows = [t.bfloat16() for t in conv]
+        state = recurrent.clone()
+        fa, ga, b_raw = kda_decode.small_projections(x2, bf.f_a_proj.weight, bf.g_a_proj.weight, bf.b_proj.weight)
+        o = kda_decode.kda_decode_layer(
+            bf.q_proj(x2), bf.k_proj(x2), bf.v_proj(x2), *windows, bf.q_conv1d.weight, bf.k_conv1d.weight,
+            bf.v_conv1d.weight, fa, bf.f_b_proj.weight, bf.A_log, bf.dt_bias, b_raw, state, ga, bf.g_b_proj.weight,
+            bf.o_norm.weight, bf.o_norm.variance_epsilon,
+        )  # fmt: skip
+        fused = bf.o_proj(o)
+        assert rel_rms(fused, exact) <= 1.2 * rel_rms(twin, exact) + 1e-4, (rel_rms(fused, exact), rel_rms(twin, exact))
+        assert rel_rms(state, exact_state) <= 1.2 * rel_rms(twin_state, exact_state) + 1e-5
+
     def test_decode_moe_kernels_step_aside_for_autograd_and_larger_batches(self):
         moe = TestGroupedMoE.moe()
         x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
