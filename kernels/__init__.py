@@ -3,14 +3,18 @@ own package).
 
 One dispatch point: `kda_backend(tensor)` says which implementation serves a tensor. CUDA tensors go to the Triton
 path when a tested fla-core is installed: `kda_prefill` (the q/k L2 norm, then fla's `chunk_kda` with the gate and
-beta fused in; prefill and training, dense or variable-length) and this package's `kda_decode_fused` (one launch per
-decode step, nothing tuned). fla's autotuned kernels start from pre-chosen configurations (kernels/tuned.py) and
-the variants the model uses compile side by side on first use (kernels/precompile.py).
+beta fused in; prefill and training, dense or variable-length) and this package's `kda_decode_fused` /
+`kda_decode_layer` (a decode step in one launch, nothing tuned). fla's autotuned kernels start from pre-chosen
+configurations (kernels/tuned.py) and the variants the model uses compile side by side on first use
+(kernels/precompile.py). This package's own Triton kernels need no fla (`triton_serves(tensor)`): the fused norms
+(kernels/norm.py: RMSNorm with the residual add, the gated output norm, the q/k L2 norm; forward and backward) and
+the decode step's MoE (kernels/moe_decode.py: router, chosen and shared experts as matrix-vector products).
 Everything else (CPU tensors above all, whatever is installed) stays on the plain PyTorch path in
 `modeling_kimi_linear.py`, whose functions are the twins. `force_backend("torch")` pins the plain path for tests. fla
 is called by keyword only: its positional order has changed between releases.
 """
 
+import functools
 import importlib.metadata
 import logging
 
@@ -113,7 +117,8 @@ _triton = None  # whether triton imports, once asked
 
 def triton_serves(x):
     """Whether this package's own Triton kernels (the fused norms, the decode step's MoE) take tensor x: a CUDA tensor
-    with Triton importable, unless force_backend("torch") pinned the plain path."""
+    on a GPU of compute capability 8.0 or newer (bfloat16 in Triton) with Triton importable, unless
+    force_backend("torch") pinned the plain path."""
     global _triton
     if _forced == "torch" or not x.is_cuda:
         return False
@@ -124,7 +129,12 @@ def triton_serves(x):
             _triton = True
         except ImportError:
             _triton = False
-    return _triton
+    return _triton and _capable(x.device)
+
+
+@functools.cache
+def _capable(device):
+    return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
 def rms_norm(x, weight, eps, residual=None, gate=None):
