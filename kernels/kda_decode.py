@@ -34,6 +34,38 @@ def _conv_step(x_ptr, c_ptr, w_ptr, b, ch, D, W: tl.constexpr, WP: tl.constexpr)
 
 
 @triton.jit
+def _qk(xq, xk, cq, ck, wq, wk, b, h, H: tl.constexpr, K: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
+    """q and k of head h after their conv step (windows shifted in place), SiLU and L2 norm: [K] each, float32."""
+    ch = h * K + tl.arange(0, K)
+    q = _conv_step(xq, cq, wq, b, ch, H * K, W, WP)
+    k = _conv_step(xk, ck, wk, b, ch, H * K, W, WP)
+    return q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6), k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
+
+
+@triton.jit
+def _decay(gr, A_log, h):
+    """exp(g) for g = -exp(A_log) * softplus(gr), gr = g_raw + dt_bias [K]; softplus(x) = x above 20 (as torch)."""
+    softplus = tl.where(gr > 20.0, gr, tl.log(1.0 + tl.exp(tl.minimum(gr, 20.0))))
+    return tl.exp(-tl.exp(tl.load(A_log + h).to(tl.float32)) * softplus)
+
+
+@triton.jit
+def _update_tile(xv, cv, wv, S, q, k, decay, beta, scale, b, h, vb,
+                 H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                 BV: tl.constexpr):  # fmt: skip
+    """Columns vb .. vb + BV of head h: v's conv step, the state tile decayed then delta-updated (in place), and
+    the output scale * S^T q for those columns [BV], float32."""
+    offv = vb + tl.arange(0, BV)
+    v = _conv_step(xv, cv, wv, b, h * V + offv, H * V, W, WP)  # [BV]
+    ptrs = S + (b * H + h) * K * V + tl.arange(0, K)[:, None] * V + offv[None, :]
+    s = tl.load(ptrs) * decay[:, None]  # decay first
+    u = beta * (v - tl.sum(s * k[:, None], axis=0))
+    s = s + k[:, None] * u[None, :]  # then the delta update
+    tl.store(ptrs, s)
+    return scale * tl.sum(s * q[:, None], axis=0)
+
+
+@triton.jit
 def _kda_decode_kernel(
     xq, xk, xv, cq, ck, cv, wq, wk, wv, g_raw, A_log, dt_bias, b_raw, S, o,
     scale,
@@ -42,28 +74,13 @@ def _kda_decode_kernel(
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
-    ck_ch = h * K + tl.arange(0, K)
-    q = _conv_step(xq, cq, wq, b, ck_ch, H * K, W, WP)
-    k = _conv_step(xk, ck, wk, b, ck_ch, H * K, W, WP)
-    q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6)
-    k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
-
-    # g = -exp(A_log) * softplus(g_raw + dt_bias), softplus(x) = x above 20 (as torch)
-    gr = tl.load(g_raw + b * H * K + ck_ch).to(tl.float32) + tl.load(dt_bias + ck_ch).to(tl.float32)
-    softplus = tl.where(gr > 20.0, gr, tl.log(1.0 + tl.exp(tl.minimum(gr, 20.0))))
-    decay = tl.exp(-tl.exp(tl.load(A_log + h).to(tl.float32)) * softplus)  # [K]
+    ch = h * K + tl.arange(0, K)
+    q, k = _qk(xq, xk, cq, ck, wq, wk, b, h, H, K, W, WP)
+    decay = _decay(tl.load(g_raw + b * H * K + ch).to(tl.float32) + tl.load(dt_bias + ch).to(tl.float32), A_log, h)
     beta = tl.sigmoid(tl.load(b_raw + b * H + h).to(tl.float32))
-
-    s_base = S + (b * H + h) * K * V
     for vb in tl.static_range(0, V, BV):
-        offv = vb + tl.arange(0, BV)
-        v = _conv_step(xv, cv, wv, b, h * V + offv, H * V, W, WP)  # [BV]
-        ptrs = s_base + tl.arange(0, K)[:, None] * V + offv[None, :]
-        s = tl.load(ptrs) * decay[:, None]  # decay first
-        u = beta * (v - tl.sum(s * k[:, None], axis=0))
-        s = s + k[:, None] * u[None, :]  # then the delta update
-        tl.store(ptrs, s)
-        tl.store(o + (b * H + h) * V + offv, scale * tl.sum(s * q[:, None], axis=0))
+        out = _update_tile(xv, cv, wv, S, q, k, decay, beta, scale, b, h, vb, H, K, V, W, WP, BV)
+        tl.store(o + (b * H + h) * V + vb + tl.arange(0, BV), out)
 
 
 def kda_decode_fused(
@@ -141,36 +158,24 @@ def _kda_layer_decode_kernel(
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
-    ck_ch = h * K + tl.arange(0, K)
-    q = _conv_step(xq, cq, wq, b, ck_ch, H * K, W, WP)
-    k = _conv_step(xk, ck, wk, b, ck_ch, H * K, W, WP)
-    q = q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6)
-    k = k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
+    ch = h * K + tl.arange(0, K)
+    q, k = _qk(xq, xk, cq, ck, wq, wk, b, h, H, K, W, WP)
 
     # the gate's low-rank second half for this head: f_b rows [K, R] x f_a(x) [R], rounded as f_b's output is
     r = tl.arange(0, RP)
     fa = tl.load(FA + b * R + r, mask=r < R, other=0.0).to(tl.float32)
-    wfb = tl.load(WFB + ck_ch[:, None] * R + r[None, :], mask=(r < R)[None, :], other=0.0).to(tl.float32)
+    wfb = tl.load(WFB + ch[:, None] * R + r[None, :], mask=(r < R)[None, :], other=0.0).to(tl.float32)
     g_raw = tl.sum(wfb * fa[None, :], axis=1).to(FA.dtype.element_ty).to(tl.float32)
-    gr = g_raw + tl.load(dt_bias + ck_ch).to(tl.float32)
-    softplus = tl.where(gr > 20.0, gr, tl.log(1.0 + tl.exp(tl.minimum(gr, 20.0))))
-    decay = tl.exp(-tl.exp(tl.load(A_log + h).to(tl.float32)) * softplus)  # [K]
+    decay = _decay(g_raw + tl.load(dt_bias + ch).to(tl.float32), A_log, h)
     beta = tl.sigmoid(tl.load(b_raw + b * H + h).to(tl.float32))
 
-    s_base = S + (b * H + h) * K * V
     o_base = (b * H + h) * V
     sumsq = 0.0
     for vb in tl.static_range(0, V, BV):
-        offv = vb + tl.arange(0, BV)
-        v = _conv_step(xv, cv, wv, b, h * V + offv, H * V, W, WP)  # [BV]
-        ptrs = s_base + tl.arange(0, K)[:, None] * V + offv[None, :]
-        s = tl.load(ptrs) * decay[:, None]  # decay first
-        u = beta * (v - tl.sum(s * k[:, None], axis=0))
-        s = s + k[:, None] * u[None, :]  # then the delta update
-        tl.store(ptrs, s)
-        o = (scale * tl.sum(s * q[:, None], axis=0)).to(OUT.dtype.element_ty).to(tl.float32)  # o in x's dtype
+        o = _update_tile(xv, cv, wv, S, q, k, decay, beta, scale, b, h, vb, H, K, V, W, WP, BV)
+        o = o.to(OUT.dtype.element_ty).to(tl.float32)  # o in x's dtype, as the plain path hands it to the norm
         sumsq += tl.sum(o * o, axis=0)
-        tl.store(O32 + o_base + offv, o)
+        tl.store(O32 + o_base + vb + tl.arange(0, BV), o)
     tl.debug_barrier()  # the tiles just stored are read back by other threads of this program
     rstd = tl.rsqrt(sumsq / V + eps)
     ga = tl.load(GA + b * R + r, mask=r < R, other=0.0).to(tl.float32)

@@ -133,6 +133,23 @@ SCRIPT = textwrap.dedent("""
         out["kda layer decode output"] = rel(layer.o_proj(o), want)
         out["kda layer decode state"] = rel(recurrent, ref.recurrent)
         out["kda layer decode windows"] = max(rel(a, b) for a, b in zip(conv, ref.conv))
+
+        # the step kernel alone (kda_decode_fused) against its twin kda_decode_torch in float64
+        from kimi_linear.modeling_kimi_linear import kda_decode_torch
+
+        conv = [torch.randn(B, D, c.kda_conv_size - 1, generator=g) for _ in range(3)]
+        recurrent = torch.randn(B, H, K, K, generator=g)
+        raw = [torch.randn(B, D, generator=g) for _ in range(4)] + [torch.randn(B, H, generator=g)]
+        weights = (layer.q_conv1d.weight, layer.k_conv1d.weight, layer.v_conv1d.weight)
+        twin_conv, twin_state = [t.double() for t in conv], recurrent.double()
+        want = kda_decode_torch(*(t.double() for t in raw[:3]), *twin_conv, *(w.double() for w in weights),
+                                raw[3].double(), layer.A_log.double(), layer.dt_bias.double(), raw[4].double(),
+                                twin_state)
+        got = kda_decode.kda_decode_fused(*raw[:3], *conv, *weights, raw[3], layer.A_log, layer.dt_bias, raw[4],
+                                          recurrent)
+        out["kda step output"] = rel(got, want)
+        out["kda step state"] = rel(recurrent, twin_state)
+        out["kda step windows"] = max(rel(a, b) for a, b in zip(conv, twin_conv))
     print(json.dumps(out))
 """)
 
@@ -169,6 +186,7 @@ def test_expert_kernels_match_the_per_expert_loop(errors):
 
 
 def test_kda_layer_decode_kernels_match_the_layers_plain_step(errors):
-    keys = ("small projections", "kda layer decode output", "kda layer decode state", "kda layer decode windows")
+    keys = ("small projections", "kda layer decode output", "kda layer decode state", "kda layer decode windows",
+            "kda step output", "kda step state", "kda step windows")  # fmt: skip
     bad = {k: errors[k] for k in keys if not errors[k] < 1e-6}
     assert not bad, bad
