@@ -617,10 +617,19 @@ class KimiMLAAttention(nn.Module):
         )  # [B, h, T, 512]
         return torch.einsum("bhtr,hvr->bhtv", o_lat, w_uv)
 
+    # Decode attention through kimi_linear_kernels.mla_decode_attention (one pass over the latents, split over the
+    # cache, all heads at once) instead of the two batched products below: off until compiled and measured on a GPU
+    # (it has run in Triton's interpreter only). Set True on the class or on a layer to try it.
+    decode_kernel = False
+
     def _attend_one(self, q_lat, latent, mask):
         """One query per row: q_lat [B, h, 576] against the shared latents [B, S, 576]; mask [B, 1, 1, S] (True =
         attend) or None. Returns [B, h, 512]. Two batched products read the latents once for all heads (SDPA would
         take them once per head); scores and softmax in float32."""
+        fast = _triton_kernels(latent) if self.decode_kernel else None
+        if fast is not None and _no_autograd(q_lat, latent):
+            keep = mask[:, 0, 0] if mask is not None else None
+            return fast.mla_decode_attention(q_lat, latent, keep, self.scaling, self.kv_lora_rank)
         scores = _bmm_float32(q_lat, latent.transpose(1, 2)) * self.scaling  # [B, h, S]
         if mask is not None:
             scores = scores.masked_fill(~mask[:, 0], float("-inf"))

@@ -51,6 +51,7 @@ from kimi_linear.modeling_kimi_linear import (
     KimiLinearCache,
     KimiLinearForCausalLM,
     KimiLinearStaticCache,
+    KimiMLAAttention,
 )
 from kimi_linear_kernels.tuned import record_if_tuned
 
@@ -378,10 +379,16 @@ def main(argv=None):
         help="largest context for transformers' built-in model (default: %(default)s)",
     )
     ap.add_argument("--no-builtin", action="store_true", help="skip transformers' built-in model")
+    ap.add_argument(
+        "--mla-decode-kernel",
+        action="store_true",
+        help="MLA decode attention through the one-pass Triton kernel (KimiMLAAttention.decode_kernel; off by default)",
+    )
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"), help="(default: %(default)s)")
     args = ap.parse_args(argv)
+    KimiMLAAttention.decode_kernel = args.mla_decode_kernel
 
     started = time.perf_counter()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

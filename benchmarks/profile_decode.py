@@ -35,7 +35,11 @@ from decode_gpu import (  # noqa: E402
 )
 
 from kimi_linear.configuration_kimi_linear import KimiLinearConfig  # noqa: E402
-from kimi_linear.modeling_kimi_linear import KimiLinearForCausalLM, KimiLinearStaticCache  # noqa: E402
+from kimi_linear.modeling_kimi_linear import (  # noqa: E402
+    KimiLinearForCausalLM,
+    KimiLinearStaticCache,
+    KimiMLAAttention,
+)
 
 
 def profile_steps(model, cache, nxt, steps, device):
@@ -79,7 +83,11 @@ def main():
     ap.add_argument("--top", type=int, default=25, help="kernels listed per variant (default: %(default)s)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out-dir", type=Path, default=HERE / "results", help="(default: %(default)s)")
+    ap.add_argument(
+        "--mla-decode-kernel", action="store_true", help="KimiMLAAttention.decode_kernel on (off by default)"
+    )
     args = ap.parse_args()
+    KimiMLAAttention.decode_kernel = args.mla_decode_kernel
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = KimiLinearConfig(**json.loads(args.config.read_text()))

@@ -226,3 +226,10 @@ def small_projections(*args, **kwargs):
     from .kda_decode import small_projections as fused
 
     return fused(*args, **kwargs)
+
+
+def mla_decode_attention(*args, **kwargs):
+    """MLA decode attention on the latents in one pass over the cache; see kernels/mla_decode.py."""
+    from .mla_decode import mla_decode as fused
+
+    return fused(*args, **kwargs)

@@ -150,6 +150,24 @@ SCRIPT = textwrap.dedent("""
         out["kda step output"] = rel(got, want)
         out["kda step state"] = rel(recurrent, twin_state)
         out["kda step windows"] = max(rel(a, b) for a, b in zip(conv, twin_conv))
+
+    # MLA decode attention on the latents in one pass, against _attend_one in float64: the tiny shape (576 -> 40
+    # values, 4 heads) and the bench model's (576, 32 heads), with and without a mask, several slices per row
+    from kimi_linear_kernels import mla_decode
+    from kimi_linear.modeling_kimi_linear import KimiMLAAttention
+
+    bench = dict(kv_lora_rank=512, qk_rope_head_dim=64, num_attention_heads=32, hidden_size=256, head_dim=8,
+                 qk_nope_head_dim=128, v_head_dim=128)
+    for name, over, S, splits in [("tiny", {}, 300, 3), ("tiny", {}, 77, None), ("bench", bench, 200, 4)]:
+        c = KimiLinearConfig(**{**cfg, **over})
+        mla = KimiMLAAttention(c, 3)
+        D = c.kv_lora_rank + c.qk_rope_head_dim
+        q, lat = torch.randn(2, mla.num_heads, D), torch.randn(2, S, D)
+        keep = torch.rand(2, S) > 0.3
+        for m in (keep, None):
+            got = mla_decode.mla_decode(q, lat, m, mla.scaling, c.kv_lora_rank, splits=splits)
+            want = mla._attend_one(q.double(), lat.double(), m[:, None, None, :] if m is not None else None)
+            out[f"mla decode {name} S={S} splits={splits} mask={m is not None}"] = rel(got, want)
     print(json.dumps(out))
 """)
 
@@ -189,4 +207,11 @@ def test_kda_layer_decode_kernels_match_the_layers_plain_step(errors):
     keys = ("small projections", "kda layer decode output", "kda layer decode state", "kda layer decode windows",
             "kda step output", "kda step state", "kda step windows")  # fmt: skip
     bad = {k: errors[k] for k in keys if not errors[k] < 1e-6}
+    assert not bad, bad
+
+
+def test_mla_decode_kernel_matches_the_two_product_path(errors):
+    mla = {k: v for k, v in errors.items() if k.startswith("mla decode")}
+    assert len(mla) == 6
+    bad = {k: v for k, v in mla.items() if not v < 1e-6}
     assert not bad, bad

@@ -443,6 +443,26 @@ class TestFusedKernels:
         assert rel_rms(fused, exact) <= 1.2 * rel_rms(twin, exact) + 1e-4, (rel_rms(fused, exact), rel_rms(twin, exact))
         assert rel_rms(state, exact_state) <= 1.2 * rel_rms(twin_state, exact_state) + 1e-5
 
+    @torch.no_grad()
+    @pytest.mark.parametrize("B, S", [(1, 8192), (4, 3000)])
+    def test_mla_decode_kernel_near_float64(self, B, S):
+        # the one-pass latent attention (off by default in the model) in bf16 at the bench model's shape, against
+        # the two-product path in float64; the two-product path in bf16 sets the bar
+        from kimi_linear.configuration_kimi_linear import KimiLinearConfig
+        from kimi_linear.modeling_kimi_linear import KimiMLAAttention
+        from kimi_linear_kernels import mla_decode
+
+        over = dict(kv_lora_rank=512, qk_rope_head_dim=64, num_attention_heads=32, hidden_size=256, head_dim=8)
+        mla = KimiMLAAttention(KimiLinearConfig(**tiny_config_dict(**over)), 3)
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q = torch.randn(B, 32, 576, device="cuda", generator=gen)
+        lat = torch.randn(B, S, 576, device="cuda", generator=gen)
+        keep = torch.rand(B, S, device="cuda", generator=gen) > 0.2
+        exact = mla._attend_one(q.double(), lat.double(), keep[:, None, None, :])
+        twin = mla._attend_one(q.bfloat16(), lat.bfloat16(), keep[:, None, None, :])
+        fused = mla_decode.mla_decode(q.bfloat16(), lat.bfloat16(), keep, mla.scaling, 512)
+        assert rel_rms(fused, exact) <= 1.2 * rel_rms(twin, exact) + 1e-4, (rel_rms(fused, exact), rel_rms(twin, exact))
+
     def test_decode_moe_kernels_step_aside_for_autograd_and_larger_batches(self):
         moe = TestGroupedMoE.moe()
         x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)

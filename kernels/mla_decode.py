@@ -1,0 +1,118 @@
+"""MLA decode attention on the latents in one pass (Triton, split-K "flash decoding"): one query per row and head,
+already absorbed into the latent space (q_lat = [q_nope W_uk, q_pe], 576 values), against the cached latents
+[c_kv, k_pe] shared by all heads; the values are the latents' first kv_lora_rank columns.
+
+PyTorch twin: `KimiMLAAttention._attend_one` in modeling_kimi_linear.py (two batched products, float32 scores and
+softmax in between). That reads the cache twice (scores, then values) and makes several float32 passes over the
+[B, heads, S] scores; here each program streams one slice of the cache once, all heads together, with an online
+softmax, and a second small launch merges the slices by their log-sum-exp. Scores and sums are float32; the
+probabilities meet the values in the latents' dtype (as the twin's softmax output does).
+
+Off by default in the model (`KimiMLAAttention.decode_kernel`): tested in Triton's interpreter only, not yet
+compiled and measured on a GPU.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _split_kernel(Q, L, MASK, M_OUT, L_OUT, ACC, S, chunk, iters, scale, NH, D, DV,
+                  stride_qb, stride_qh, stride_lb, stride_ls, stride_mb, splits,
+                  HAS_MASK: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, BD: tl.constexpr,
+                  BS: tl.constexpr):  # fmt: skip
+    """Program (b, sp): tokens sp * chunk ... of row b, every head; writes the slice's running max, sum and
+    unnormalised output."""
+    b = tl.program_id(0)
+    sp = tl.program_id(1)
+    heads = tl.arange(0, HP)
+    dv = tl.arange(0, DVP)
+    m = tl.full([HP], float("-inf"), dtype=tl.float32)
+    total = tl.zeros([HP], dtype=tl.float32)
+    acc = tl.zeros([HP, DVP], dtype=tl.float32)
+    for it in range(iters):
+        toks = sp * chunk + it * BS + tl.arange(0, BS)
+        valid = (toks < S) & (toks < sp * chunk + chunk)
+        if HAS_MASK:
+            valid = valid & (tl.load(MASK + b * stride_mb + toks, mask=valid, other=0) != 0)
+        scores = tl.zeros([HP, BS], dtype=tl.float32)
+        for d0 in tl.static_range(0, DP, BD):
+            d = d0 + tl.arange(0, BD)
+            q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+                        mask=(heads < NH)[:, None] & (d < D)[None, :], other=0.0)  # fmt: skip
+            k = tl.load(L + b * stride_lb + toks[:, None].to(tl.int64) * stride_ls + d[None, :],
+                        mask=valid[:, None] & (d < D)[None, :], other=0.0)  # fmt: skip
+            scores += tl.dot(q, tl.trans(k))
+        scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing to attend yet
+        alpha = tl.exp(m - m_safe)
+        p = tl.exp(scores - m_safe[:, None])
+        total = total * alpha + tl.sum(p, axis=1)
+        v = tl.load(L + b * stride_lb + toks[:, None].to(tl.int64) * stride_ls + dv[None, :],
+                    mask=valid[:, None] & (dv < DV)[None, :], other=0.0)  # fmt: skip
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    row = (b * splits + sp) * NH + heads
+    tl.store(M_OUT + row, m, mask=heads < NH)
+    tl.store(L_OUT + row, total, mask=heads < NH)
+    tl.store(ACC + row[:, None] * DV + dv[None, :], acc, mask=(heads < NH)[:, None] & (dv < DV)[None, :])
+
+
+@triton.jit
+def _merge_kernel(M_IN, L_IN, ACC, OUT, NH, DV, splits, SP: tl.constexpr, DVP: tl.constexpr, BSP: tl.constexpr):
+    """Program (b, h): the slices' outputs weighted by exp(m - max m), over the weighted sum of their sums."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    s = tl.arange(0, SP)
+    ms = tl.load(M_IN + (b * splits + s) * NH + h, mask=s < splits, other=float("-inf"))
+    top = tl.max(ms, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    dv = tl.arange(0, DVP)
+    out = tl.zeros([DVP], dtype=tl.float32)
+    denom = 0.0
+    for s0 in range(0, splits, BSP):
+        ss = s0 + tl.arange(0, BSP)
+        m = tl.load(M_IN + (b * splits + ss) * NH + h, mask=ss < splits, other=float("-inf"))
+        w = tl.exp(m - top)
+        denom += tl.sum(w * tl.load(L_IN + (b * splits + ss) * NH + h, mask=ss < splits, other=0.0), axis=0)
+        part = tl.load(ACC + ((b * splits + ss) * NH + h)[:, None] * DV + dv[None, :],
+                       mask=(ss < splits)[:, None] & (dv < DV)[None, :], other=0.0)  # fmt: skip
+        out += tl.sum(part * w[:, None], axis=0)
+    tl.store(OUT + (b * NH + h) * DV + dv, (out / denom).to(OUT.dtype.element_ty), mask=dv < DV)
+
+
+def mla_decode(q_lat, latent, mask, scale, kv_rank, splits=None, block_s=32, num_warps=8):
+    """softmax(scale * q_lat latent^T) latent[..., :kv_rank] for q_lat [B, heads, D] and latents [B, S, D] (last
+    dimension contiguous); mask [B, S] bool (True = attend) or None. Returns [B, heads, kv_rank] in the latents'
+    dtype. splits: how many slices of the cache each row is read in side by side (default: about two programs per
+    multiprocessor over the batch)."""
+    B, NH, D = q_lat.shape
+    S = latent.shape[1]
+    if latent.stride(-1) != 1 or q_lat.stride(-1) != 1:
+        raise ValueError("mla_decode needs the last dimension of q_lat and the latents contiguous")
+    if splits is None:
+        sms = torch.cuda.get_device_properties(latent.device).multi_processor_count if latent.is_cuda else 4
+        splits = max(1, min(triton.cdiv(S, block_s), 2 * sms // B))
+    chunk = triton.cdiv(triton.cdiv(S, splits), block_s) * block_s
+    splits = triton.cdiv(S, chunk)
+    dev = latent.device
+    m = torch.empty(B, splits, NH, dtype=torch.float32, device=dev)
+    total = torch.empty_like(m)
+    acc = torch.empty(B, splits, NH, kv_rank, dtype=torch.float32, device=dev)
+    if mask is not None:
+        mask = (mask.to(torch.uint8) if mask.dtype == torch.bool else mask).contiguous()
+    _split_kernel[(B, splits)](
+        q_lat, latent, mask if mask is not None else latent, m, total, acc, S, chunk, chunk // block_s, float(scale),
+        NH, D, kv_rank, q_lat.stride(0), q_lat.stride(1), latent.stride(0), latent.stride(1),
+        mask.stride(0) if mask is not None else 0, splits,
+        HAS_MASK=mask is not None, HP=max(16, triton.next_power_of_2(NH)), DP=triton.cdiv(D, 64) * 64,
+        DVP=triton.next_power_of_2(kv_rank), BD=64, BS=block_s, num_warps=num_warps, num_stages=1,
+    )  # fmt: skip
+    out = torch.empty(B, NH, kv_rank, dtype=latent.dtype, device=dev)
+    _merge_kernel[(B, NH)](
+        m, total, acc, out, NH, kv_rank, splits,
+        SP=triton.next_power_of_2(splits), DVP=triton.next_power_of_2(kv_rank), BSP=16, num_warps=4,
+    )  # fmt: skip
+    return out
