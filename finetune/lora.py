@@ -20,7 +20,8 @@ with `kimi_linear_conversion.merge_lora.merge_lora`.
 Long runs: --save-every N writes out/checkpoint-N (adapter, optimizer, scheduler, log); --resume continues from the
 newest one at the same step with the same data order. Several GPUs (data parallel):
     accelerate launch --num_processes 2 finetune/lora.py --model ... --batch-size 16 ...
---batch-size is the global batch, split over the processes; --fsdp shards the model over them instead of copying it.
+--batch-size is the global batch, split over the processes; --fsdp shards the model over them instead of copying it
+(its checkpoints gather the adapter and optimizer state whole, and resume only with --fsdp).
 
 Library: `train_lora(model, data, out, ...)` returns a `LoraResult` (the trained PeftModel, the step log, paths);
 `lora_targets(model, targets)` gives the list of module names a target specification selects and
@@ -456,9 +457,6 @@ def train_lora(
     if fsdp and int(os.environ.get("WORLD_SIZE", "1")) < 2:
         raise ValueError("fsdp shards the model over several processes: launch with torchrun --nproc_per_node N or "
                          "accelerate launch --num_processes N (N >= 2)")  # fmt: skip
-    if fsdp and (save_every or resume):
-        raise ValueError("--save-every and --resume do not work with --fsdp yet (the optimizer state is sharded); "
-                         "drop them, or train data parallel without --fsdp")  # fmt: skip
     accelerator = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by accelerate launch / torchrun
         from accelerate import Accelerator, DistributedDataParallelKwargs
@@ -527,6 +525,21 @@ def train_lora(
     if accelerator is not None:  # processes whose tokens pick other experts must reduce the same set of gradients
         for moe in _moe_layers(model):
             moe.train_every_expert = True
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_key = {"base": base_path, "targets": names, "rank": rank, "alpha": alpha, "lr": lr, "steps": total,
+               "batch_size": batch_size, "max_length": max_length, "pack": pack, "seed": seed,
+               "examples": len(sequences)}  # fmt: skip
+    if messages_column and assistant_only:  # only then: checkpoints of earlier runs on text data still resume
+        run_key["assistant_only"] = True
+    if fsdp:  # its checkpoints keep the optimizer state by parameter name, gathered whole
+        run_key["fsdp"] = True
+    state = None
+    if resume:  # the adapter before sharding: fully_shard then splits the loaded weights
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise FileNotFoundError(f"resume: no checkpoint-N folder in {out}; start without --resume")
+        state = _load_checkpoint(ckpt, peft_model, run_key)
     if fsdp:
         _shard(model)
     model.train()
@@ -539,19 +552,11 @@ def train_lora(
         return max(0.0, (total - step) / max(1, total - warmup_steps))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    run_key = {"base": base_path, "targets": names, "rank": rank, "alpha": alpha, "lr": lr, "steps": total,
-               "batch_size": batch_size, "max_length": max_length, "pack": pack, "seed": seed,
-               "examples": len(sequences)}  # fmt: skip
-    if messages_column and assistant_only:  # only then: checkpoints of earlier runs on text data still resume
-        run_key["assistant_only"] = True
     log, first_step = [], 0
-    if resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise FileNotFoundError(f"resume: no checkpoint-N folder in {out}; start without --resume")
-        log, first_step = _load_checkpoint(ckpt, peft_model, opt, sched, run_key)
+    if state is not None:
+        _load_optimizer(model, opt, state["optimizer"], fsdp)
+        sched.load_state_dict(state["scheduler"])
+        log, first_step = list(state["log"]), int(state["step"])
     if accelerator is not None and not fsdp:  # data parallel (DDP); fully_shard has already wrapped an fsdp model
         model, opt = accelerator.prepare(model, opt)
     collate_fn = collate_packed if pack else collate
@@ -604,8 +609,8 @@ def train_lora(
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{entry['loss']:.4f}", tok_s=f"{seen_tokens / max(elapsed, 1e-9):.0f}")
             bar.update(1)
-        if save_every and (step + 1) % save_every == 0 and step + 1 < total and main_process:
-            _save_checkpoint(out, step + 1, peft_model, opt, sched, log, run_key, keep_checkpoints)
+        if save_every and (step + 1) % save_every == 0 and step + 1 < total:
+            _save_checkpoint(out, step + 1, peft_model, opt, sched, log, run_key, keep_checkpoints, main_process, fsdp)
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - start
@@ -707,14 +712,23 @@ def latest_checkpoint(out):
     return found[-1] if found else None
 
 
-def _save_checkpoint(out, step, peft_model, opt, sched, log, run_key, keep):
+def _save_checkpoint(out, step, peft_model, opt, sched, log, run_key, keep, main=True, fsdp=False):
     """out/checkpoint-<step>: the adapter, optimizer, scheduler and step log; written beside and renamed into place,
-    so a run killed mid-write leaves the previous checkpoint as the newest."""
+    so a run killed mid-write leaves the previous checkpoint as the newest. Every process calls it (with fsdp the
+    adapter and the optimizer state are gathered whole first, collectives); the main process writes."""
+    if fsdp:
+        adapter, optimizer = _full_adapter_state(peft_model), _full_optimizer_state(peft_model, opt)
+    if not main:
+        return
     final = Path(out) / f"checkpoint-{step}"
     tmp = Path(out) / f".checkpoint-{step}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(tmp)
-    state = {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "log": log, "run": run_key}
+    if fsdp:
+        peft_model.save_pretrained(tmp, state_dict=adapter)
+    else:
+        peft_model.save_pretrained(tmp)
+        optimizer = opt.state_dict()
+    state = {"step": step, "optimizer": optimizer, "scheduler": sched.state_dict(), "log": log, "run": run_key}
     torch.save(state, tmp / TRAINER_STATE)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -722,21 +736,42 @@ def _save_checkpoint(out, step, peft_model, opt, sched, log, run_key, keep):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(ckpt, peft_model, opt, sched, run_key):
+def _load_checkpoint(ckpt, peft_model, run_key):
+    """The checkpoint's trainer state, after checking it was written with these settings, with its adapter weights
+    loaded into peft_model (not yet sharded)."""
     import peft
     from safetensors.torch import load_file
 
     state = torch.load(ckpt / TRAINER_STATE, weights_only=True)
-    diff = {k: {"checkpoint": state["run"].get(k), "now": v} for k, v in run_key.items() if state["run"].get(k) != v}
+    keys = run_key.keys() | state["run"].keys()
+    diff = {k: {"checkpoint": state["run"].get(k), "now": run_key.get(k)} for k in keys
+            if state["run"].get(k) != run_key.get(k)}  # fmt: skip
     if diff:
         raise ValueError(
             f"resume: {ckpt} was written by a run with other settings {diff}; resume with the same arguments, or "
             "start afresh in another --out folder"
         )
     peft.set_peft_model_state_dict(peft_model, load_file(ckpt / "adapter_model.safetensors"))
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    return list(state["log"]), int(state["step"])
+    return state
+
+
+def _full_optimizer_state(model, opt):
+    """The optimizer state of a sharded model, whole and keyed by parameter name, on the main process (empty on the
+    others; a collective)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _load_optimizer(model, opt, saved, fsdp):
+    """Restore an optimizer from a checkpoint: as saved, or with fsdp from the whole state each process read, split
+    into its shards."""
+    if not fsdp:
+        opt.load_state_dict(saved)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, optim_state_dict=saved, options=StateDictOptions(full_state_dict=True))
 
 
 def plot_losses(log, path):

@@ -5,6 +5,7 @@ and the CLI runs end to end."""
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -350,7 +351,7 @@ def test_two_processes_data_parallel_and_sharded_follow_the_one_process_loss_cur
     # MPI); the script's Accelerator then runs data parallel over gloo, or with --fsdp shards the model (fully_shard)
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               "-m", "kimi_linear_finetune.lora"]  # fmt: skip
-    for name, extra in (("ddp", []), ("fsdp", ["--fsdp"])):
+    for name, extra in (("ddp", []), ("fsdp", ["--fsdp", "--save-every", "6"])):
         two = subprocess.run(launch + _cli(ckpt, data, tmp_path / name, *steps, *extra)[3:], env=env,
                              capture_output=True, text=True, timeout=600)  # fmt: skip
         assert two.returncode == 0, two.stderr[-3000:]
@@ -371,11 +372,25 @@ def test_two_processes_data_parallel_and_sharded_follow_the_one_process_loss_cur
     assert rel_err(flat["fsdp"], flat["ddp"]) < 1e-4
     assert rel_err(flat["fsdp"], flat["one"]) < 0.05
 
+    # --fsdp with checkpoints: a run resumed from the sharded run's checkpoint-6 (its adapter and its optimizer state,
+    # gathered whole and split again), copied into a fresh folder, takes the same losses from step 7 on
+    resumed = tmp_path / "fsdp-resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "fsdp" / "checkpoint-6", resumed / "checkpoint-6")
+    again = subprocess.run(launch + _cli(ckpt, data, resumed, *steps, "--fsdp", "--save-every", "6", "--resume")[3:],
+                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    want = json.loads((tmp_path / "fsdp" / "train_log.json").read_text())["log"]
+    got = json.loads((resumed / "train_log.json").read_text())
+    assert got["resumed_at_step"] == 6 and [e["step"] for e in got["log"]] == list(range(1, 13))
+    for x, y in zip(want[6:], got["log"][6:]):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]), (x, y)
+    # its optimizer state is kept by parameter name: resuming it in one process without --fsdp is refused by name
+    other = subprocess.run(_cli(ckpt, data, resumed, *steps, "--resume"), env=env, capture_output=True, text=True)
+    assert other.returncode != 0 and "other settings" in other.stderr and "'fsdp'" in other.stderr
 
-def test_fsdp_refusals_name_the_way_out(setup, tmp_path, monkeypatch):
+
+def test_fsdp_refusal_names_the_way_out(setup, tmp_path):
     root, ckpt, data = setup
     with pytest.raises(ValueError, match="several processes"):
         train_lora(str(ckpt), data, tmp_path / "x", steps=1, fsdp=True, **FAST)
-    monkeypatch.setenv("WORLD_SIZE", "2")  # refused before any process group is set up
-    with pytest.raises(ValueError, match="--save-every and --resume"):
-        train_lora(str(ckpt), data, tmp_path / "x", steps=1, fsdp=True, save_every=1, **FAST)
