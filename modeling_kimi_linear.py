@@ -994,7 +994,8 @@ class KimiLinearMoE(nn.Module):
     run through moe_experts_loop, which calls each wrapped module. Set `grouped` to False to force
     moe_experts_loop. On CUDA, where torch._grouped_mm would read its group offsets on the host (every dtype but
     bfloat16 on sm90/sm100), up to `gather_max_tokens` tokens run through moe_experts_gathered instead (the loop,
-    with adapters), so that a decode step never syncs and can be captured in a CUDA graph. With
+    with adapters), so that a decode step never syncs and can be captured in a CUDA graph; where the kernels
+    package's Triton kernels serve, a decode step's routed experts run there instead (_few_token_kernels). With
     `train_every_expert` set (multi-process training does), every trainable routed-expert parameter joins the graph
     through a zero-weighted term on the loop path: an expert no token picked gets a zero gradient instead of none,
     so that every process reduces the same set of gradients (sharded training requires it; on the grouped path
@@ -1018,11 +1019,18 @@ class KimiLinearMoE(nn.Module):
     def forward(self, x):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        out = self._few_token_kernels(flat)
-        if out is not None:
-            return out.view(shape)
-        ids, weights = self.gate(flat)  # [N, k]
         stacked, lora = self._grouped_weights(flat) if self.grouped else (None, None)
+        out = self._few_token_kernels(flat, stacked, lora)
+        if out is None:
+            out = self._routed(flat, stacked, lora)
+        if self.shared_experts is not None:
+            out = self.shared_experts(flat, add=out)
+        return out.view(shape)
+
+    def _routed(self, flat, stacked, lora):
+        """The routed experts' sum for flat [N, hidden]: router, then the grouped products (stacked weights given),
+        the gathered experts, or the loop."""
+        ids, weights = self.gate(flat)  # [N, k]
         few = flat.shape[0] <= self.gather_max_tokens
         gather = stacked is not None and few and _grouped_mm_reads_offsets_on_host(flat.device, stacked[0].dtype)
         if gather and lora is not None:
@@ -1041,23 +1049,19 @@ class KimiLinearMoE(nn.Module):
                 out = moe_experts_gathered(x_in, ids, weights, w13, w2).to(flat.dtype)
             else:
                 out = moe_experts_grouped(x_in, ids, weights, w13, w2, lora=lora).to(flat.dtype)
-        if self.shared_experts is not None:
-            out = self.shared_experts(flat, add=out)
-        return out.view(shape)
+        return out
 
-    def _few_token_kernels(self, flat):
-        """The MoE of a decode step in Triton (kimi_linear_kernels.route and moe_experts: router and chosen experts
-        in three launches, the shared expert in two more for a few tokens), or None where those kernels do not serve:
-        not CUDA, more (token, expert) pairs than experts (the grouped products read each expert once), autograd,
-        adapters, grouped top-k."""
+    def _few_token_kernels(self, flat, stacked, lora):
+        """The routed experts of a decode step in Triton (kimi_linear_kernels.route and moe_experts: router and
+        chosen experts in three launches; the shared expert's MLP takes its own kernels for a few tokens), or None
+        where those kernels do not serve: not CUDA, more (token, expert) pairs than experts (the grouped products
+        read each expert once), autograd, no stacked weights (`grouped` off, experts the loop must run), adapters,
+        grouped top-k. stacked, lora: _grouped_weights' answer."""
         gate = self.gate
-        if flat.shape[0] * gate.top_k > gate.num_experts or gate.groups > 1 or not self.grouped:
+        if stacked is None or lora is not None or flat.shape[0] * gate.top_k > gate.num_experts or gate.groups > 1:
             return None
         fast = _triton_kernels(flat)
-        if fast is None or not _no_autograd(flat, gate.weight):
-            return None
-        stacked, lora = self._grouped_weights(flat)
-        if stacked is None or lora is not None or stacked[0].requires_grad:
+        if fast is None or not _no_autograd(flat, gate.weight) or stacked[0].requires_grad:
             return None
         w13, w2 = stacked
         E, I2, H = w13.shape
@@ -1066,8 +1070,7 @@ class KimiLinearMoE(nn.Module):
         ids, weights = fast.route(flat, gate.weight, gate.e_score_correction_bias, gate.top_k, gate.scaling,
                                   sigmoid=gate.activation == "sigmoid", renormalize=gate.renormalize,
                                   bias_in_weights=gate.bias_in_weights)  # fmt: skip
-        out = fast.moe_experts(flat, halves[:, 0], halves[:, 1], w2, ids=ids, weights=weights)
-        return self.shared_experts(flat, add=out) if self.shared_experts is not None else out
+        return fast.moe_experts(flat, halves[:, 0], halves[:, 1], w2, ids=ids, weights=weights)
 
     def _expert_projections(self):
         """Every routed expert's projection module, [w1 0, w3 0, w2 0, w1 1, ...]. Runs every forward, over every

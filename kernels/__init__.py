@@ -116,9 +116,9 @@ _triton = None  # whether triton imports, once asked
 
 
 def triton_serves(x):
-    """Whether this package's own Triton kernels (the fused norms, the decode step's MoE) take tensor x: a CUDA tensor
-    on a GPU of compute capability 8.0 or newer (bfloat16 in Triton) with Triton importable, unless
-    force_backend("torch") pinned the plain path."""
+    """Whether this package's own Triton kernels that need no fla (the fused norms, the decode step's MoE, the MLA
+    decode attention) take tensor x: a CUDA tensor on a GPU of compute capability 8.0 or newer (bfloat16 in Triton)
+    with Triton importable, unless force_backend("torch") pinned the plain path."""
     global _triton
     if _forced == "torch" or not x.is_cuda:
         return False

@@ -339,6 +339,11 @@ class TestGroupedMoE:
             assert (g - runs[False][1][name]).norm() <= 1e-3 * runs[False][1][name].norm() + 1e-12, name
 
 
+def serves_few_tokens(moe, flat):
+    """Whether the decode-step Triton kernels take this MoE's routed experts for the tokens flat [N, hidden]."""
+    return moe._few_token_kernels(flat, *moe._grouped_weights(flat)) is not None
+
+
 class TestFusedKernels:
     """The package's own Triton kernels compiled, in bfloat16, against float64 (the interpreter runs the same code on
     CPU in test_fused_kernels.py): each must sit at least as close to float64 as its PyTorch twin in bfloat16 does.
@@ -388,7 +393,7 @@ class TestFusedKernels:
             tokens, 1, 256, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(1)
         )
         fused = moe(x)
-        assert moe._few_token_kernels(x.view(-1, 256)) is not None
+        assert serves_few_tokens(moe, x.view(-1, 256))
         exact = reference(copy.deepcopy(moe).double(), x.double())
         twin = reference(moe, x)
         assert rel_rms(fused, exact) <= 1.2 * rel_rms(twin, exact) + 1e-4, (rel_rms(fused, exact), rel_rms(twin, exact))
@@ -467,9 +472,9 @@ class TestFusedKernels:
         moe = TestGroupedMoE.moe()
         x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
-            assert moe._few_token_kernels(x[:4]) is not None
-            assert moe._few_token_kernels(x) is None  # 32 (token, expert) pairs > 16 experts: grouped products
-        assert moe._few_token_kernels(x[:1].requires_grad_()) is None
+            assert serves_few_tokens(moe, x[:4])
+            assert not serves_few_tokens(moe, x)  # 32 (token, expert) pairs > 16 experts: grouped products
+        assert not serves_few_tokens(moe, x[:1].requires_grad_())
 
 
 class TestCudaGraphDecode:
