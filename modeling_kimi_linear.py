@@ -355,6 +355,19 @@ def _no_autograd(*tensors):
     return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
 
 
+# Decode steps of at most this many rows take their input projections as one Triton launch of matrix-vector products
+# (kimi_linear_kernels.projections); larger batches read each weight once through cuBLAS instead.
+FUSED_PROJECTION_ROWS = 2
+
+
+def _plain_linears(x, *modules):
+    """Whether these are plain bias-free nn.Linear layers in x's dtype outside autograd (no adapters), whose weights
+    the decode kernels may read directly."""
+    return all(type(m) is nn.Linear and m.bias is None and m.weight.dtype == x.dtype for m in modules) and _no_autograd(
+        x, *(m.weight for m in modules)
+    )
+
+
 def _kda_backend(x):
     """The kernels package when it can serve this tensor (CUDA with fla), else None: plain PyTorch."""
     return _kernels if _kernels is not None and _kernels.kda_backend(x) != "torch" else None
@@ -461,23 +474,27 @@ class KimiDeltaAttention(nn.Module):
         return self._output(x, o[0])
 
     def _decode_layer(self, x, state):
-        """The decode step from the projections to o_proj's input in two Triton launches (f_a, g_a and b_proj in one,
+        """The decode step from the projections to o_proj's input in two Triton launches (the input projections in
+        one: q, k, v, f_a, g_a and b_proj for a batch of at most FUSED_PROJECTION_ROWS, else the three small ones;
         then kimi_linear_kernels.kda_decode_layer: f_b, the step, the gated output norm), or None where they do not
-        serve (the kernels not installed or not on CUDA, adapters on these projections, autograd): _decode runs."""
+        serve (the kernels not installed or not on CUDA, adapters on the small projections, autograd): _decode runs."""
         fast = _kda_backend(x)
-        small = (self.f_a_proj, self.f_b_proj, self.g_a_proj, self.g_b_proj, self.b_proj)
+        of_x = (self.f_a_proj, self.g_a_proj, self.b_proj)
         if (
             fast is None
-            or not all(type(m) is nn.Linear for m in small)
+            or not _plain_linears(x, *of_x, self.f_b_proj, self.g_b_proj)
             or type(self.o_norm) is not KimiLinearGatedRMSNorm
         ):
             return None
-        if not _no_autograd(x, *(m.weight for m in small)) or any(m.weight.dtype != x.dtype for m in small):
-            return None
         x = x.contiguous()
-        fa, ga, b_raw = fast.small_projections(x, self.f_a_proj.weight, self.g_a_proj.weight, self.b_proj.weight)
+        big = (self.q_proj, self.k_proj, self.v_proj)
+        if x.shape[0] <= FUSED_PROJECTION_ROWS and _plain_linears(x, *big):
+            xq, xk, xv, fa, ga, b_raw = fast.projections(x, *(m.weight for m in big + of_x))
+        else:  # adapters on q/k/v run through their modules; larger batches read each weight once through cuBLAS
+            fa, ga, b_raw = fast.projections(x, *(m.weight for m in of_x))
+            xq, xk, xv = (m(x) for m in big)
         o = fast.kda_decode_layer(
-            self.q_proj(x), self.k_proj(x), self.v_proj(x), *state.conv,
+            xq, xk, xv, *state.conv,
             self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight,
             fa, self.f_b_proj.weight, self.A_log, self.dt_bias, b_raw, state.recurrent,
             ga, self.g_b_proj.weight, self.o_norm.weight, self.o_norm.variance_epsilon,
@@ -527,13 +544,24 @@ class KimiMLAAttention(nn.Module):
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
+    def _input_projections(self, x):
+        """q (heads not yet split) and kv_a_proj_with_mqa(x). A one-token step of at most FUSED_PROJECTION_ROWS rows
+        takes both in one Triton launch (kimi_linear_kernels.projections) where they are plain layers."""
+        B, T, _ = x.shape
+        fast = _triton_kernels(x) if T == 1 and B <= FUSED_PROJECTION_ROWS and hasattr(self, "q_proj") else None
+        if fast is not None and _plain_linears(x, self.q_proj, self.kv_a_proj_with_mqa):
+            q, kv_a = fast.projections(x[:, 0], self.q_proj.weight, self.kv_a_proj_with_mqa.weight)
+            return q[:, None], kv_a[:, None]
+        return self.query(x), self.kv_a_proj_with_mqa(x)
+
     def forward(self, x, state=None, mask=None):
         """x [B, T, hidden]; state: this layer's MLALayerState or None; mask: boolean [B, 1, T, cached + T]
         (True = attend; attention_mask()) or None for plain causal attention."""
         B, T, _ = x.shape
         h = self.num_heads
-        q = self.query(x).view(B, T, h, self.q_head_dim).transpose(1, 2)  # [B, h, T, 192]
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        q, kv_a = self._input_projections(x)
+        q = q.view(B, T, h, self.q_head_dim).transpose(1, 2)  # [B, h, T, 192]
+        c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)
         latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)  # [B, T, 576]
         if state is not None:
             latent = state.append(latent)  # [B, past_len + T, 576]

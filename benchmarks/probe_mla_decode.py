@@ -34,16 +34,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072, 524288])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--max-latent-gib", type=float, default=12, help="skip shapes whose latents exceed this")
     ap.add_argument("--out-dir", type=Path, default=Path(__file__).resolve().parent / "results")
     args = ap.parse_args()
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
     twin = types.SimpleNamespace(decode_kernel=False, scaling=192**-0.5, kv_lora_rank=DV)
-    sweep = [dict(block_s=bs, num_warps=w, split_mult=m) for bs in (16, 32, 64) for w in (4, 8) for m in (1, 2)]
+    sweep = [dict(block_s=bs, num_warps=w, num_stages=st, min_chunk=mc)
+             for bs in (32, 64) for w in (4, 8) for st in (1, 2) for mc in (128, 512)]  # fmt: skip
     rows = []
     for B in args.batches:
         for S in args.contexts:
-            if B * S * D * 2 > 24 * 2**30:
+            if B * S * D * 2 > args.max_latent_gib * 2**30:
                 continue
             g = torch.Generator(device=dev).manual_seed(S + B)
             q = torch.randn(B, H, D, device=dev, generator=g).bfloat16()
@@ -59,10 +61,10 @@ def main():
                 row["torch_err"] = rel_rms(torch_fn(), ref)
             sms = torch.cuda.get_device_properties(dev).multi_processor_count
             for cfg in sweep:
-                splits = max(1, min(S // cfg["block_s"], cfg["split_mult"] * 2 * sms // B))
-                name = f"bs{cfg['block_s']}_w{cfg['num_warps']}_x{cfg['split_mult']}"
-                fn = partial(mla_decode.mla_decode, q, lat, None, twin.scaling, DV, splits=splits,
-                             block_s=cfg["block_s"], num_warps=cfg["num_warps"])  # fmt: skip
+                splits = max(1, min(-(-S // cfg["min_chunk"]), 2 * sms // B))
+                name = "bs{block_s}_w{num_warps}_st{num_stages}_c{min_chunk}".format(**cfg)
+                launch = {k: v for k, v in cfg.items() if k != "min_chunk"}
+                fn = partial(mla_decode.mla_decode, q, lat, None, twin.scaling, DV, splits=splits, **launch)
                 try:
                     out = fn()
                     row[f"{name}_us"] = do_bench_cudagraph(fn, rep=100) * 1e3

@@ -221,9 +221,10 @@ def kda_decode_layer(*args, **kwargs):
     return fused(*args, **kwargs)
 
 
-def small_projections(*args, **kwargs):
-    """Three narrow projections of one input in one Triton launch; see kernels/kda_decode.py."""
-    from .kda_decode import small_projections as fused
+def projections(*args, **kwargs):
+    """Up to six projections of one input in one Triton launch (matrix-vector products for a decode step); see
+    kernels/kda_decode.py."""
+    from .kda_decode import projections as fused
 
     return fused(*args, **kwargs)
 

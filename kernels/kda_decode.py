@@ -111,19 +111,29 @@ def kda_decode_fused(
 
 
 @triton.jit
-def _small_proj_kernel(X, W1, W2, W3, Y1, Y2, Y3, H, R1, R2, R3, BR: tl.constexpr, BH: tl.constexpr):
-    """Y_i[b] = W_i x[b] for three narrow projections of the same input in one launch; program_id(1) walks the row
-    blocks of W1, then W2, then W3."""
-    b = tl.program_id(0)
+def _proj_kernel(X, W1, W2, W3, W4, W5, W6, Y1, Y2, Y3, Y4, Y5, Y6, H, R1, R2, R3, R4, R5, R6,
+                 BR: tl.constexpr, BH: tl.constexpr):  # fmt: skip
+    """Y_i[b] = W_i x[b] for up to six projections of the same input in one launch (R_i = 0: unused); program_id(1)
+    walks the row blocks of W1, then W2, ... Each program streams BR whole rows."""
+    b = tl.program_id(0).to(tl.int64)
     p = tl.program_id(1)
-    n1 = tl.cdiv(R1, BR)
-    n2 = tl.cdiv(R2, BR)
-    if p < n1:
+    e1 = tl.cdiv(R1, BR)
+    e2 = e1 + tl.cdiv(R2, BR)
+    e3 = e2 + tl.cdiv(R3, BR)
+    e4 = e3 + tl.cdiv(R4, BR)
+    e5 = e4 + tl.cdiv(R5, BR)
+    if p < e1:
         w, y, rows_total, r0 = W1, Y1, R1, p * BR
-    elif p < n1 + n2:
-        w, y, rows_total, r0 = W2, Y2, R2, (p - n1) * BR
+    elif p < e2:
+        w, y, rows_total, r0 = W2, Y2, R2, (p - e1) * BR
+    elif p < e3:
+        w, y, rows_total, r0 = W3, Y3, R3, (p - e2) * BR
+    elif p < e4:
+        w, y, rows_total, r0 = W4, Y4, R4, (p - e3) * BR
+    elif p < e5:
+        w, y, rows_total, r0 = W5, Y5, R5, (p - e4) * BR
     else:
-        w, y, rows_total, r0 = W3, Y3, R3, (p - n1 - n2) * BR
+        w, y, rows_total, r0 = W6, Y6, R6, (p - e5) * BR
     rows = r0 + tl.arange(0, BR)
     acc = tl.zeros([BR, BH], dtype=tl.float32)
     for h0 in range(0, H, BH):
@@ -136,15 +146,25 @@ def _small_proj_kernel(X, W1, W2, W3, Y1, Y2, Y3, H, R1, R2, R3, BR: tl.constexp
     tl.store(y + b * rows_total + rows, tl.sum(acc, axis=1).to(y.dtype.element_ty), mask=rows < rows_total)
 
 
-def small_projections(x, w1, w2, w3, block_r=2, block_h=512):
-    """(x @ w1.T, x @ w2.T, x @ w3.T) for x [B, hidden] and three narrow nn.Linear weights [R_i, hidden] of x's dtype:
-    one launch (KDA's f_a, g_a and b_proj in a decode step) instead of three latency-bound products."""
+def projections(x, *weights, block_r=2, block_h=512):
+    """[x @ w.T for w in weights] for x [B, hidden] and up to six nn.Linear weights [R_i, hidden] of x's dtype, in one
+    launch: a KDA decode step's q, k, v, f_a, g_a and b_proj, instead of six latency-bound products (float32 sums,
+    each output rounded to x's dtype as nn.Linear's is)."""
+    if not 1 <= len(weights) <= 6:
+        raise ValueError(f"projections takes one to six weights, got {len(weights)}")
     B, H = x.shape
-    outs = [torch.empty(B, w.shape[0], dtype=x.dtype, device=x.device) for w in (w1, w2, w3)]
-    blocks = sum(triton.cdiv(w.shape[0], block_r) for w in (w1, w2, w3))
-    _small_proj_kernel[(B, blocks)](
-        x, w1, w2, w3, *outs, H, w1.shape[0], w2.shape[0], w3.shape[0], BR=block_r, BH=block_h, num_warps=4
-    )
+    for w in weights:
+        if w.shape[-1] != H or not w.is_contiguous() or w.dtype != x.dtype:
+            raise ValueError(f"projections needs contiguous [rows, {H}] weights of {x.dtype}, got {tuple(w.shape)} "
+                             f"{w.dtype}")  # fmt: skip
+    x = x.contiguous()
+    outs = [torch.empty(B, w.shape[0], dtype=x.dtype, device=x.device) for w in weights]
+    pad = 6 - len(weights)
+    blocks = sum(triton.cdiv(w.shape[0], block_r) for w in weights)
+    _proj_kernel[(B, blocks)](
+        x, *weights, *(x,) * pad, *outs, *(x,) * pad, H, *(w.shape[0] for w in weights), *(0,) * pad,
+        BR=block_r, BH=block_h, num_warps=4,
+    )  # fmt: skip
     return outs
 
 

@@ -18,59 +18,61 @@ import triton.language as tl
 
 
 @triton.jit
-def _split_kernel(Q, L, MASK, M_OUT, L_OUT, ACC, S, chunk, iters, scale, NH, D, DV,
+def _split_kernel(Q, L, MASK, M_OUT, L_OUT, ACC, S, chunk, iters, scale, NH, DV, DPE,
                   stride_qb, stride_qh, stride_lb, stride_ls, stride_mb, splits,
-                  HAS_MASK: tl.constexpr, HP: tl.constexpr, DP: tl.constexpr, DVP: tl.constexpr, BD: tl.constexpr,
+                  HAS_MASK: tl.constexpr, HP: tl.constexpr, DVP: tl.constexpr, DPEP: tl.constexpr,
                   BS: tl.constexpr):  # fmt: skip
     """Program (b, sp): tokens sp * chunk ... of row b, every head; writes the slice's running max, sum and
-    unnormalised output."""
-    b = tl.program_id(0)
+    unnormalised output. Each tile of latents is loaded once: its first DV columns serve the scores and the values,
+    the last DPE (the positional part) the scores only."""
+    b = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     heads = tl.arange(0, HP)
     dv = tl.arange(0, DVP)
+    dp = tl.arange(0, DPEP)
+    hm, dvm, dpm = heads < NH, dv < DV, dp < DPE
+    q_row = Q + b * stride_qb + heads[:, None] * stride_qh
+    q_kv = tl.load(q_row + dv[None, :], mask=hm[:, None] & dvm[None, :], other=0.0)
+    q_pe = tl.load(q_row + DV + dp[None, :], mask=hm[:, None] & dpm[None, :], other=0.0)
     m = tl.full([HP], float("-inf"), dtype=tl.float32)
     total = tl.zeros([HP], dtype=tl.float32)
     acc = tl.zeros([HP, DVP], dtype=tl.float32)
+    row = L + b * stride_lb
     for it in range(iters):
         toks = sp * chunk + it * BS + tl.arange(0, BS)
-        valid = (toks < S) & (toks < sp * chunk + chunk)
+        valid = toks < S
         if HAS_MASK:
             valid = valid & (tl.load(MASK + b * stride_mb + toks, mask=valid, other=0) != 0)
-        scores = tl.zeros([HP, BS], dtype=tl.float32)
-        for d0 in tl.static_range(0, DP, BD):
-            d = d0 + tl.arange(0, BD)
-            q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
-                        mask=(heads < NH)[:, None] & (d < D)[None, :], other=0.0)  # fmt: skip
-            k = tl.load(L + b * stride_lb + toks[:, None].to(tl.int64) * stride_ls + d[None, :],
-                        mask=valid[:, None] & (d < D)[None, :], other=0.0)  # fmt: skip
-            scores += tl.dot(q, tl.trans(k))
+        at = row + toks[:, None].to(tl.int64) * stride_ls
+        kv = tl.load(at + dv[None, :], mask=valid[:, None] & dvm[None, :], other=0.0)
+        pe = tl.load(at + DV + dp[None, :], mask=valid[:, None] & dpm[None, :], other=0.0)
+        scores = tl.dot(q_kv, tl.trans(kv)) + tl.dot(q_pe, tl.trans(pe))
         scores = tl.where(valid[None, :], scores * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing to attend yet
         alpha = tl.exp(m - m_safe)
         p = tl.exp(scores - m_safe[:, None])
         total = total * alpha + tl.sum(p, axis=1)
-        v = tl.load(L + b * stride_lb + toks[:, None].to(tl.int64) * stride_ls + dv[None, :],
-                    mask=valid[:, None] & (dv < DV)[None, :], other=0.0)  # fmt: skip
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(kv.dtype), kv)
         m = m_new
-    row = (b * splits + sp) * NH + heads
-    tl.store(M_OUT + row, m, mask=heads < NH)
-    tl.store(L_OUT + row, total, mask=heads < NH)
-    tl.store(ACC + row[:, None] * DV + dv[None, :], acc, mask=(heads < NH)[:, None] & (dv < DV)[None, :])
+    out = (b * splits + sp) * NH + heads
+    tl.store(M_OUT + out, m, mask=hm)
+    tl.store(L_OUT + out, total, mask=hm)
+    tl.store(ACC + out[:, None] * DV + dv[None, :], acc, mask=hm[:, None] & dvm[None, :])
 
 
 @triton.jit
-def _merge_kernel(M_IN, L_IN, ACC, OUT, NH, DV, splits, SP: tl.constexpr, DVP: tl.constexpr, BSP: tl.constexpr):
-    """Program (b, h): the slices' outputs weighted by exp(m - max m), over the weighted sum of their sums."""
+def _merge_kernel(M_IN, L_IN, ACC, OUT, NH, DV, splits, SP: tl.constexpr, BDV: tl.constexpr, BSP: tl.constexpr):
+    """Program (b, h, j): columns j * BDV ... of the output; the slices' outputs weighted by exp(m - max m), over the
+    weighted sum of their sums."""
     b = tl.program_id(0)
     h = tl.program_id(1)
+    dv = tl.program_id(2) * BDV + tl.arange(0, BDV)
     s = tl.arange(0, SP)
     ms = tl.load(M_IN + (b * splits + s) * NH + h, mask=s < splits, other=float("-inf"))
     top = tl.max(ms, axis=0)
     top = tl.where(top == float("-inf"), 0.0, top)
-    dv = tl.arange(0, DVP)
-    out = tl.zeros([DVP], dtype=tl.float32)
+    out = tl.zeros([BDV], dtype=tl.float32)
     denom = 0.0
     for s0 in range(0, splits, BSP):
         ss = s0 + tl.arange(0, BSP)
@@ -83,18 +85,23 @@ def _merge_kernel(M_IN, L_IN, ACC, OUT, NH, DV, splits, SP: tl.constexpr, DVP: t
     tl.store(OUT + (b * NH + h) * DV + dv, (out / denom).to(OUT.dtype.element_ty), mask=dv < DV)
 
 
-def mla_decode(q_lat, latent, mask, scale, kv_rank, splits=None, block_s=32, num_warps=8):
+# Each slice writes heads x kv_rank float32 partial outputs (64 KiB at the bench shape, as much as 57 cached tokens):
+# a slice covers at least this many tokens, so those stay small beside the latents it reads.
+MIN_CHUNK = 256
+
+
+def mla_decode(q_lat, latent, mask, scale, kv_rank, splits=None, block_s=32, num_warps=4, num_stages=1):
     """softmax(scale * q_lat latent^T) latent[..., :kv_rank] for q_lat [B, heads, D] and latents [B, S, D] (last
     dimension contiguous); mask [B, S] bool (True = attend) or None. Returns [B, heads, kv_rank] in the latents'
     dtype. splits: how many slices of the cache each row is read in side by side (default: about two programs per
-    multiprocessor over the batch)."""
+    multiprocessor over the batch, each slice at least MIN_CHUNK tokens)."""
     B, NH, D = q_lat.shape
     S = latent.shape[1]
     if latent.stride(-1) != 1 or q_lat.stride(-1) != 1:
         raise ValueError("mla_decode needs the last dimension of q_lat and the latents contiguous")
     if splits is None:
         sms = torch.cuda.get_device_properties(latent.device).multi_processor_count if latent.is_cuda else 4
-        splits = max(1, min(triton.cdiv(S, block_s), 2 * sms // B))
+        splits = max(1, min(triton.cdiv(S, MIN_CHUNK), 2 * sms // B))
     chunk = triton.cdiv(triton.cdiv(S, splits), block_s) * block_s
     splits = triton.cdiv(S, chunk)
     dev = latent.device
@@ -105,14 +112,14 @@ def mla_decode(q_lat, latent, mask, scale, kv_rank, splits=None, block_s=32, num
         mask = (mask.to(torch.uint8) if mask.dtype == torch.bool else mask).contiguous()
     _split_kernel[(B, splits)](
         q_lat, latent, mask if mask is not None else latent, m, total, acc, S, chunk, chunk // block_s, float(scale),
-        NH, D, kv_rank, q_lat.stride(0), q_lat.stride(1), latent.stride(0), latent.stride(1),
+        NH, kv_rank, D - kv_rank, q_lat.stride(0), q_lat.stride(1), latent.stride(0), latent.stride(1),
         mask.stride(0) if mask is not None else 0, splits,
-        HAS_MASK=mask is not None, HP=max(16, triton.next_power_of_2(NH)), DP=triton.cdiv(D, 64) * 64,
-        DVP=triton.next_power_of_2(kv_rank), BD=64, BS=block_s, num_warps=num_warps, num_stages=1,
+        HAS_MASK=mask is not None, HP=max(16, triton.next_power_of_2(NH)), DVP=max(16, triton.next_power_of_2(kv_rank)),
+        DPEP=max(16, triton.next_power_of_2(D - kv_rank)), BS=block_s, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     out = torch.empty(B, NH, kv_rank, dtype=latent.dtype, device=dev)
-    _merge_kernel[(B, NH)](
-        m, total, acc, out, NH, kv_rank, splits,
-        SP=triton.next_power_of_2(splits), DVP=triton.next_power_of_2(kv_rank), BSP=16, num_warps=4,
+    bdv = min(128, triton.next_power_of_2(kv_rank))
+    _merge_kernel[(B, NH, triton.cdiv(kv_rank, bdv))](
+        m, total, acc, out, NH, kv_rank, splits, SP=triton.next_power_of_2(splits), BDV=bdv, BSP=16, num_warps=4,
     )  # fmt: skip
     return out

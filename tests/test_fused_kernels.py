@@ -98,8 +98,8 @@ SCRIPT = textwrap.dedent("""
         got = moe_decode.experts(x, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, add=add)
         out["mlp plus add"] = rel(got, mlp.double()(x.double()) + add.double())
 
-    # a KDA layer's decode step: the small projections and kda_decode_layer, then o_proj, against the layer's plain
-    # path in float64 (output, recurrent state, conv windows)
+    # a KDA layer's decode step: the six input projections in one launch and kda_decode_layer, then o_proj, against
+    # the layer's plain path in float64 (output, recurrent state, conv windows)
     import copy
     from kimi_linear_kernels import kda_decode
     from kimi_linear.modeling_kimi_linear import KDALayerState, KimiDeltaAttention
@@ -121,12 +121,11 @@ SCRIPT = textwrap.dedent("""
     with torch.no_grad():
         want = copy.deepcopy(layer).double()(x.double(), state=ref)[:, 0]
         x2 = x[:, 0].contiguous()
-        fa, ga, b_raw = kda_decode.small_projections(x2, layer.f_a_proj.weight, layer.g_a_proj.weight,
-                                                     layer.b_proj.weight)
-        out["small projections"] = max(rel(fa, x2 @ layer.f_a_proj.weight.T), rel(ga, x2 @ layer.g_a_proj.weight.T),
-                                       rel(b_raw, x2 @ layer.b_proj.weight.T))
+        big, small = (layer.q_proj, layer.k_proj, layer.v_proj), (layer.f_a_proj, layer.g_a_proj, layer.b_proj)
+        xq, xk, xv, fa, ga, b_raw = kda_decode.projections(x2, *(m.weight for m in big + small))
+        out["projections"] = max(rel(y, x2 @ m.weight.T) for y, m in zip((xq, xk, xv, fa, ga, b_raw), big + small))
         o = kda_decode.kda_decode_layer(
-            layer.q_proj(x2), layer.k_proj(x2), layer.v_proj(x2), *conv,
+            xq, xk, xv, *conv,
             layer.q_conv1d.weight, layer.k_conv1d.weight, layer.v_conv1d.weight, fa, layer.f_b_proj.weight,
             layer.A_log, layer.dt_bias, b_raw, recurrent, ga, layer.g_b_proj.weight, layer.o_norm.weight,
             layer.o_norm.variance_epsilon)
@@ -204,7 +203,7 @@ def test_expert_kernels_match_the_per_expert_loop(errors):
 
 
 def test_kda_layer_decode_kernels_match_the_layers_plain_step(errors):
-    keys = ("small projections", "kda layer decode output", "kda layer decode state", "kda layer decode windows",
+    keys = ("projections", "kda layer decode output", "kda layer decode state", "kda layer decode windows",
             "kda step output", "kda step state", "kda step windows")  # fmt: skip
     bad = {k: errors[k] for k in keys if not errors[k] < 1e-6}
     assert not bad, bad

@@ -401,10 +401,10 @@ class TestFusedKernels:
     @torch.no_grad()
     @pytest.mark.parametrize("B", [1, 64])
     def test_kda_layer_decode_near_float64(self, B):
-        # the layer's decode step through small_projections + kda_decode_layer (then o_proj) against the plain path
-        # in float64, at the released head shape; the plain path in bf16 sets the bar
+        # the layer's decode step through its Triton path (projections + kda_decode_layer, then o_proj; B = 1 takes
+        # all six input projections in one launch, B = 64 q/k/v through cuBLAS) against the plain path in float64, at
+        # the released head shape; the plain path in bf16 sets the bar
         from kimi_linear.modeling_kimi_linear import KDALayerState, KimiDeltaAttention
-        from kimi_linear_kernels import kda_decode
 
         lac = dict(tiny_config_dict()["linear_attn_config"], num_heads=32, head_dim=128)
         cfg = tiny_config_dict(linear_attn_config=lac, hidden_size=256, head_dim=64)
@@ -435,15 +435,11 @@ class TestFusedKernels:
         exact, exact_state = plain(torch.float64)
         twin, twin_state = plain(torch.bfloat16)
         bf = copy.deepcopy(layer).bfloat16()
-        x2 = x[:, 0].bfloat16().contiguous()
-        windows = [t.bfloat16() for t in conv]
-        state = recurrent.clone()
-        fa, ga, b_raw = kda_decode.small_projections(x2, bf.f_a_proj.weight, bf.g_a_proj.weight, bf.b_proj.weight)
-        o = kda_decode.kda_decode_layer(
-            bf.q_proj(x2), bf.k_proj(x2), bf.v_proj(x2), *windows, bf.q_conv1d.weight, bf.k_conv1d.weight,
-            bf.v_conv1d.weight, fa, bf.f_b_proj.weight, bf.A_log, bf.dt_bias, b_raw, state, ga, bf.g_b_proj.weight,
-            bf.o_norm.weight, bf.o_norm.variance_epsilon,
-        )  # fmt: skip
+        st = KDALayerState()
+        st.conv, st.recurrent, st.seen = tuple(t.bfloat16() for t in conv), recurrent.clone(), 5
+        o = bf._decode_layer(x[:, 0].bfloat16().contiguous(), st)  # B = 1: one launch of all six projections
+        assert o is not None, "the layer's Triton decode path declined"
+        state = st.recurrent
         fused = bf.o_proj(o)
         assert rel_rms(fused, exact) <= 1.2 * rel_rms(twin, exact) + 1e-4, (rel_rms(fused, exact), rel_rms(twin, exact))
         assert rel_rms(state, exact_state) <= 1.2 * rel_rms(twin_state, exact_state) + 1e-5
