@@ -380,15 +380,16 @@ def main(argv=None):
     )
     ap.add_argument("--no-builtin", action="store_true", help="skip transformers' built-in model")
     ap.add_argument(
-        "--mla-decode-kernel",
+        "--mla-decode-products",
         action="store_true",
-        help="MLA decode attention through the one-pass Triton kernel (KimiMLAAttention.decode_kernel; off by default)",
+        help="MLA decode attention through two batched products instead of the one-pass Triton kernel "
+        "(KimiMLAAttention.decode_kernel = False)",
     )
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
     ap.add_argument("--out-dir", default=str(REPO / "benchmarks" / "results"), help="(default: %(default)s)")
     args = ap.parse_args(argv)
-    KimiMLAAttention.decode_kernel = args.mla_decode_kernel
+    KimiMLAAttention.decode_kernel = not args.mla_decode_products
 
     started = time.perf_counter()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

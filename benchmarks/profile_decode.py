@@ -84,10 +84,10 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out-dir", type=Path, default=HERE / "results", help="(default: %(default)s)")
     ap.add_argument(
-        "--mla-decode-kernel", action="store_true", help="KimiMLAAttention.decode_kernel on (off by default)"
+        "--mla-decode-products", action="store_true", help="KimiMLAAttention.decode_kernel off (two batched products)"
     )
     args = ap.parse_args()
-    KimiMLAAttention.decode_kernel = args.mla_decode_kernel
+    KimiMLAAttention.decode_kernel = not args.mla_decode_products
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     config = KimiLinearConfig(**json.loads(args.config.read_text()))
