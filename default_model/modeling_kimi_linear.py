@@ -109,8 +109,17 @@ class KimiLinearGatedRMSNorm(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 def short_conv(x, weight, state=None):
     """Causal depthwise conv then SiLU. x [B, T, D], weight [D, 1, W], state [B, D, W-1] holds the previous W-1
-    inputs (None: zeros). Returns y [B, T, D] and the new state [B, D, W-1]."""
+    inputs (None: zeros). Returns y [B, T, D] and the new state [B, D, W-1]. Where the kernels package's Triton
+    kernels serve, its short_conv computes y (forward and backward)."""
     width = weight.shape[-1]
+    fast = _triton_kernels(x)
+    if fast is not None and x.stride(-1) == 1:
+        y = fast.short_conv(x, weight, state)
+        tail = x[:, max(0, x.shape[1] - (width - 1)) :].transpose(1, 2)  # the new window: the last W-1 inputs
+        if tail.shape[-1] < width - 1:  # fewer tokens than the window holds: the old window's end comes first
+            old = state if state is not None else x.new_zeros(x.shape[0], x.shape[2], width - 1)
+            tail = torch.cat([old.to(x.dtype), tail], dim=-1)[..., -(width - 1) :]
+        return y, tail.to(x.dtype)
     xt = x.transpose(1, 2)  # [B, D, T]
     if state is None:
         state = xt.new_zeros(xt.shape[0], xt.shape[1], width - 1)

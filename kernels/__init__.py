@@ -8,7 +8,8 @@ beta fused in; prefill and training, dense or variable-length) and this package'
 configurations (kernels/tuned.py) and the variants the model uses compile side by side on first use
 (kernels/precompile.py). This package's own Triton kernels need no fla (`triton_serves(tensor)`): the fused norms
 (kernels/norm.py: RMSNorm with the residual add, the gated output norm, the q/k L2 norm; forward and backward) and
-the decode step's MoE (kernels/moe_decode.py: router, chosen and shared experts as matrix-vector products).
+the decode step's MoE (kernels/moe_decode.py: router, chosen and shared experts as matrix-vector products), KDA's
+short convolution (kernels/conv.py, forward and backward), MLA's decode attention (kernels/mla_decode.py).
 Everything else (CPU tensors above all, whatever is installed) stays on the plain PyTorch path in
 `modeling_kimi_linear.py`, whose functions are the twins. `force_backend("torch")` pins the plain path for tests. fla
 is called by keyword only: its positional order has changed between releases.
@@ -117,10 +118,11 @@ _triton = None  # whether triton imports, once asked
 
 def triton_serves(x):
     """Whether this package's own Triton kernels that need no fla (the fused norms, the decode step's MoE, the MLA
-    decode attention) take tensor x: a CUDA tensor on a GPU of compute capability 8.0 or newer (bfloat16 in Triton)
-    with Triton importable, unless force_backend("torch") pinned the plain path."""
+    decode attention, the short conv) take tensor x: a CUDA tensor of 32 bits or fewer (they compute in float32; a
+    float64 model keeps the plain path) on a GPU of compute capability 8.0 or newer (bfloat16 in Triton) with Triton
+    importable, unless force_backend("torch") pinned the plain path."""
     global _triton
-    if _forced == "torch" or not x.is_cuda:
+    if _forced == "torch" or not x.is_cuda or x.dtype == torch.float64:
         return False
     if _triton is None:
         try:
@@ -232,5 +234,12 @@ def projections(*args, **kwargs):
 def mla_decode_attention(*args, **kwargs):
     """MLA decode attention on the latents in one pass over the cache; see kernels/mla_decode.py."""
     from .mla_decode import mla_decode as fused
+
+    return fused(*args, **kwargs)
+
+
+def short_conv(*args, **kwargs):
+    """KDA's short convolution with SiLU on [B, T, D], forward and backward in Triton; see kernels/conv.py."""
+    from .conv import short_conv as fused
 
     return fused(*args, **kwargs)

@@ -1,6 +1,7 @@
-"""The package's own fused Triton kernels (kernels/norm.py, kernels/moe_decode.py) against float64 references built
-from the model's PyTorch twins, on CPU through Triton's interpreter (TRITON_INTERPRET=1: the kernels' own code,
-run by numpy). The same kernels compiled on a GPU are tested in test_gpu.py, in bfloat16.
+"""The package's own fused Triton kernels (kernels/norm.py, moe_decode.py, kda_decode.py, mla_decode.py, conv.py)
+against float64 references built from the model's PyTorch twins, on CPU through Triton's interpreter
+(TRITON_INTERPRET=1: the kernels' own code, run by numpy). The same kernels compiled on a GPU are tested in
+test_gpu.py, in bfloat16.
 
 Triton 3.6's interpreter needs numpy < 2.4 (it takes int() of one-element arrays); .ci/run installs one beside
 Triton in the KIMI_FLA_SITE folder."""
@@ -167,6 +168,31 @@ SCRIPT = textwrap.dedent("""
             got = mla_decode.mla_decode(q, lat, m, mla.scaling, c.kv_lora_rank, splits=splits)
             want = mla._attend_one(q.double(), lat.double(), m[:, None, None, :] if m is not None else None)
             out[f"mla decode {name} S={S} splits={splits} mask={m is not None}"] = rel(got, want)
+
+    # KDA's short convolution with SiLU, forward and backward (input, weight, starting window), against the twin
+    # short_conv in float64 with autograd: fewer tokens than the window, one token block, several blocks; channels
+    # not a multiple of the channel block; with and without a starting window
+    from kimi_linear_kernels import conv as conv_kernels
+    from kimi_linear.modeling_kimi_linear import short_conv as conv_twin
+
+    for T in (1, 2, 5, 70):
+        for with_state in (False, True):
+            x = torch.randn(2, T, 40, requires_grad=True)
+            w = torch.randn(40, 1, 4, requires_grad=True)
+            st = torch.randn(2, 40, 3, requires_grad=True) if with_state else None
+            dy = torch.randn(2, T, 40)
+            y = conv_kernels.short_conv(x, w, st)
+            (y * dy).sum().backward()
+            xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+            sd = st.detach().double().requires_grad_() if with_state else None
+            yd, _ = conv_twin(xd, wd, sd)
+            (yd * dy.double()).sum().backward()
+            case = f"conv T={T} state={with_state}"
+            out[case + " y"] = rel(y, yd)
+            out[case + " dx"] = rel(x.grad, xd.grad)
+            out[case + " dw"] = rel(w.grad, wd.grad)
+            if with_state:
+                out[case + " dstate"] = rel(st.grad, sd.grad)
     print(json.dumps(out))
 """)
 
@@ -213,4 +239,11 @@ def test_mla_decode_kernel_matches_the_two_product_path(errors):
     mla = {k: v for k, v in errors.items() if k.startswith("mla decode")}
     assert len(mla) == 6
     bad = {k: v for k, v in mla.items() if not v < 1e-6}
+    assert not bad, bad
+
+
+def test_short_conv_kernel_forward_and_backward_match_float64(errors):
+    conv = {k: v for k, v in errors.items() if k.startswith("conv")}
+    assert len(conv) == 4 * (3 + 4), sorted(conv)
+    bad = {k: v for k, v in conv.items() if not v < 1e-6}
     assert not bad, bad

@@ -447,7 +447,7 @@ class TestFusedKernels:
     @torch.no_grad()
     @pytest.mark.parametrize("B, S", [(1, 8192), (4, 3000)])
     def test_mla_decode_kernel_near_float64(self, B, S):
-        # the one-pass latent attention (off by default in the model) in bf16 at the bench model's shape, against
+        # the one-pass latent attention (the model's decode path) in bf16 at the bench model's shape, against
         # the two-product path in float64; the two-product path in bf16 sets the bar
         from kimi_linear.configuration_kimi_linear import KimiLinearConfig
         from kimi_linear.modeling_kimi_linear import KimiMLAAttention
@@ -463,6 +463,40 @@ class TestFusedKernels:
         twin = mla._attend_one(q.bfloat16(), lat.bfloat16(), keep[:, None, None, :])
         fused = mla_decode.mla_decode(q.bfloat16(), lat.bfloat16(), keep, mla.scaling, 512)
         assert rel_rms(fused, exact) <= 1.2 * rel_rms(twin, exact) + 1e-4, (rel_rms(fused, exact), rel_rms(twin, exact))
+
+    @pytest.mark.parametrize("T, with_state", [(3, True), (4096, False), (4096, True)])
+    def test_short_conv_kernel_near_float64(self, T, with_state):
+        # KDA's short conv with SiLU (Triton, forward and backward) in bf16 at the released channel count, against
+        # the twin in float64; the twin in bf16 sets the bar. The model's short_conv returns the twin's new window.
+        from kimi_linear.modeling_kimi_linear import short_conv
+        from kimi_linear_kernels import conv
+
+        gen = torch.Generator(device="cuda").manual_seed(T)
+        x = torch.randn(2, T, 4096, device="cuda", generator=gen)
+        w = torch.randn(4096, 1, 4, device="cuda", generator=gen) * 0.5
+        st = torch.randn(2, 4096, 3, device="cuda", generator=gen) if with_state else None
+        dy = torch.randn(2, T, 4096, device="cuda", generator=gen)
+
+        def run(fn, dtype):
+            leaves = [t.to(dtype).requires_grad_() for t in (x, w) + ((st,) if with_state else ())]
+            y = fn(*leaves[:2], leaves[2] if with_state else None)
+            y = y[0] if isinstance(y, tuple) else y
+            (y.float() * dy).sum().backward()
+            return [y] + [t.grad for t in leaves]
+
+        try:
+            kernels.force_backend("torch")
+            exact, twin = run(short_conv, torch.float64), run(short_conv, torch.bfloat16)
+            _, twin_window = short_conv(x.bfloat16(), w.bfloat16(), st.bfloat16() if with_state else None)
+        finally:
+            kernels.force_backend(None)
+        fused = run(conv.short_conv, torch.bfloat16)
+        for name, f, t, e in zip(["y", "dx", "dw", "dstate"], fused, twin, exact):
+            assert rel_rms(f, e) <= 1.2 * rel_rms(t, e) + 1e-4, (name, rel_rms(f, e), rel_rms(t, e))
+        with torch.no_grad():
+            y, window = short_conv(x.bfloat16(), w.bfloat16(), st.bfloat16() if with_state else None)
+        assert torch.equal(window, twin_window)
+        assert rel_rms(y, exact[0]) <= 1.2 * rel_rms(twin[0], exact[0]) + 1e-4
 
     def test_decode_moe_kernels_step_aside_for_autograd_and_larger_batches(self):
         moe = TestGroupedMoE.moe()
