@@ -262,6 +262,10 @@ def short_conv_varlen(x, weight, windows, segs):
     each sequence's final window [S, D, W-1]. Each sequence is laid out behind its own window, so no tap ever reads
     another sequence."""
     W = weight.shape[-1]
+    fast = _triton_kernels(x)
+    if fast is not None and x.stride(-1) == 1 and not (windows.requires_grad and torch.is_grad_enabled()):
+        y = fast.short_conv_varlen(x, weight, windows, segs.cu_seqlens, segs.seq_of_token)
+        return y, _final_windows(x, windows, segs.cu_seqlens, W)
     S, N = windows.shape[0], x.shape[0]
     ext = x.new_empty(x.shape[1], N + S * (W - 1))  # [D, N + S*(W-1)]
     ext[:, segs.token_slot(W)] = x.t()
@@ -270,6 +274,16 @@ def short_conv_varlen(x, weight, windows, segs):
     y = y[:, segs.token_slot(W) - (W - 1)].t()
     final = ext[:, segs.final_window_slots(W)].view(x.shape[1], S, W - 1).permute(1, 0, 2)
     return y, final
+
+
+def _final_windows(x, windows, cu_seqlens, W):
+    """Each packed sequence's last W-1 inputs [S, D, W-1] (x [N, D]), the end of its starting window first where
+    the sequence is shorter than that."""
+    starts, ends = cu_seqlens[:-1, None], cu_seqlens[1:, None]
+    pos = ends - (W - 1) + torch.arange(W - 1, device=x.device)  # [S, W-1] positions in x
+    from_x = x[pos.clamp(min=0)].permute(0, 2, 1)
+    slot = (pos - starts + (W - 1)).clamp(0, W - 2)[:, None, :].expand(-1, x.shape[1], -1)
+    return torch.where((pos >= starts)[:, None, :], from_x, windows.to(x.dtype).gather(2, slot))
 
 
 def kda_prefill_torch(q, k, v, g, beta, A_log, dt_bias, initial_state=None, output_final_state=True, cu_seqlens=None):

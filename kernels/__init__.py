@@ -243,3 +243,10 @@ def short_conv(*args, **kwargs):
     from .conv import short_conv as fused
 
     return fused(*args, **kwargs)
+
+
+def short_conv_varlen(*args, **kwargs):
+    """short_conv over packed sequences ([N, D], cu_seqlens), no tap crossing a boundary; see kernels/conv.py."""
+    from .conv import short_conv_varlen as fused
+
+    return fused(*args, **kwargs)

@@ -193,6 +193,33 @@ SCRIPT = textwrap.dedent("""
             out[case + " dw"] = rel(w.grad, wd.grad)
             if with_state:
                 out[case + " dstate"] = rel(st.grad, sd.grad)
+
+    # packed sequences (short_conv_varlen): each sequence as if alone behind its own starting window, against the
+    # twin per sequence in float64; the new windows the model takes (_final_windows) against the twin's
+    from kimi_linear.modeling_kimi_linear import _final_windows
+
+    lengths = [1, 2, 5, 40]
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    seq_of_token = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    x = torch.randn(cu[-1].item(), 40, requires_grad=True)
+    w = torch.randn(40, 1, 4, requires_grad=True)
+    windows = torch.randn(len(lengths), 40, 3)
+    dy = torch.randn(cu[-1].item(), 40)
+    y = conv_kernels.short_conv_varlen(x, w, windows, cu, seq_of_token)
+    (y * dy).sum().backward()
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    parts, ends = [], []
+    for i in range(len(lengths)):
+        a, b = cu[i].item(), cu[i + 1].item()
+        yi, end = conv_twin(xd[None, a:b], wd, windows[i : i + 1].double())
+        parts.append(yi[0])
+        ends.append(end)
+    yd = torch.cat(parts)
+    (yd * dy.double()).sum().backward()
+    out["conv packed y"] = rel(y, yd)
+    out["conv packed dx"] = rel(x.grad, xd.grad)
+    out["conv packed dw"] = rel(w.grad, wd.grad)
+    out["conv packed windows"] = rel(_final_windows(x.detach().double(), windows.double(), cu, 4), torch.cat(ends))
     print(json.dumps(out))
 """)
 
@@ -242,8 +269,9 @@ def test_mla_decode_kernel_matches_the_two_product_path(errors):
     assert not bad, bad
 
 
-def test_short_conv_kernel_forward_and_backward_match_float64(errors):
+def test_short_conv_kernels_forward_and_backward_match_float64(errors):
+    # dense rows with and without a starting window, and packed sequences, each alone behind its own window
     conv = {k: v for k, v in errors.items() if k.startswith("conv")}
-    assert len(conv) == 4 * (3 + 4), sorted(conv)
+    assert len(conv) == 4 * (3 + 4) + 4, sorted(conv)
     bad = {k: v for k, v in conv.items() if not v < 1e-6}
     assert not bad, bad
