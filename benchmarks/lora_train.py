@@ -12,8 +12,10 @@ kv_a_proj_with_mqa, kv_b_proj, o_proj; dense MLP and shared experts; the built-i
 fused 3-D parameters that PEFT cannot wrap, so routed experts are left out for both; `ours+experts` adds them for
 this repo alone: the cost of training every expert's adapter), AdamW on the adapters,
 batches of --batch x --seq-len random tokens, loss over every position. --warmup steps first (the first one
-includes compilation and fla's autotuning, reported separately), then --steps timed steps: tokens/s, seconds per
-step, peak memory. Writes lora_train.json and lora_train.png and prints a table.
+includes compilation and fla's autotuning, reported separately), then --rounds rounds of --steps timed steps, the
+implementations taking turns (all stay in memory), so a card whose speed drifts moves them alike: tokens/s from the
+median step over all rounds, the ratio per round, seconds per step, each implementation's own peak memory.
+Writes lora_train.json and lora_train.png and prints a table.
 """
 
 import argparse
@@ -42,52 +44,68 @@ def build(impl, config, dtype, device):
         return KimiLinearForCausalLM(KimiLinearConfig(**config)).to(dtype)
 
 
-def run(impl, args, config, dtype, device):
-    import peft
+class Trainer:
+    """One implementation with PEFT LoRA and AdamW, ready to take timed training steps."""
 
-    model = build(impl, config, dtype, device)
-    targets = TARGETS + (["w1", "w2", "w3"] if impl == "ours+experts" else [])  # w1/w2/w3: the routed experts
-    lora = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, task_type="CAUSAL_LM")
-    model = peft.get_peft_model(model, lora)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    gen = torch.Generator(device=device).manual_seed(0)
-    ids = torch.randint(3, config["vocab_size"], (args.batch, args.seq_len), device=device, generator=gen)
-    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+    def __init__(self, impl, args, config, dtype, device):
+        import peft
 
-    def step():
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        self.impl, self.device = impl, device
+        base = torch.cuda.memory_allocated() if device == "cuda" else 0
+        model = build(impl, config, dtype, device)
+        targets = TARGETS + (["w1", "w2", "w3"] if impl == "ours+experts" else [])  # w1/w2/w3: the routed experts
+        lora = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, task_type="CAUSAL_LM")
+        self.model = peft.get_peft_model(model, lora)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4)
+        gen = torch.Generator(device=device).manual_seed(0)
+        self.ids = torch.randint(3, config["vocab_size"], (args.batch, args.seq_len), device=device, generator=gen)
+        self.row = {
+            "impl": impl,
+            "trainable_parameters": sum(p.numel() for p in self.params),
+            "adapted_modules": sum(
+                1 for _, m in self.model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)
+            ),
+        }
+        self.times = []
+        if device == "cuda":  # this implementation's own peak: the other models' tensors sit still meanwhile
+            torch.cuda.reset_peak_memory_stats()
+        for i in range(args.warmup):
+            t, loss = self.timed()
+            self.row.setdefault("first_step_s", t)
+            print(f"[{impl}] warm-up step {i + 1}: {t:.3f} s, loss {loss:.4f}", flush=True)
+        if device == "cuda":
+            self.row["peak_memory_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
+
+    def step(self):
+        loss = self.model(input_ids=self.ids, labels=self.ids, use_cache=False).loss
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         return float(loss)
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(args.warmup + args.steps):
-        sync()
+    def timed(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = step()
-        sync()
-        times.append(time.perf_counter() - start)
-        print(f"[{impl}] step {i + 1}: {times[-1]:.3f} s, loss {loss:.4f}", flush=True)
-    timed = times[args.warmup :]
-    per_step = sorted(timed)[len(timed) // 2]
-    top = profile_steps(step, args, device) if args.profile else None
-    row = {
-        "impl": impl,
-        "trainable_parameters": sum(p.numel() for p in params),
-        "adapted_modules": sum(1 for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)),
-        "first_step_s": times[0],
-        "median_step_s": per_step,
-        "tokens_per_s": args.batch * args.seq_len / per_step,
-        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None,
-    }
-    if top is not None:
-        row["profile_top"] = top
-    return row
+        loss = self.step()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start, loss
+
+    def round(self, steps):
+        """`steps` timed steps; returns their median seconds."""
+        times = [self.timed()[0] for _ in range(steps)]
+        self.times += times
+        return sorted(times)[len(times) // 2]
+
+    def result(self, args):
+        per_step = sorted(self.times)[len(self.times) // 2]
+        self.row.update(median_step_s=per_step, tokens_per_s=args.batch * args.seq_len / per_step,
+                        step_times_s=self.times)  # fmt: skip
+        self.row.setdefault("peak_memory_gb", None)
+        return self.row
 
 
 def profile_steps(step, args, device, steps=3):
@@ -143,7 +161,10 @@ def main():
     ap.add_argument("--batch", type=int, default=1, help="(default: %(default)s)")
     ap.add_argument("--rank", type=int, default=16, help="(default: %(default)s)")
     ap.add_argument("--warmup", type=int, default=2, help="(default: %(default)s)")
-    ap.add_argument("--steps", type=int, default=8, help="timed steps (default: %(default)s)")
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per round (default: %(default)s)")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="rounds, the implementations taking turns (default: %(default)s)"
+    )
     ap.add_argument(
         "--profile",
         type=int,
@@ -162,17 +183,30 @@ def main():
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     report = {"metadata": meta, "config": args.config.name, "seq_len": args.seq_len, "batch": args.batch,
               "rank": args.rank, "targets": TARGETS, "rows": []}  # fmt: skip
+    # Every implementation is built and warmed up first (all stay in memory), then timed in --rounds rounds of
+    # --steps steps each, the implementations taking turns: a card whose speed drifts over minutes (clocks,
+    # neighbours) moves every implementation alike, and each round gives its own ratio.
+    trainers, rows = [], {}
     for impl in args.impls:
         try:
-            report["rows"].append(run(impl, args, config, dtype, args.device))
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
+            trainers.append(Trainer(impl, args, config, dtype, args.device))
         except Exception as err:  # e.g. the built-in class missing from this transformers, or out of memory
             print(f"[{impl}] failed: {type(err).__name__}: {err}", flush=True)
-            report["rows"].append({"impl": impl, "error": f"{type(err).__name__}: {str(err)[:300]}"})
-    rows = {r["impl"]: r for r in report["rows"] if "tokens_per_s" in r}
-    if "ours" in rows and "builtin" in rows:
+            rows[impl] = {"impl": impl, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+    rounds = []
+    for r in range(args.rounds):
+        medians = {t.impl: t.round(args.steps) for t in trainers}
+        rounds.append(medians)
+        print(f"round {r + 1}: " + "  ".join(f"{k} {v:.3f} s/step" for k, v in medians.items()), flush=True)
+    for t in trainers:
+        rows[t.impl] = t.result(args)
+        if args.profile:
+            rows[t.impl]["profile_top"] = profile_steps(t.step, args, args.device)
+    report["rows"] = [rows[impl] for impl in args.impls]
+    report["rounds_s_per_step"] = rounds
+    if "ours" in rows and "builtin" in rows and "tokens_per_s" in rows["ours"] and "tokens_per_s" in rows["builtin"]:
         report["speedup"] = rows["ours"]["tokens_per_s"] / rows["builtin"]["tokens_per_s"]
+        report["speedup_per_round"] = [r["builtin"] / r["ours"] for r in rounds]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "lora_train.json").write_text(json.dumps(report, indent=1))
     plot(report, args.out_dir / "lora_train.png")
@@ -186,7 +220,8 @@ def main():
         else:
             print(f"{r['impl']:13s} {r['error']}")
     if "speedup" in report:
-        print(f"ours / built-in: {report['speedup']:.2f}x")
+        per_round = ", ".join(f"{x:.2f}x" for x in report["speedup_per_round"])
+        print(f"ours / built-in: {report['speedup']:.2f}x (median step over all rounds; per round {per_round})")
     print(f"wrote {args.out_dir / 'lora_train.json'} and lora_train.png")
 
 
