@@ -49,12 +49,12 @@ def main():
         for conv in ("triton", "torch"):
             if conv == "torch":
                 M.short_conv, M.short_conv_varlen = (torch_conv(f) for f in originals)
-            with torch.no_grad():
+            with torch.enable_grad():  # as the test trains: autograd keeps every token on the training path
                 seen.clear()
-                packed = model(ids, position_ids=pos, use_cache=False).logits[0]
+                packed = model(ids, position_ids=pos, use_cache=False).logits[0].detach()
                 packed_routes = [r.clone() for r in seen]
                 seen.clear()
-                alone = torch.cat([model(d[None].to(dev), use_cache=False).logits[0] for d in docs])
+                alone = torch.cat([model(d[None].to(dev), use_cache=False).logits[0].detach() for d in docs])
                 alone_routes = [torch.cat(seen[i :: len(packed_routes)]) for i in range(len(packed_routes))]
             M.short_conv, M.short_conv_varlen = originals
             per_token = (packed.float() - alone.float()).norm(dim=-1) / alone.float().norm(dim=-1)
