@@ -196,9 +196,16 @@ def test_model_packed_row_trains_like_separate_rows_on_cuda():
     alone_logits = torch.cat(alone_logits).detach()
     with torch.no_grad():
         leaky = model(ids, use_cache=False).logits[0]  # one long document
-    gap = rel_rms(logits, alone_logits)
-    assert gap < 1e-2 and gap < 0.05 * rel_rms(leaky, alone_logits), (gap, rel_rms(leaky, alone_logits))
-    assert rel_rms(packed, alone) < 3e-3
+    # Token by token: in bf16 a token near a routing tie can pick another expert packed than alone (a few tokens
+    # off by ~10%; tests/probe_packed_gap.py counts them: 1-4 of 302 here, one even in float32, where the rest
+    # agree to 1e-3), while a leak moves every token after the first boundary. At most 3% of tokens may be off by
+    # more than 1e-2; the same row without its boundaries has most tokens off.
+    def off(x):
+        ref = alone_logits.float()
+        return ((x.float() - ref).norm(dim=-1) / ref.norm(dim=-1) > 1e-2).float().mean()
+
+    assert off(logits) <= 0.03 and off(leaky) > 0.5, (off(logits).item(), off(leaky).item())
+    assert rel_rms(packed, alone) < 3e-3, rel_rms(packed, alone)
     # Gradients: the separate rows again in float32 through the plain path are the reference; the packed row's
     # bf16 error may not exceed twice the separate rows' bf16 error, three times for the MoE (a router's gradient
     # sums many small terms, and a token near a routing tie picks another expert in another bf16 run: ~5-10% of
