@@ -196,15 +196,19 @@ def test_model_packed_row_trains_like_separate_rows_on_cuda():
     alone_logits = torch.cat(alone_logits).detach()
     with torch.no_grad():
         leaky = model(ids, use_cache=False).logits[0]  # one long document
-    # Token by token: in bf16 a token near a routing tie can pick another expert packed than alone (a few tokens
-    # off by ~10%; tests/probe_packed_gap.py counts them: 1-4 of 302 here, one even in float32, where the rest
-    # agree to 1e-3), while a leak moves every token after the first boundary. At most 3% of tokens may be off by
-    # more than 1e-2; the same row without its boundaries has most tokens off.
-    def off(x):
-        ref = alone_logits.float()
-        return ((x.float() - ref).norm(dim=-1) / ref.norm(dim=-1) > 1e-2).float().mean()
 
-    assert off(logits) <= 0.03 and off(leaky) > 0.5, (off(logits).item(), off(leaky).item())
+    # Document by document: in bf16 a token near a routing tie can pick another expert packed than alone (the
+    # probe tests/probe_packed_gap.py found 1-4 of these 302 tokens off by ~10%, a few neighbours after them by more
+    # than 1e-2, the median token within 1e-4; one such token even in float32), so the RMS over the row hangs on a few
+    # tokens. A leak moves every token of the documents after a boundary: each document's median token must agree
+    # within 1e-2 (the one-token document's only token included), and the row without boundaries must not.
+    def median_off(x):
+        ref = alone_logits.float()
+        per_token = (x.float() - ref).norm(dim=-1) / ref.norm(dim=-1)
+        return [t.median().item() for t in per_token.split([len(d) for d in docs])]
+
+    assert max(median_off(logits)) < 1e-2, median_off(logits)
+    assert max(median_off(leaky)) > 0.1, median_off(leaky)
     assert rel_rms(packed, alone) < 3e-3, rel_rms(packed, alone)
     # Gradients: the separate rows again in float32 through the plain path are the reference; the packed row's
     # bf16 error may not exceed twice the separate rows' bf16 error, three times for the MoE (a router's gradient
