@@ -384,11 +384,13 @@ FUSED_PROJECTION_ROWS = 2
 
 
 def _plain_linears(x, *modules):
-    """Whether these are plain bias-free nn.Linear layers in x's dtype outside autograd (no adapters), whose weights
-    the decode kernels may read directly."""
-    return all(type(m) is nn.Linear and m.bias is None and m.weight.dtype == x.dtype for m in modules) and _no_autograd(
-        x, *(m.weight for m in modules)
+    """Whether these are plain bias-free nn.Linear layers with contiguous weights in x's dtype, outside autograd (no
+    adapters): weights the decode kernels may read directly."""
+    plain = all(
+        type(m) is nn.Linear and m.bias is None and m.weight.dtype == x.dtype and m.weight.is_contiguous()
+        for m in modules
     )
+    return plain and _no_autograd(x, *(m.weight for m in modules))
 
 
 def _kda_backend(x):
