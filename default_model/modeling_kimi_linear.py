@@ -114,12 +114,7 @@ def short_conv(x, weight, state=None):
     width = weight.shape[-1]
     fast = _triton_kernels(x)
     if fast is not None and x.stride(-1) == 1:
-        y = fast.short_conv(x, weight, state)
-        tail = x[:, max(0, x.shape[1] - (width - 1)) :].transpose(1, 2)  # the new window: the last W-1 inputs
-        if tail.shape[-1] < width - 1:  # fewer tokens than the window holds: the old window's end comes first
-            old = state if state is not None else x.new_zeros(x.shape[0], x.shape[2], width - 1)
-            tail = torch.cat([old.to(x.dtype), tail], dim=-1)[..., -(width - 1) :]
-        return y, tail.to(x.dtype)
+        return fast.short_conv(x, weight, state), _new_window(x, state, width)
     xt = x.transpose(1, 2)  # [B, D, T]
     if state is None:
         state = xt.new_zeros(xt.shape[0], xt.shape[1], width - 1)
@@ -274,6 +269,14 @@ def short_conv_varlen(x, weight, windows, segs):
     y = y[:, segs.token_slot(W) - (W - 1)].t()
     final = ext[:, segs.final_window_slots(W)].view(x.shape[1], S, W - 1).permute(1, 0, 2)
     return y, final
+
+
+def _new_window(x, state, W):
+    """The window short_conv leaves behind: the last W-1 inputs [B, D, W-1] of x [B, T, D], the end of the starting
+    window state (None: zeros) first where T < W-1."""
+    B, T, D = x.shape
+    windows = state if state is not None else x.new_zeros(B, D, W - 1)
+    return _final_windows(x.reshape(B * T, D), windows, torch.arange(B + 1, device=x.device) * T, W)
 
 
 def _final_windows(x, windows, cu_seqlens, W):

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from conftest import rel_err
-from kimi_linear.modeling_kimi_linear import kda_chunk_torch, kda_gate, kda_step_torch, l2norm, short_conv
+from kimi_linear.modeling_kimi_linear import (
+    _new_window,
+    kda_chunk_torch,
+    kda_gate,
+    kda_step_torch,
+    l2norm,
+    short_conv,
+)
 from kimi_linear_kernels.naive import kda_recurrent_reference
 
 
@@ -134,6 +141,17 @@ def test_short_conv_matches_direct_sum_and_carries_state():
     y1, s1 = short_conv(x[:, :5], w)
     y2, s2 = short_conv(x[:, 5:], w, s1)
     assert torch.allclose(torch.cat([y1, y2], 1), y, atol=1e-6) and torch.allclose(s2, state)
+
+
+@pytest.mark.parametrize("T", [1, 2, 3, 7])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_new_window_of_the_triton_conv_path_equals_the_twins(T, with_state):
+    # the Triton conv path (CUDA) takes its new window from _new_window: the twin's, also for fewer tokens than
+    # the window holds (the old window's end first)
+    x = torch.randn(2, T, 6)
+    state = torch.randn(2, 6, 3) if with_state else None
+    _, want = short_conv(x, torch.randn(6, 1, 4), state)
+    assert torch.equal(_new_window(x, state, 4), want)
 
 
 def test_chunk_keeps_float64_for_references():
