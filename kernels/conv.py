@@ -31,6 +31,17 @@ def _tap(X, ST, b, p, start, wrow, d, dm, T, D, sxb, sxt, HAS_STATE: tl.constexp
 
 
 @triton.jit
+def _pre_activation(X, WT, ST, b, t, start, wrow, d, dm, T, D, sxb, sxt, HAS_STATE: tl.constexpr, W: tl.constexpr,
+                    BT: tl.constexpr, BD: tl.constexpr):  # fmt: skip
+    """sum_j w[j] X(t - (W-1) + j) for outputs t [BT] and channels d [BD], float32: the conv before its SiLU."""
+    acc = tl.zeros([BT, BD], dtype=tl.float32)
+    for j in tl.static_range(W):
+        w = tl.load(WT + d * W + j, mask=dm, other=0.0).to(tl.float32)
+        acc += _tap(X, ST, b, t - (W - 1) + j, start, wrow, d, dm, T, D, sxb, sxt, HAS_STATE, W) * w[None, :]
+    return acc
+
+
+@triton.jit
 def _sequence(STARTS, SEQS, b, t, tm, VARLEN: tl.constexpr, BT: tl.constexpr):
     """Where the sequences of outputs t [BT] start and which window row they use: from STARTS / SEQS (packed
     sequences in one row), else row b's sequence, starting at 0."""
@@ -53,10 +64,7 @@ def _fwd_kernel(X, WT, ST, STARTS, SEQS, Y, T, D, sxb, sxt, syb, syt,
     b = tl.program_id(2).to(tl.int64)
     dm = d < D
     start, wrow = _sequence(STARTS, SEQS, b, t, t < T, VARLEN, BT)
-    acc = tl.zeros([BT, BD], dtype=tl.float32)
-    for j in tl.static_range(W):
-        w = tl.load(WT + d * W + j, mask=dm, other=0.0).to(tl.float32)
-        acc += _tap(X, ST, b, t - (W - 1) + j, start, wrow, d, dm, T, D, sxb, sxt, HAS_STATE, W) * w[None, :]
+    acc = _pre_activation(X, WT, ST, b, t, start, wrow, d, dm, T, D, sxb, sxt, HAS_STATE, W, BT, BD)
     y = acc * tl.sigmoid(acc)
     tl.store(Y + b * syb + t[:, None].to(tl.int64) * syt + d[None, :], y.to(Y.dtype.element_ty),
              mask=(t < T)[:, None] & dm[None, :])  # fmt: skip
@@ -84,10 +92,7 @@ def _bwd_kernel(X, WT, ST, STARTS, SEQS, DY, DXE, DWP, T, D, sxb, sxt, sdb, sdt,
         live = tm
         if VARLEN:
             live = live & (p >= start)
-        pre = tl.zeros([BT, BD], dtype=tl.float32)
-        for j in tl.static_range(W):
-            w = tl.load(WT + d * W + j, mask=dm, other=0.0).to(tl.float32)
-            pre += _tap(X, ST, b, p - jj + j, start, wrow, d, dm, T, D, sxb, sxt, HAS_STATE, W) * w[None, :]
+        pre = _pre_activation(X, WT, ST, b, t, start, wrow, d, dm, T, D, sxb, sxt, HAS_STATE, W, BT, BD)
         dy = tl.load(DY + b * sdb + t[:, None].to(tl.int64) * sdt + d[None, :], mask=live[:, None] & dm[None, :],
                      other=0.0).to(tl.float32)  # fmt: skip
         sig = tl.sigmoid(pre)

@@ -34,12 +34,16 @@ def _conv_step(x_ptr, c_ptr, w_ptr, b, ch, D, W: tl.constexpr, WP: tl.constexpr)
 
 
 @triton.jit
-def _qk(xq, xk, cq, ck, wq, wk, b, h, H: tl.constexpr, K: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
-    """q and k of head h after their conv step (windows shifted in place), SiLU and L2 norm: [K] each, float32."""
+def _head_qk(xq, xk, cq, ck, wq, wk, H: tl.constexpr, K: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
+    """The program's (sequence b, head h) and that head's channels ch [K], with its q and k after their conv step
+    (windows shifted in place), SiLU and L2 norm: [K] each, float32."""
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
     ch = h * K + tl.arange(0, K)
     q = _conv_step(xq, cq, wq, b, ch, H * K, W, WP)
     k = _conv_step(xk, ck, wk, b, ch, H * K, W, WP)
-    return q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6), k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
+    return b, h, ch, q * tl.rsqrt(tl.sum(q * q, axis=0) + 1e-6), k * tl.rsqrt(tl.sum(k * k, axis=0) + 1e-6)
 
 
 @triton.jit
@@ -71,11 +75,7 @@ def _kda_decode_kernel(
     scale,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BV: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    ch = h * K + tl.arange(0, K)
-    q, k = _qk(xq, xk, cq, ck, wq, wk, b, h, H, K, W, WP)
+    b, h, ch, q, k = _head_qk(xq, xk, cq, ck, wq, wk, H, K, W, WP)
     decay = _decay(tl.load(g_raw + b * H * K + ch).to(tl.float32) + tl.load(dt_bias + ch).to(tl.float32), A_log, h)
     beta = tl.sigmoid(tl.load(b_raw + b * H + h).to(tl.float32))
     for vb in tl.static_range(0, V, BV):
@@ -175,11 +175,7 @@ def _kda_layer_decode_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, RP: tl.constexpr,
     BV: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    b = pid // H
-    h = pid % H
-    ch = h * K + tl.arange(0, K)
-    q, k = _qk(xq, xk, cq, ck, wq, wk, b, h, H, K, W, WP)
+    b, h, ch, q, k = _head_qk(xq, xk, cq, ck, wq, wk, H, K, W, WP)
 
     # the gate's low-rank second half for this head: f_b rows [K, R] x f_a(x) [R], rounded as f_b's output is
     r = tl.arange(0, RP)
