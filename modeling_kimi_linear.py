@@ -802,18 +802,14 @@ class KimiLinearMLP(nn.Module):
     def forward(self, x, add=None):
         """The MLP of x [..., hidden]; plus `add` (same shape) when given."""
         fast = _triton_kernels(x)
-        if fast is not None and x.numel() <= self.few_tokens * x.shape[-1] and self._plain():
+        mods = (self.gate_proj, self.up_proj, self.down_proj)
+        if fast is not None and x.numel() <= self.few_tokens * x.shape[-1] and _plain_linears(x, *mods):
             flat = x.reshape(-1, x.shape[-1]).contiguous()
             extra = add.reshape(flat.shape).contiguous() if add is not None else None
-            out = fast.moe_experts(flat, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, add=extra)
+            out = fast.moe_experts(flat, *(m.weight for m in mods), add=extra)
             return out.view(x.shape)
         out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return out if add is None else add + out
-
-    def _plain(self):
-        """Plain nn.Linear projections (no adapters) with no autograd graph to build through them."""
-        mods = (self.gate_proj, self.up_proj, self.down_proj)
-        return all(type(m) is nn.Linear for m in mods) and _no_autograd(*(m.weight for m in mods))
 
 
 class KimiLinearExpert(nn.Module):
