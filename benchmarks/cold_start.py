@@ -13,6 +13,8 @@ on the bench_1b_hybrid model (benchmarks/configs/, random weights, bf16):
 Per mode: first prefill of --prefill-len tokens and its warm median; first training step (forward + backward,
 --train-len tokens, loss over all positions) and its warm median; then, for each --new-lengths, the first prefill at
 that length against the warm median at the same length. "Compile + tune" = first call - warm call.
+Every Triton kernel variant compiled at a launch is listed per call (fla's and this repo's own); then one more new
+length (--profile-new) runs first and warm under torch.profiler, listing the operators whose host time grew.
 With --record PATH, the autotune mode then runs every other path the model takes and writes the configurations it
 chose to PATH (kernels/tuned.py format), and the pinned mode uses that file; without it, the pinned mode uses the
 file installed with kimi_linear_kernels.
@@ -84,7 +86,8 @@ def child(args):
 
     from kimi_linear_kernels import precompile
 
-    with precompile.compile_events() as events:  # fla kernel variants compiled at a launch: what precompile missed
+    # every Triton kernel variant compiled at a launch (fla's that precompile missed, and this repo's own)
+    with precompile.compile_events(only_fla=False) as events:
 
         def measured(name, fn):
             before = len(events)
@@ -101,6 +104,8 @@ def child(args):
         for T in args.new_lengths:
             out["new_lengths"][T] = r = measured(f"new length {T}", prefill(T))
             r["over_warm"] = r["overhead_s"] / r["warm_s"]
+        if args.profile_new:
+            out["profile_new"] = profile_new_length(prefill(args.profile_new), args.profile_new)
     out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
     if args.record:
         from kimi_linear_kernels.tuned import PASSES, exercise, record
@@ -112,6 +117,28 @@ def child(args):
     Path(args.result).write_text(json.dumps(out))
 
 
+def profile_new_length(fn, T, top=12):
+    """Where a first call at a new length spends its extra time: the first and a warm call under torch.profiler, the
+    operators whose host time (self CPU) grew most, and each call's total; printed and returned."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    def self_cpu():
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+
+    first, warm = self_cpu(), self_cpu()
+    grew = sorted(((k, first[k] - warm.get(k, 0.0)) for k in first), key=lambda kv: -kv[1])[:top]
+    rows = [{"op": k, "first_us": first[k], "warm_us": warm.get(k, 0.0)} for k, _ in grew]
+    print(f"[profile] first call at new length {T} vs a warm one, operators by host time grown (us):", flush=True)
+    for r in rows:
+        print(f"  {r['first_us']:12.0f} {r['warm_us']:12.0f}  {r['op'][:100]}", flush=True)
+    return {"length": T, "first_total_us": sum(first.values()), "warm_total_us": sum(warm.values()), "top": rows}
+
+
 def run_mode(mode, args):
     env = dict(os.environ, TRITON_CACHE_DIR=tempfile.mkdtemp(prefix=f"triton-{mode}-"))
     env["KIMI_FLA_PINNED"] = "0" if mode == "autotune" else "1"
@@ -119,7 +146,8 @@ def run_mode(mode, args):
     if mode != "autotune" and args.record:
         env["KIMI_FLA_TUNED"] = str(args.record)  # the choices the autotune run just made
     cmd = [sys.executable, __file__, "--child", mode, "--prefill-len", str(args.prefill_len),
-           "--train-len", str(args.train_len), "--new-lengths", *map(str, args.new_lengths)]  # fmt: skip
+           "--train-len", str(args.train_len), "--new-lengths", *map(str, args.new_lengths),
+           "--profile-new", str(args.profile_new)]  # fmt: skip
     if mode == "autotune" and args.record:
         cmd += ["--record", str(args.record)]
     result_file = Path(env["TRITON_CACHE_DIR"]) / "result.json"
@@ -173,6 +201,13 @@ def main():
         default=[131072, 50001, 32768],
         help="(default: %(default)s; an odd length checks Triton's per-divisibility specialisation; the largest "
         "first, so that the memory pool's growth to a new peak lands in one first call, not in each)",
+    )
+    ap.add_argument(
+        "--profile-new",
+        type=int,
+        default=40000,
+        help="after the new lengths, one more new length profiled (first vs warm call, host time by operator) to show "
+        "what a first call still pays; 0: off (default: %(default)s)",
     )
     ap.add_argument(
         "--modes",

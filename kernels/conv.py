@@ -7,6 +7,7 @@ transpose to [B, D, T] and back). Here each program reads its tokens' W taps str
 concatenation, no layout copies. The backward recomputes the pre-activation (nothing but the input is saved) and
 gives the input's, the weight's and the starting window's gradients in one launch; the weight's per-block partial
 sums are added up afterwards (deterministic, no atomics).
+Lengths are not specialized on (do_not_specialize): a prompt of a new length compiles nothing.
 """
 
 import torch
@@ -54,7 +55,7 @@ def _sequence(STARTS, SEQS, b, t, tm, VARLEN: tl.constexpr, BT: tl.constexpr):
     return start, wrow
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _fwd_kernel(X, WT, ST, STARTS, SEQS, Y, T, D, sxb, sxt, syb, syt,
                 HAS_STATE: tl.constexpr, VARLEN: tl.constexpr, W: tl.constexpr, BT: tl.constexpr,
                 BD: tl.constexpr):  # fmt: skip
@@ -70,7 +71,7 @@ def _fwd_kernel(X, WT, ST, STARTS, SEQS, Y, T, D, sxb, sxt, syb, syt,
              mask=(t < T)[:, None] & dm[None, :])  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "nblocks"])
 def _bwd_kernel(X, WT, ST, STARTS, SEQS, DY, DXE, DWP, T, D, sxb, sxt, sdb, sdt, nblocks,
                 HAS_STATE: tl.constexpr, VARLEN: tl.constexpr, OFF: tl.constexpr, W: tl.constexpr,
                 BT: tl.constexpr, BD: tl.constexpr):  # fmt: skip

@@ -12,6 +12,8 @@ slices by their log-sum-exp. Scores and sums are float32; the probabilities meet
 Launch settings from a sweep on the H100 (benchmarks/probe_mla_decode.py, results/mla_decode_probe.log; 32 heads,
 576 / 512): 32-token tiles, 4 warps, 2 pipeline stages, slices of at least 128 tokens. Against the twin: 18.9 vs
 19.6 us at 8k tokens, 90.8 vs 170.5 at 128k, 268 vs 741 at 512k (batch 1); 83 vs 149 us at batch 16 x 8k.
+The cache length and the slicing derived from it are not specialized on (do_not_specialize): the first step after
+a prompt of a new length compiles nothing.
 """
 
 import torch
@@ -19,7 +21,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "chunk", "iters", "stride_mb", "splits"])
 def _split_kernel(Q, L, MASK, M_OUT, L_OUT, ACC, S, chunk, iters, scale, NH, DV, DPE,
                   stride_qb, stride_qh, stride_lb, stride_ls, stride_mb, splits,
                   HAS_MASK: tl.constexpr, HP: tl.constexpr, DVP: tl.constexpr, DPEP: tl.constexpr,
@@ -63,7 +65,7 @@ def _split_kernel(Q, L, MASK, M_OUT, L_OUT, ACC, S, chunk, iters, scale, NH, DV,
     tl.store(ACC + out[:, None] * DV + dv[None, :], acc, mask=hm[:, None] & dvm[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits"])
 def _merge_kernel(M_IN, L_IN, ACC, OUT, NH, DV, splits, SP: tl.constexpr, BDV: tl.constexpr, BSP: tl.constexpr):
     """Program (b, h, j): columns j * BDV ... of the output; the slices' outputs weighted by exp(m - max m), over the
     weighted sum of their sums."""

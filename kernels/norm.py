@@ -10,6 +10,8 @@ program's share of the weight gradient, summed afterwards.
 
 Fixed launch configuration (nothing tuned at run time): tiles of about 4096 elements, several rows at a time for
 short rows (the gated norm's 128-wide heads).
+Row counts are not specialized on (do_not_specialize): Triton would compile another variant for a count not
+divisible by 16, so the first prompt of such a length paid a compile.
 """
 
 import torch
@@ -17,7 +19,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _fwd(X, R, W, G, Y, S, RSTD, M, D, eps,
          HAS_RES: tl.constexpr, GATED: tl.constexpr, L2: tl.constexpr, SAVE: tl.constexpr,
          BM: tl.constexpr, BD: tl.constexpr):  # fmt: skip
@@ -48,7 +50,7 @@ def _fwd(X, R, W, G, Y, S, RSTD, M, D, eps,
         tl.store(RSTD + rows, rstd, mask=rows < M)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "P", "ITERS"])
 def _bwd(X, W, G, DY, DS, RSTD, DX, DG, DW, M, D, P, ITERS,
          HAS_DS: tl.constexpr, GATED: tl.constexpr, L2: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr):  # fmt: skip
     """The P programs walk row blocks pid, pid + P, ... (ITERS each, past the end masked); each writes its float32
