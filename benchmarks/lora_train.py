@@ -10,7 +10,8 @@ Each implementation gets a model with random weights (bf16 on CUDA, float32 on C
 implementations name alike (KDA q/k/v/o, the forget-gate and output-gate low-rank pairs, b_proj; MLA q_proj,
 kv_a_proj_with_mqa, kv_b_proj, o_proj; dense MLP and shared experts; the built-in model keeps its routed experts in
 fused 3-D parameters that PEFT cannot wrap, so routed experts are left out for both; `ours+experts` adds them for
-this repo alone: the cost of training every expert's adapter), AdamW on the adapters,
+this repo alone: the cost of training every expert's adapter; `ours` runs PEFT's layers with the adapter products
+fused as finetune/lora.py does, `ours-peft` with PEFT's own forward), AdamW on the adapters,
 batches of --batch x --seq-len random tokens, loss over every position. --warmup steps first (the first one
 includes compilation and fla's autotuning, reported separately), then --rounds rounds of --steps timed steps, the
 implementations taking turns (all stay in memory), so a card whose speed drifts moves them alike: tokens/s from the
@@ -56,6 +57,10 @@ class Trainer:
         targets = TARGETS + (["w1", "w2", "w3"] if impl == "ours+experts" else [])  # w1/w2/w3: the routed experts
         lora = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, task_type="CAUSAL_LM")
         self.model = peft.get_peft_model(model, lora)
+        if impl in ("ours", "ours+experts"):  # as train_lora does: the adapter products fused where they serve
+            from kimi_linear_finetune.fast_lora import fuse_lora, fused_layers
+
+            fuse_lora(self.model)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4)
@@ -68,6 +73,8 @@ class Trainer:
                 1 for _, m in self.model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)
             ),
         }
+        if impl in ("ours", "ours+experts"):
+            self.row["fused_layers"] = fused_layers(self.model)  # of adapted_modules, the rest on PEFT's forward
         self.times = []
         if device == "cuda":  # this implementation's own peak: the other models' tensors sit still meanwhile
             torch.cuda.reset_peak_memory_stats()
@@ -153,9 +160,10 @@ def main():
         "--impls",
         nargs="+",
         default=["ours", "builtin", "ours+experts"],
-        choices=["ours", "builtin", "ours+experts"],
-        help="ours+experts: also every routed expert's w1/w2/w3 (grouped LoRA; the built-in model's "
-        "fused experts take no PEFT adapter) (default: %(default)s)",
+        choices=["ours", "ours-peft", "builtin", "ours+experts"],
+        help="ours: this repo as finetune/lora.py trains it (the adapter products fused, fast_lora.py); ours-peft: "
+        "this repo's model with PEFT's own LoRA forward; ours+experts: also every routed expert's w1/w2/w3 (the "
+        "built-in model's fused experts take no PEFT adapter) (default: %(default)s)",
     )
     ap.add_argument("--seq-len", type=int, default=4096, help="(default: %(default)s)")
     ap.add_argument("--batch", type=int, default=1, help="(default: %(default)s)")

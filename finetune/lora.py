@@ -16,6 +16,8 @@ exactly as its documents would as separate rows.
 --out receives the adapter (adapter_config.json + adapter_model.safetensors), `train_log.json` (arguments and every
 step's loss, learning rate, gradient norm and tokens) and `loss.png`. --merge-to writes a merged full checkpoint
 with `kimi_linear_conversion.merge_lora.merge_lora`.
+On a GPU the adapted layers run their float32 adapter products fused (fast_lora.py, kernels/lora.py): PEFT's
+arithmetic and files, fewer passes over the activations.
 
 Long runs: --save-every N writes out/checkpoint-N (adapter, optimizer, scheduler, log); --resume continues from the
 newest one at the same step with the same data order. Several GPUs (data parallel):
@@ -446,6 +448,8 @@ def train_lora(
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kimi_linear_finetune.fast_lora import fuse_lora
+
     if max_length < 2:
         raise ValueError("max_length must be at least 2")
     if batch_size < 1:
@@ -515,6 +519,7 @@ def train_lora(
     )
     torch.manual_seed(seed)
     model = peft.get_peft_model(model, config).to(device)
+    fuse_lora(model)  # PEFT's layers, the adapter products fused where the kernels serve (fast_lora.py)
     peft_model = model
     if gradient_checkpointing:
         base = model.get_base_model()  # newer transformers call it activation checkpointing

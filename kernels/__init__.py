@@ -9,7 +9,8 @@ configurations (kernels/tuned.py) and the variants the model uses compile side b
 (kernels/precompile.py). This package's own Triton kernels need no fla (`triton_serves(tensor)`): the fused norms
 (kernels/norm.py: RMSNorm with the residual add, the gated output norm, the q/k L2 norm; forward and backward) and
 the decode step's MoE (kernels/moe_decode.py: router, chosen and shared experts as matrix-vector products), KDA's
-short convolution (kernels/conv.py, forward and backward), MLA's decode attention (kernels/mla_decode.py).
+short convolution (kernels/conv.py, forward and backward), MLA's decode attention (kernels/mla_decode.py), and a
+LoRA-adapted linear layer's training step (kernels/lora.py; kimi_linear_finetune puts it under PEFT's layers).
 Everything else (CPU tensors above all, whatever is installed) stays on the plain PyTorch path in
 `modeling_kimi_linear.py`, whose functions are the twins. `force_backend("torch")` pins the plain path for tests. fla
 is called by keyword only: its positional order has changed between releases.
@@ -248,5 +249,23 @@ def short_conv(*args, **kwargs):
 def short_conv_varlen(*args, **kwargs):
     """short_conv over packed sequences ([N, D], cu_seqlens), no tap crossing a boundary; see kernels/conv.py."""
     from .conv import short_conv_varlen as fused
+
+    return fused(*args, **kwargs)
+
+
+def lora_serves(x, weight, bias, lora_a, lora_b):
+    """Whether lora_linear takes these tensors (plain tensors, Triton serving x; see kernels/lora.py's serves)."""
+    plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in (x, weight, lora_a, lora_b))
+    if not plain or not triton_serves(x):
+        return False
+    from .lora import serves
+
+    return serves(x, weight, bias, lora_a, lora_b)
+
+
+def lora_linear(*args, **kwargs):
+    """x W^T (+ bias) + s (x A^T) B^T, the float32 adapters' products fused (forward and backward); see
+    kernels/lora.py."""
+    from .lora import lora_linear as fused
 
     return fused(*args, **kwargs)

@@ -1,5 +1,5 @@
-"""The package's own fused Triton kernels (kernels/norm.py, moe_decode.py, kda_decode.py, mla_decode.py, conv.py)
-against float64 references built from the model's PyTorch twins, on CPU through Triton's interpreter
+"""The package's own fused Triton kernels (kernels/norm.py, moe_decode.py, kda_decode.py, mla_decode.py, conv.py,
+lora.py) against float64 references built from the model's PyTorch twins, on CPU through Triton's interpreter
 (TRITON_INTERPRET=1: the kernels' own code, run by numpy). The same kernels compiled on a GPU are tested in
 test_gpu.py, in bfloat16.
 
@@ -220,6 +220,31 @@ SCRIPT = textwrap.dedent("""
     out["conv packed dx"] = rel(x.grad, xd.grad)
     out["conv packed dw"] = rel(w.grad, wd.grad)
     out["conv packed windows"] = rel(_final_windows(x.detach().double(), windows.double(), cu, 4), torch.cat(ends))
+
+    # a LoRA-adapted linear layer (kernels/lora.py), forward and backward, against PEFT's arithmetic (the twin) in
+    # float64 with autograd: fewer rows than a tile, widths off the tile sizes, a rank padded to the tile (24 of
+    # 32), 3-D input, a bias, a frozen input (no dx), several row splits in the weight-gradient sums
+    from kimi_linear_kernels import lora as lora_kernels
+
+    for shape, K, N, r, x_grad, bias, scale in [((5,), 40, 24, 4, True, False, 2.0),
+                                                ((2, 35), 130, 150, 16, True, True, 0.5),
+                                                ((300,), 64, 32, 24, False, False, 1.0)]:
+        x = torch.randn(*shape, K, requires_grad=x_grad)
+        w, b = torch.randn(N, K) / K**0.5, (torch.randn(N) if bias else None)
+        a_ = (torch.randn(r, K) / K**0.5).requires_grad_()
+        b_ = torch.randn(N, r).requires_grad_()
+        dy = torch.randn(*shape, N)
+        y = lora_kernels.lora_linear(x, w, b, a_, b_, scale)
+        (y * dy).sum().backward()
+        xd, ad, bd = (t.detach().double().requires_grad_() for t in (x, a_, b_))
+        yd = lora_kernels.lora_linear_torch(xd, w.double(), b.double() if bias else None, ad, bd, scale)
+        (yd * dy.double()).sum().backward()
+        case = f"lora {tuple(shape)}x{K}->{N} r={r}"
+        out[case + " y"] = rel(y, yd)
+        out[case + " dA"] = rel(a_.grad, ad.grad)
+        out[case + " dB"] = rel(b_.grad, bd.grad)
+        if x_grad:
+            out[case + " dx"] = rel(x.grad, xd.grad)
     print(json.dumps(out))
 """)
 
@@ -274,4 +299,11 @@ def test_short_conv_kernels_forward_and_backward_match_float64(errors):
     conv = {k: v for k, v in errors.items() if k.startswith("conv")}
     assert len(conv) == 4 * (3 + 4) + 4, sorted(conv)
     bad = {k: v for k, v in conv.items() if not v < 1e-6}
+    assert not bad, bad
+
+
+def test_lora_kernels_forward_and_backward_match_float64(errors):
+    lora = {k: v for k, v in errors.items() if k.startswith("lora")}
+    assert len(lora) == 4 + 4 + 3, sorted(lora)
+    bad = {k: v for k, v in lora.items() if not v < 1e-6}
     assert not bad, bad

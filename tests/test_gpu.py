@@ -676,3 +676,77 @@ def test_mla_key_blocks_match_one_attention_call_in_bf16(monkeypatch):
     blocked = run(model)
     floor = rel_rms(plain, ref)  # bf16's own error here
     assert floor < 0.1 and rel_rms(blocked, ref) < 1.5 * floor + 1e-3, (rel_rms(blocked, ref), floor)
+
+
+@pytest.mark.parametrize("rows, k, n, r", [(4096, 2304, 4096, 16), (77, 128, 4096, 8), (300, 2304, 32, 16)])
+def test_lora_kernel_near_float64(rows, k, n, r):
+    # A LoRA-adapted linear layer (kernels/lora.py) in bf16 with float32 adapters, forward and backward, against
+    # PEFT's arithmetic in float64; the same arithmetic in bf16 (what PEFT runs) sets the bar. Shapes of the bench
+    # model's q/k/v, f_b / g_b (rank 8) and b_proj.
+    from kimi_linear_kernels import lora
+
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    x = torch.randn(rows, k, device="cuda", generator=gen).bfloat16()
+    w = (torch.randn(n, k, device="cuda", generator=gen) / k**0.5).bfloat16()
+    a = torch.randn(r, k, device="cuda", generator=gen) / k**0.5
+    b = torch.randn(n, r, device="cuda", generator=gen)
+    dy = torch.randn(rows, n, device="cuda", generator=gen)
+    assert kernels.lora_serves(x, w, None, a, b)
+
+    def run(fn, dtype):
+        xs, ws = x.to(dtype).requires_grad_(), w.to(dtype)
+        As, Bs = (t.to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_() for t in (a, b))
+        y = fn(xs, ws, None, As, Bs, 2.0)
+        (y.double() * dy.double()).sum().backward()
+        return [y, xs.grad, As.grad, Bs.grad]
+
+    exact = run(lora.lora_linear_torch, torch.float64)
+    peft_like = run(lora.lora_linear_torch, torch.bfloat16)
+    fused = run(lora.lora_linear, torch.bfloat16)
+    for name, f, t, e in zip(["y", "dx", "dA", "dB"], fused, peft_like, exact):
+        assert f.dtype == t.dtype, name
+        assert rel_rms(f, e) <= 1.2 * rel_rms(t, e) + 1e-4, (name, rel_rms(f, e), rel_rms(t, e))
+
+
+def test_fused_lora_trains_like_peft_on_cuda():
+    # The model with PEFT LoRA on every projection, bf16 on the GPU: a training step's loss and adapter gradients
+    # through the fused layers (finetune/fast_lora.py) against the same step in float64 on the CPU (PEFT's own
+    # forward); PEFT's forward in bf16 on the GPU sets the bar (twice its error: a token near a routing tie picks
+    # another expert in another bf16 run). Every adapted layer must take the fused path.
+    import peft
+
+    from kimi_linear_finetune.fast_lora import fuse_lora, fused_layers, unfuse_lora
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "f_a_proj", "f_b_proj", "g_a_proj", "g_b_proj", "b_proj",
+               "kv_a_proj_with_mqa", "kv_b_proj", "gate_proj", "up_proj", "down_proj"]  # fmt: skip
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_cuda_model(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    for name, p in model.named_parameters():  # B starts at zero: a random B makes the adapters' gradients all count
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    ids = torch.randint(3, 512, (2, 300), generator=torch.Generator().manual_seed(1))
+
+    def step(m, device):
+        m.zero_grad(set_to_none=True)
+        loss = m(input_ids=ids.to(device), labels=ids.to(device), use_cache=False).loss
+        loss.backward()
+        return loss.detach().double().cpu(), {
+            n: p.grad.double().cpu() for n, p in m.named_parameters() if p.grad is not None
+        }
+
+    ref_model = copy.deepcopy(model).double().cpu()
+    exact = step(ref_model, "cpu")
+    model = model.bfloat16()
+    for name, p in model.named_parameters():  # PEFT's default: float32 adapters on a half-precision model
+        if "lora_" in name:
+            p.data = p.data.float()
+    n_adapted = sum(1 for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+    unfuse_lora(model)
+    plain = step(model, "cuda")
+    assert fuse_lora(model) == n_adapted and fused_layers(model) == n_adapted
+    fused = step(model, "cuda")
+    assert set(fused[1]) == set(exact[1]) and len(exact[1]) == 2 * n_adapted
+    assert abs(fused[0] - exact[0]) <= 2 * abs(plain[0] - exact[0]) + 5e-3, (fused[0], plain[0], exact[0])
+    for name in exact[1]:
+        err_f, err_p = rel_rms(fused[1][name], exact[1][name]), rel_rms(plain[1][name], exact[1][name])
+        assert err_f <= 2 * err_p + 5e-3, (name, err_f, err_p)
