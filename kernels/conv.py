@@ -4,9 +4,10 @@ training on [B, T, D] activations (channels contiguous, as the projections leave
 PyTorch twin: `short_conv` in modeling_kimi_linear.py (the window concatenated in front, F.conv1d, F.silu, with a
 transpose to [B, D, T] and back). Here each program reads its tokens' W taps straight from the projection output
 (and from the cached window for the first W-1 tokens), sums in float32 and applies SiLU before the one rounding: no
-concatenation, no layout copies. The backward recomputes the pre-activation (nothing but the input is saved) and
-gives the input's, the weight's and the starting window's gradients in one launch; the weight's per-block partial
-sums are added up afterwards (deterministic, no atomics).
+concatenation, no layout copies. The backward (nothing but the input is saved) takes two launches: the
+pre-activation's gradient once per output (recomputed from its taps; float32) with the weight's per-block partial
+sums, then each input's gradient (and the starting window's) from the W outputs it feeds; the partial sums are added
+up afterwards (deterministic, no atomics).
 Lengths are not specialized on (do_not_specialize): a prompt of a new length compiles nothing.
 """
 
@@ -72,38 +73,50 @@ def _fwd_kernel(X, WT, ST, STARTS, SEQS, Y, T, D, sxb, sxt, syb, syt,
 
 
 @triton.jit(do_not_specialize=["T", "nblocks"])
-def _bwd_kernel(X, WT, ST, STARTS, SEQS, DY, DXE, DWP, T, D, sxb, sxt, sdb, sdt, nblocks,
-                HAS_STATE: tl.constexpr, VARLEN: tl.constexpr, OFF: tl.constexpr, W: tl.constexpr,
-                BT: tl.constexpr, BD: tl.constexpr):  # fmt: skip
-    """Program (position block, channel block, row): dX(p) into DXE[b, p + OFF] and the weight's partial sums over
-    this block's outputs into DWP. Dense rows (OFF = W-1): p = -(W-1) ... T-1, the starting window's positions
-    first (its gradient). Packed sequences (OFF = 0): p = 0 ... T-1, each output feeding only its own sequence's
-    inputs (their windows get no gradient)."""
+def _dpre_kernel(X, WT, ST, STARTS, SEQS, DY, DPRE, DWP, T, D, sxb, sxt, sdb, sdt, nblocks,
+                 HAS_STATE: tl.constexpr, VARLEN: tl.constexpr, W: tl.constexpr, BT: tl.constexpr,
+                 BD: tl.constexpr):  # fmt: skip
+    """Backward, first pass. Program (token block, channel block, row): the pre-activation's gradient
+    dpre[t] = dy[t] silu'(pre[t]) (pre recomputed from the W taps) into DPRE (float32), and the weight's partial sums
+    over these outputs, sum_t dpre[t] X(t - (W-1) + j), into DWP."""
     tb = tl.program_id(0)
-    p = tb * BT - OFF + tl.arange(0, BT)
+    t = tb * BT + tl.arange(0, BT)
+    d = tl.program_id(1) * BD + tl.arange(0, BD)
+    b = tl.program_id(2).to(tl.int64)
+    dm = d < D
+    tm = t < T
+    start, wrow = _sequence(STARTS, SEQS, b, t, tm, VARLEN, BT)
+    pre = _pre_activation(X, WT, ST, b, t, start, wrow, d, dm, T, D, sxb, sxt, HAS_STATE, W, BT, BD)
+    dy = tl.load(DY + b * sdb + t[:, None].to(tl.int64) * sdt + d[None, :], mask=tm[:, None] & dm[None, :],
+                 other=0.0).to(tl.float32)  # fmt: skip
+    sig = tl.sigmoid(pre)
+    dpre = dy * sig * (1.0 + pre * (1.0 - sig))
+    tl.store(DPRE + b * T * D + t[:, None].to(tl.int64) * D + d[None, :], dpre, mask=tm[:, None] & dm[None, :])
+    for j in tl.static_range(W):
+        tap = _tap(X, ST, b, t - (W - 1) + j, start, wrow, d, dm, T, D, sxb, sxt, HAS_STATE, W)
+        tl.store(DWP + ((b * nblocks + tb) * D + d) * W + j, tl.sum(dpre * tap, axis=0), mask=dm)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _dx_kernel(DPRE, WT, STARTS, DXE, T, D, VARLEN: tl.constexpr, OFF: tl.constexpr, W: tl.constexpr,
+               BT: tl.constexpr, BD: tl.constexpr):  # fmt: skip
+    """Backward, second pass. Program (position block, channel block, row): dX(p) = sum_jj w[jj] dpre[p + (W-1) - jj]
+    into DXE[b, p + OFF]. Dense rows (OFF = W-1): p = -(W-1) ... T-1, the starting window's positions first (its
+    gradient). Packed sequences (OFF = 0): p = 0 ... T-1, each output feeding only its own sequence's inputs (their
+    windows get no gradient)."""
+    p = tl.program_id(0) * BT - OFF + tl.arange(0, BT)
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     b = tl.program_id(2).to(tl.int64)
     dm = d < D
     dx = tl.zeros([BT, BD], dtype=tl.float32)
     for jj in tl.static_range(W):
-        # output t = p + (W-1) - jj reads X(p) through tap jj; its pre-activation recomputed from its W taps
-        t = p + (W - 1) - jj
-        tm = (t >= 0) & (t < T)
-        start, wrow = _sequence(STARTS, SEQS, b, t, tm, VARLEN, BT)
-        live = tm
+        t = p + (W - 1) - jj  # the output that reads X(p) through tap jj
+        live = (t >= 0) & (t < T)
         if VARLEN:
-            live = live & (p >= start)
-        pre = _pre_activation(X, WT, ST, b, t, start, wrow, d, dm, T, D, sxb, sxt, HAS_STATE, W, BT, BD)
-        dy = tl.load(DY + b * sdb + t[:, None].to(tl.int64) * sdt + d[None, :], mask=live[:, None] & dm[None, :],
-                     other=0.0).to(tl.float32)  # fmt: skip
-        sig = tl.sigmoid(pre)
-        dpre = dy * sig * (1.0 + pre * (1.0 - sig))
-        w_jj = tl.load(WT + d * W + jj, mask=dm, other=0.0).to(tl.float32)
-        dx += dpre * w_jj[None, :]
-        if jj == W - 1:  # t == p: this block's own outputs give the weight's partial sums
-            for j in tl.static_range(W):
-                tap = _tap(X, ST, b, p - (W - 1) + j, start, wrow, d, dm, T, D, sxb, sxt, HAS_STATE, W)
-                tl.store(DWP + ((b * nblocks + tb) * D + d) * W + j, tl.sum(dpre * tap, axis=0), mask=dm)
+            live = live & (p >= tl.load(STARTS + t, mask=live, other=0))
+        g = tl.load(DPRE + b * T * D + t[:, None].to(tl.int64) * D + d[None, :], mask=live[:, None] & dm[None, :],
+                    other=0.0)  # fmt: skip
+        dx += g * tl.load(WT + d * W + jj, mask=dm, other=0.0).to(tl.float32)[None, :]
     pe = p + OFF
     tl.store(DXE + b * (T + OFF) * D + pe[:, None].to(tl.int64) * D + d[None, :], dx.to(DXE.dtype.element_ty),
              mask=(pe < T + OFF)[:, None] & dm[None, :])  # fmt: skip
@@ -138,13 +151,17 @@ class _ShortConv(torch.autograd.Function):
         varlen = starts is not None
         off = 0 if varlen else W - 1
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-        nblocks = triton.cdiv(T + off, BT)
-        dxe = torch.empty(B, T + off, D, dtype=x.dtype, device=x.device)
+        nblocks = triton.cdiv(T, BT)
+        dpre = torch.empty(B, T, D, dtype=torch.float32, device=x.device)
         dwp = torch.empty(B, nblocks, D, W, dtype=torch.float32, device=x.device)
-        _bwd_kernel[(nblocks, triton.cdiv(D, BD), B)](
-            x, w, st if st is not None else x, starts if varlen else x, seqs if varlen else x, dy, dxe, dwp, T, D,
+        _dpre_kernel[(nblocks, triton.cdiv(D, BD), B)](
+            x, w, st if st is not None else x, starts if varlen else x, seqs if varlen else x, dy, dpre, dwp, T, D,
             x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), nblocks,
-            HAS_STATE=st is not None, VARLEN=varlen, OFF=off, W=W, BT=BT, BD=BD, num_warps=4,
+            HAS_STATE=st is not None, VARLEN=varlen, W=W, BT=BT, BD=BD, num_warps=4,
+        )  # fmt: skip
+        dxe = torch.empty(B, T + off, D, dtype=x.dtype, device=x.device)
+        _dx_kernel[(triton.cdiv(T + off, BT), triton.cdiv(D, BD), B)](
+            dpre, w, starts if varlen else x, dxe, T, D, VARLEN=varlen, OFF=off, W=W, BT=BT, BD=BD, num_warps=4,
         )  # fmt: skip
         dw = dwp.sum((0, 1)).to(ctx.weight_dtype).view(ctx.weight_shape) if ctx.needs_input_grad[1] else None
         dstate = None
