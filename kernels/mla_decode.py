@@ -45,15 +45,11 @@ def _split_kernel(Q, L, MASK, M_OUT, L_OUT, ACC, S, chunk, iters, scale, NH, DV,
     for it in range(iters):
         toks = sp * chunk + it * BS + tl.arange(0, BS)
         valid = toks < S
-        at = row + toks[:, None].to(tl.int64) * stride_ls
-        # the tile and its mask are loaded side by side (a mask guarding the tile's load would make every tile wait
-        # for its mask); masked slots are zeroed so that whatever they hold meets only zero probabilities
-        kv = tl.load(at + dv[None, :], mask=valid[:, None] & dvm[None, :], other=0.0)
-        pe = tl.load(at + DV + dp[None, :], mask=valid[:, None] & dpm[None, :], other=0.0)
         if HAS_MASK:
             valid = valid & (tl.load(MASK + b * stride_mb + toks, mask=valid, other=0) != 0)
-            kv = tl.where(valid[:, None], kv, 0.0)
-            pe = tl.where(valid[:, None], pe, 0.0)
+        at = row + toks[:, None].to(tl.int64) * stride_ls
+        kv = tl.load(at + dv[None, :], mask=valid[:, None] & dvm[None, :], other=0.0)
+        pe = tl.load(at + DV + dp[None, :], mask=valid[:, None] & dpm[None, :], other=0.0)
         scores = tl.dot(q_kv, tl.trans(kv)) + tl.dot(q_pe, tl.trans(pe))
         scores = tl.where(valid[None, :], scores * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(scores, axis=1))
