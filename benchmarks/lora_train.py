@@ -75,7 +75,7 @@ class Trainer:
         }
         if impl in ("ours", "ours+experts"):
             self.row["fused_layers"] = fused_layers(self.model)  # of adapted_modules, the rest on PEFT's forward
-        self.times = []
+        self.times, self.host_times = [], []
         if device == "cuda":  # this implementation's own peak: the other models' tensors sit still meanwhile
             torch.cuda.reset_peak_memory_stats()
         for i in range(args.warmup):
@@ -90,16 +90,20 @@ class Trainer:
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return loss.detach()
 
     def timed(self):
+        """(seconds, loss) of one step; also records the host's share: the time until every launch of the step was
+        issued (the GPU may still be working). Host time close to the step's time: the step waits on Python and
+        launches, not on the GPU."""
         if self.device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         loss = self.step()
+        self.host_times.append(time.perf_counter() - start)
         if self.device == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start, loss
+        return time.perf_counter() - start, float(loss)
 
     def round(self, steps):
         """`steps` timed steps; returns their median seconds."""
@@ -109,8 +113,9 @@ class Trainer:
 
     def result(self, args):
         per_step = sorted(self.times)[len(self.times) // 2]
+        host = sorted(self.host_times[-len(self.times) :])[len(self.times) // 2]
         self.row.update(median_step_s=per_step, tokens_per_s=args.batch * args.seq_len / per_step,
-                        step_times_s=self.times)  # fmt: skip
+                        step_times_s=self.times, median_host_s=host)  # fmt: skip
         self.row.setdefault("peak_memory_gb", None)
         return self.row
 
@@ -133,6 +138,29 @@ def profile_steps(step, args, device, steps=3):
     for name, (us, calls) in top:
         print(f"  {us / 1e3:8.2f} ms  x{calls:6.1f}  {name[:110]}")
     return [{"name": n, "us": t, "calls": c} for n, (t, c) in top]
+
+
+def host_profile(step, top, steps=3):
+    """Where the host's time goes in `steps` more training steps: Python's cProfile, the `top` functions by their own
+    time (itself slows Python down, so the shares matter, not the totals), printed and returned."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    prof.disable()
+    stats = pstats.Stats(prof)
+    total = sum(v[2] for v in stats.stats.values())
+    rows = sorted(((f"{Path(f).name}:{line} {fn}", v[2] / steps, v[1] / steps) for (f, line, fn), v in
+                   stats.stats.items()), key=lambda r: -r[1])[:top]  # fmt: skip
+    print(f"  host (cProfile): {total / steps * 1e3:.1f} ms of Python per step; own time per step:")
+    for name, t, calls in rows:
+        print(f"  {t * 1e3:8.2f} ms  x{calls:7.0f}  {name[:110]}")
+    return {"total_ms_per_step": total / steps * 1e3, "top": [{"name": n, "ms": t * 1e3, "calls": c}
+                                                               for n, t, c in rows]}  # fmt: skip
 
 
 def plot(report, path):
@@ -178,7 +206,8 @@ def main():
         type=int,
         default=0,
         metavar="N",
-        help="after the timed steps, profile 3 more and list the N costliest kernels (default: off)",
+        help="after the timed steps, profile 3 more and list the N costliest kernels, then 3 more under cProfile and "
+        "the N Python functions with the most own time (default: off)",
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out-dir", type=Path, default=HERE / "results", help="(default: %(default)s)")
@@ -209,7 +238,9 @@ def main():
     for t in trainers:
         rows[t.impl] = t.result(args)
         if args.profile:
+            print(f"[{t.impl}] profile:", flush=True)
             rows[t.impl]["profile_top"] = profile_steps(t.step, args, args.device)
+            rows[t.impl]["host_profile"] = host_profile(t.step, args.profile)
     report["rows"] = [rows[impl] for impl in args.impls]
     report["rounds_s_per_step"] = rounds
     if "ours" in rows and "builtin" in rows and "tokens_per_s" in rows["ours"] and "tokens_per_s" in rows["builtin"]:
@@ -219,11 +250,12 @@ def main():
     (args.out_dir / "lora_train.json").write_text(json.dumps(report, indent=1))
     plot(report, args.out_dir / "lora_train.png")
     record_if_tuned(args.out_dir, "lora")
-    print(f"\n{'impl':13s} {'tokens/s':>10s} {'s/step':>8s} {'first step s':>13s} {'peak GB':>8s}")
+    print(f"\n{'impl':13s} {'tokens/s':>10s} {'s/step':>8s} {'host s':>7s} {'first step s':>13s} {'peak GB':>8s}")
     for r in report["rows"]:
         if "tokens_per_s" in r:
             peak = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
-            cells = f"{r['tokens_per_s']:10.0f} {r['median_step_s']:8.3f} {r['first_step_s']:13.1f} {peak:>8s}"
+            cells = f"{r['tokens_per_s']:10.0f} {r['median_step_s']:8.3f} {r['median_host_s']:7.3f}"
+            cells += f" {r['first_step_s']:13.1f} {peak:>8s}"
             print(f"{r['impl']:13s} {cells}")
         else:
             print(f"{r['impl']:13s} {r['error']}")

@@ -134,7 +134,10 @@ class _LooseCache(dict):
         if dict.__contains__(self, key):
             return key
         want = self._strict(key)
-        return next((k for k in self.keys() if self._strict(k) == want), None)
+        found = next((k for k in self.keys() if self._strict(k) == want), None)
+        if found is not None:  # answered by key from now on: the scan ran on every launch (host time per call)
+            dict.__setitem__(self, key, dict.__getitem__(self, found))
+        return found
 
     def __contains__(self, key):
         return self._find(key) is not None
