@@ -107,14 +107,15 @@ class KimiLinearGatedRMSNorm(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Short convolution
 # ---------------------------------------------------------------------------------------------------------------
-def short_conv(x, weight, state=None):
+def short_conv(x, weight, state=None, window=True):
     """Causal depthwise conv then SiLU. x [B, T, D], weight [D, 1, W], state [B, D, W-1] holds the previous W-1
-    inputs (None: zeros). Returns y [B, T, D] and the new state [B, D, W-1]. Where the kernels package's Triton
-    kernels serve, its short_conv computes y (forward and backward)."""
+    inputs (None: zeros). Returns y [B, T, D] and the new state [B, D, W-1] (None with window=False: nothing keeps
+    it, as in training without a cache). Where the kernels package's Triton kernels serve, its short_conv computes y
+    (forward and backward)."""
     width = weight.shape[-1]
     fast = _triton_kernels(x)
     if fast is not None and x.stride(-1) == 1:
-        return fast.short_conv(x, weight, state), _new_window(x, state, width)
+        return fast.short_conv(x, weight, state), _new_window(x, state, width) if window else None
     xt = x.transpose(1, 2)  # [B, D, T]
     if state is None:
         state = xt.new_zeros(xt.shape[0], xt.shape[1], width - 1)
@@ -468,9 +469,10 @@ class KimiDeltaAttention(nn.Module):
         H, D = self.num_heads, self.head_dim
         conv = state.conv if state is not None and state.conv is not None else (None, None, None)
         xq, xk, xv, g, beta = self._raw(x)
-        q, cq = short_conv(xq, self.q_conv1d.weight, conv[0])
-        k, ck = short_conv(xk, self.k_conv1d.weight, conv[1])
-        v, cv = short_conv(xv, self.v_conv1d.weight, conv[2])
+        keep = state is not None
+        q, cq = short_conv(xq, self.q_conv1d.weight, conv[0], window=keep)
+        k, ck = short_conv(xk, self.k_conv1d.weight, conv[1], window=keep)
+        v, cv = short_conv(xv, self.v_conv1d.weight, conv[2], window=keep)
         q, k, v = (t.view(B, T, H, D) for t in (q, k, v))
         h0 = state.recurrent if state is not None else None
         o, h = self._chunk(x)(q, k, v, g, beta, self.A_log, self.dt_bias, initial_state=h0,

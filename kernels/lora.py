@@ -24,7 +24,8 @@ MAX_RANK = 128  # larger ranks keep PEFT's path (the [rows, rank] float32 tiles 
 
 
 @triton.jit(do_not_specialize=["M"])
-def _down(X, V, Z, M, K, R, sxm, svr, svk, scale, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
+def _down(X, V, Z, M, K, R, sxm, svr, svk, scale, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+          PREC: tl.constexpr):  # fmt: skip
     """Z[M, R] = scale * X[M, K] @ V[R, K]^T (V addressed by strides), float32; program: BM rows."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     rm = rows < M
@@ -35,12 +36,13 @@ def _down(X, V, Z, M, K, R, sxm, svr, svk, scale, BM: tl.constexpr, BK: tl.const
         km = k < K
         x = tl.load(X + rows[:, None].to(tl.int64) * sxm + k[None, :], mask=rm[:, None] & km[None, :], other=0.0)
         v = tl.load(V + rr[None, :] * svr + k[:, None] * svk, mask=km[:, None] & (rr < R)[None, :], other=0.0)
-        acc += tl.dot(x.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        acc += tl.dot(x.to(tl.float32), v.to(tl.float32), input_precision=PREC)
     tl.store(Z + rows[:, None].to(tl.int64) * R + rr[None, :], acc * scale, mask=rm[:, None] & (rr < R)[None, :])
 
 
 @triton.jit(do_not_specialize=["M"])
-def _up(Y, Z, V, M, N, R, sym, svr, svn, scale, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
+def _up(Y, Z, V, M, N, R, sym, svr, svn, scale, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+        PREC: tl.constexpr):  # fmt: skip
     """Y[M, N] = round(Y + scale * Z[M, R] @ V[R, N]) in place (V addressed by strides); program: BM x BN tile."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     n = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -48,30 +50,47 @@ def _up(Y, Z, V, M, N, R, sym, svr, svn, scale, BM: tl.constexpr, BN: tl.constex
     rr = tl.arange(0, BR)
     z = tl.load(Z + rows[:, None].to(tl.int64) * R + rr[None, :], mask=rm[:, None] & (rr < R)[None, :], other=0.0)
     v = tl.load(V + rr[:, None] * svr + n[None, :] * svn, mask=(rr < R)[:, None] & nm[None, :], other=0.0)
-    acc = tl.dot(z, v.to(tl.float32), input_precision="ieee")
+    acc = tl.dot(z, v.to(tl.float32), input_precision=PREC)
     ptr = Y + rows[:, None].to(tl.int64) * sym + n[None, :]
     mask = rm[:, None] & nm[None, :]
     y = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
     tl.store(ptr, (y + acc * scale).to(Y.dtype.element_ty), mask=mask)
 
 
-@triton.jit(do_not_specialize=["M", "per_split"])
-def _outer(Z, Y, P, M, N, R, sym, per_split, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr):
-    """P[s, R, N] = Z[rows of s, R]^T @ Y[rows of s, N], float32; program (column block, split s), the split's rows
-    per_split (a multiple of BM) from s * per_split."""
-    n = tl.program_id(0) * BN + tl.arange(0, BN)
-    s = tl.program_id(1)
+@triton.jit
+def _outer_block(Z, Y, P, nb, M, N, R, sym, spr, spn, scale, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
+                 PREC: tl.constexpr):  # fmt: skip
+    """P[r, n] (at P + r spr + n spn) = scale * sum over all M rows of Z[m, r] Y[m, n] for columns block nb."""
+    n = nb * BN + tl.arange(0, BN)
     nm = n < N
     rr = tl.arange(0, BR)
     acc = tl.zeros([BR, BN], dtype=tl.float32)
-    start = s * per_split
-    for m0 in range(start, tl.minimum(start + per_split, M), BM):
+    for m0 in range(0, M, BM):
         rows = m0 + tl.arange(0, BM)
         rm = rows < M
         z = tl.load(Z + rows[:, None].to(tl.int64) * R + rr[None, :], mask=rm[:, None] & (rr < R)[None, :], other=0.0)
         y = tl.load(Y + rows[:, None].to(tl.int64) * sym + n[None, :], mask=rm[:, None] & nm[None, :], other=0.0)
-        acc += tl.dot(tl.trans(z), y.to(tl.float32), input_precision="ieee")
-    tl.store(P + (s * R + rr[:, None]).to(tl.int64) * N + n[None, :], acc, mask=(rr < R)[:, None] & nm[None, :])
+        acc += tl.dot(tl.trans(z), y.to(tl.float32), input_precision=PREC)
+    tl.store(P + rr[:, None] * spr + n[None, :] * spn, acc * scale, mask=(rr < R)[:, None] & nm[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _outer2(Z1, Y1, P1, N1, sy1, spr1, spn1, scale1, blocks1, Z2, Y2, P2, N2, sy2, spr2, spn2, scale2, M, R,
+            BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """The adapters' two weight gradients in one launch: programs 0 .. blocks1-1 sum Z1^T Y1 into P1, the rest
+    Z2^T Y2 into P2 (each program one column block over every row: deterministic, nothing to add up after)."""
+    pid = tl.program_id(0)
+    if pid < blocks1:
+        _outer_block(Z1, Y1, P1, pid, M, N1, R, sy1, spr1, spn1, scale1, BM, BN, BR, PREC)
+    else:
+        _outer_block(Z2, Y2, P2, pid - blocks1, M, N2, R, sy2, spr2, spn2, scale2, BM, BN, BR, PREC)
+
+
+# Launch settings (tiles, warps, pipeline stages) and the products' precision ("ieee": float32 FMA)
+DOWN = {"BM": 32, "BK": 64, "num_warps": 4, "num_stages": 3}
+UP = {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 2}
+OUTER = {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 3}
+PRECISION = "ieee"
 
 
 def _rank_tile(r):
@@ -81,32 +100,29 @@ def _rank_tile(r):
 def _down_call(x, v, svr, svk, r, scale):
     M, K = x.shape
     z = torch.empty(M, r, dtype=torch.float32, device=x.device)
-    BM = 32
-    _down[(triton.cdiv(M, BM),)](x, v, z, M, K, r, x.stride(0), svr, svk, float(scale),
-                                 BM=BM, BK=64, BR=_rank_tile(r), num_warps=4)  # fmt: skip
+    _down[(triton.cdiv(M, DOWN["BM"]),)](x, v, z, M, K, r, x.stride(0), svr, svk, float(scale), BR=_rank_tile(r),
+                                         PREC=PRECISION, **DOWN)  # fmt: skip
     return z
 
 
 def _up_call(y, z, v, svr, svn, scale):
     M, N = y.shape
-    BM, BN = 64, 128
-    _up[(triton.cdiv(M, BM), triton.cdiv(N, BN))](y, z, v, M, N, z.shape[1], y.stride(0), svr, svn, float(scale),
-                                                  BM=BM, BN=BN, BR=_rank_tile(z.shape[1]), num_warps=4)  # fmt: skip
+    grid = (triton.cdiv(M, UP["BM"]), triton.cdiv(N, UP["BN"]))
+    _up[grid](y, z, v, M, N, z.shape[1], y.stride(0), svr, svn, float(scale), BR=_rank_tile(z.shape[1]),
+              PREC=PRECISION, **UP)  # fmt: skip
 
 
-def _outer_call(z, y):
-    """z^T @ y for z [M, r] float32 and y [M, N]: [r, N] float32, split over rows for parallelism."""
-    M, r = z.shape
-    N = y.shape[1]
-    BM, BN = 64, 64
-    blocks = triton.cdiv(N, BN)
-    sms = torch.cuda.get_device_properties(y.device).multi_processor_count if y.is_cuda else 4
-    splits = max(1, min(triton.cdiv(M, BM), triton.cdiv(4 * sms, blocks)))
-    per_split = triton.cdiv(triton.cdiv(M, splits), BM) * BM
-    splits = triton.cdiv(M, per_split)
-    p = torch.empty(splits, r, N, dtype=torch.float32, device=y.device)
-    _outer[(blocks, splits)](z, y, p, M, N, r, y.stride(0), per_split, BM=BM, BN=BN, BR=_rank_tile(r), num_warps=4)
-    return p.sum(0)
+def _outer_call(z1, y1, p1, scale1, z2, y2, p2, scale2):
+    """p1 = scale1 z1^T y1 and p2 = scale2 z2^T y2 (z [M, r] float32, y [M, N], p [r, N] float32 or any strides
+    given as a [r, N] view) in one launch; either pair may be None."""
+    pairs = [(z, y, p, s) for z, y, p, s in ((z1, y1, p1, scale1), (z2, y2, p2, scale2)) if z is not None]
+    (z1, y1, p1, scale1), (z2, y2, p2, scale2) = (pairs * 2)[:2]
+    blocks1 = triton.cdiv(y1.shape[1], OUTER["BN"])
+    blocks2 = triton.cdiv(y2.shape[1], OUTER["BN"]) if len(pairs) == 2 else 0
+    M, r = z1.shape
+    _outer2[(blocks1 + blocks2,)](z1, y1, p1, y1.shape[1], y1.stride(0), p1.stride(0), p1.stride(1), float(scale1),
+                                  blocks1, z2, y2, p2, y2.shape[1], y2.stride(0), p2.stride(0), p2.stride(1),
+                                  float(scale2), M, r, BR=_rank_tile(r), PREC=PRECISION, **OUTER)  # fmt: skip
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -127,10 +143,16 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, lora_a, lora_b, h = ctx.saved_tensors
         s = ctx.scaling
-        dy2 = dy.reshape(-1, dy.shape[-1]).contiguous()
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        if dy2.stride(-1) != 1:
+            dy2 = dy2.contiguous()
         dh = _down_call(dy2, lora_b, lora_b.stride(1), lora_b.stride(0), lora_b.shape[1], s)  # s dy B
-        da = _outer_call(dh, x2) if ctx.needs_input_grad[3] else None  # dh^T x
-        db = (_outer_call(h, dy2).t() * s).contiguous() if ctx.needs_input_grad[4] else None  # s dy^T h
+        need_a, need_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        da = torch.empty_like(lora_a) if need_a else None
+        db = torch.empty_like(lora_b) if need_b else None
+        if need_a or need_b:  # dA = dh^T x and dB^T = s h^T dy, written transposed into dB
+            _outer_call(dh if need_a else None, x2, da, 1.0, h if need_b else None, dy2,
+                        db.t() if need_b else None, s)  # fmt: skip
         dx = None
         if ctx.needs_input_grad[0]:
             dx = dy2 @ weight
