@@ -33,6 +33,9 @@ def main():
     ap.add_argument("--out-dir", type=Path)
     args = ap.parse_args()
     M, r = args.rows, args.rank
+    import triton
+
+    print(f"{torch.cuda.get_device_name(0)} | torch {torch.__version__} | triton {triton.__version__}", flush=True)
     dev = "cuda"
     gen = torch.Generator(device=dev).manual_seed(0)
     report = {"card": torch.cuda.get_device_name(0), "rows": M, "rank": r, "down": [], "outer": [], "up": [],
