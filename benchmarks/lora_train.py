@@ -111,6 +111,35 @@ class Trainer:
         self.times += times
         return sorted(times)[len(times) // 2]
 
+    def host_checks(self, steps):
+        """Two checks on where a step's time goes besides the GPU: the host syncs one step makes (CUDA's sync debug
+        mode: each would stall the launch queue), and the median of `steps` steps with Python's garbage collector
+        paused (its pauses land inside steps at random)."""
+        import gc
+        import warnings
+
+        if self.device != "cuda":
+            return
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                self.step()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+        syncs = [str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message)]
+        gc.collect()
+        gc.disable()
+        try:
+            times = sorted(self.timed()[0] for _ in range(steps))
+        finally:
+            gc.enable()
+        self.row.update(host_syncs_per_step=len(syncs), host_sync_examples=syncs[:5],
+                        median_step_gc_paused_s=times[len(times) // 2])  # fmt: skip
+        print(f"[{self.impl}] host syncs in one step: {len(syncs)} {syncs[:3]}; median step with the garbage "
+              f"collector paused: {times[len(times) // 2]:.3f} s", flush=True)  # fmt: skip
+
     def result(self, args):
         per_step = sorted(self.times)[len(self.times) // 2]
         host = sorted(self.host_times[-len(self.times) :])[len(self.times) // 2]
@@ -235,6 +264,8 @@ def main():
         medians = {t.impl: t.round(args.steps) for t in trainers}
         rounds.append(medians)
         print(f"round {r + 1}: " + "  ".join(f"{k} {v:.3f} s/step" for k, v in medians.items()), flush=True)
+    for t in trainers:
+        t.host_checks(args.steps)
     for t in trainers:
         rows[t.impl] = t.result(args)
         if args.profile:
