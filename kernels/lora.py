@@ -167,10 +167,12 @@ class _LoraLinear(torch.autograd.Function):
 
 
 def serves(x, weight, bias, lora_a, lora_b):
-    """Whether lora_linear takes these tensors: x half precision on a CUDA device (Triton present), weight of x's
-    dtype and device and frozen, bias None or frozen, float32 adapters of rank <= MAX_RANK, no autocast. Otherwise
-    PEFT's own forward runs."""
+    """Whether lora_linear takes these tensors: x half precision and not empty on a CUDA device (Triton present),
+    weight of x's dtype and device and frozen, bias None or frozen, float32 adapters of rank <= MAX_RANK, no autocast.
+    Otherwise PEFT's own forward runs."""
     if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cuda"):
+        return False
+    if x.numel() == 0:  # nothing to launch over
         return False
     if weight.dtype != x.dtype or weight.device != x.device or weight.requires_grad or weight.dim() != 2:
         return False
