@@ -252,16 +252,16 @@ def kda_decode_torch(xq, xk, xv, conv_q, conv_k, conv_v, wq, wk, wv, g_raw, A_lo
     return o
 
 
-def short_conv_varlen(x, weight, windows, segs):
+def short_conv_varlen(x, weight, windows, segs, window=True):
     """short_conv over variable-length sequences packed in one row. x [N, D] (the real tokens, sequence after
     sequence), windows [S, D, W-1] each sequence's starting window (zeros: a fresh start). Returns y [N, D] and
-    each sequence's final window [S, D, W-1]. Each sequence is laid out behind its own window, so no tap ever reads
-    another sequence."""
+    each sequence's final window [S, D, W-1] (None with window=False and the kernels serving: nothing keeps it). Each
+    sequence is laid out behind its own window, so no tap ever reads another sequence."""
     W = weight.shape[-1]
     fast = _triton_kernels(x)
     if fast is not None and x.stride(-1) == 1 and not (windows.requires_grad and torch.is_grad_enabled()):
         y = fast.short_conv_varlen(x, weight, windows, segs.cu_seqlens, segs.seq_of_token)
-        return y, _final_windows(x, windows, segs.cu_seqlens, W)
+        return y, _final_windows(x, windows, segs.cu_seqlens, W) if window else None
     S, N = windows.shape[0], x.shape[0]
     ext = x.new_empty(x.shape[1], N + S * (W - 1))  # [D, N + S*(W-1)]
     ext[:, segs.token_slot(W)] = x.t()
@@ -290,16 +290,19 @@ def _final_windows(x, windows, cu_seqlens, W):
     return torch.where((pos >= starts)[:, None, :], from_x, windows.to(x.dtype).gather(2, slot))
 
 
-def kda_prefill_torch(q, k, v, g, beta, A_log, dt_bias, initial_state=None, output_final_state=True, cu_seqlens=None):
+def kda_prefill_torch(
+    q, k, v, g, beta, A_log, dt_bias, initial_state=None, output_final_state=True, cu_seqlens=None, cu_seqlens_cpu=None
+):
     """One KDA layer's prefill from the raw projections: q, k [B, T, H, K] after the conv (not yet normalised),
     v [B, T, H, V], g = f_b(f_a(x)) [B, T, H, K] before the gate, beta = b_proj(x) [B, T, H] before the sigmoid.
     cu_seqlens [S+1] (with B == 1): S variable-length sequences, each starting from its own initial_state row.
-    Returns o [B, T, H, V] and the final states (float32). The twin of kimi_linear_kernels.kda_prefill."""
+    cu_seqlens_cpu: the same offsets on the host, if the caller has them (saves a copy). Returns o [B, T, H, V] and
+    the final states (float32). The twin of kimi_linear_kernels.kda_prefill."""
     g = kda_gate(g, A_log, dt_bias)
     q, k, beta = l2norm(q), l2norm(k), torch.sigmoid(_f32(beta))
     if cu_seqlens is None:
         return kda_chunk_torch(q, k, v, g, beta, initial_state=initial_state, output_final_state=output_final_state)
-    bounds = cu_seqlens.tolist()
+    bounds = (cu_seqlens_cpu if cu_seqlens_cpu is not None else cu_seqlens).tolist()
     outs, finals = [], []
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         h0 = initial_state[i : i + 1] if initial_state is not None else None
@@ -312,7 +315,8 @@ def kda_prefill_torch(q, k, v, g, beta, A_log, dt_bias, initial_state=None, outp
 class Segments:
     """The real tokens of a [B, T] batch as variable-length sequences: padding dropped, packed documents split.
 
-    idx [N]: flat positions (row * T + column) of the real tokens, in order; cu_seqlens [S+1]; row [S]: the batch
+    idx [N]: flat positions (row * T + column) of the real tokens, in order; cu_seqlens [S+1] (and cu_seqlens_cpu, its
+    copy on the host); row [S]: the batch
     row of each sequence; first / last [S]: the sequence opens / closes its row (only a row's first sequence
     continues a cached state, only its last one leaves a state behind); packed: some row holds several documents."""
 
@@ -328,6 +332,7 @@ class Segments:
             new |= starts.flatten()[self.idx]
         begin = new.nonzero().squeeze(1)
         self.cu_seqlens = torch.cat([begin, begin.new_tensor([len(self.idx)])]).to(device)
+        self.cu_seqlens_cpu = self.cu_seqlens.cpu()  # once per forward, not once per layer (each copy is a sync)
         self.num_seqs = len(begin)
         self.seq_of_token = new.long().cumsum(0) - 1
         self.row = rows[begin]
@@ -491,13 +496,15 @@ class KimiDeltaAttention(nn.Module):
         convs, windows = [], []
         for i, (t, conv) in enumerate(zip((xq, xk, xv), (self.q_conv1d, self.k_conv1d, self.v_conv1d))):
             start = segs.per_sequence(state.conv[i] if cached else None, fresh_window)
-            y, end = short_conv_varlen(t, conv.weight, start, segs)
+            y, end = short_conv_varlen(t, conv.weight, start, segs, window=state is not None)
             convs.append(y.view(1, -1, H, D))
-            windows.append(segs.per_row(end, state.conv[i] if cached else None, fresh_window))
+            if state is not None:
+                windows.append(segs.per_row(end, state.conv[i] if cached else None, fresh_window))
         fresh_state = x.new_zeros(H, D, D, dtype=torch.float32)
         h0 = segs.per_sequence(state.recurrent if cached else None, fresh_state) if state is not None else None
         o, h = self._chunk(x)(*convs, g[None], beta[None], self.A_log, self.dt_bias, initial_state=h0,
-                              output_final_state=state is not None, cu_seqlens=segs.cu_seqlens)  # fmt: skip
+                              output_final_state=state is not None, cu_seqlens=segs.cu_seqlens,
+                              cu_seqlens_cpu=segs.cu_seqlens_cpu)  # fmt: skip
         if state is not None:
             recurrent = segs.per_row(h, state.recurrent if cached else None, fresh_state)
             state.update(conv=windows, recurrent=recurrent, num_tokens=segs.shape[1])

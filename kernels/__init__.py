@@ -180,12 +180,15 @@ def l2norm(x, eps=1e-6):
     return (x32 * torch.rsqrt(x32.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def kda_prefill(q, k, v, g, beta, A_log, dt_bias, initial_state=None, output_final_state=True, cu_seqlens=None):
+def kda_prefill(
+    q, k, v, g, beta, A_log, dt_bias, initial_state=None, output_final_state=True, cu_seqlens=None, cu_seqlens_cpu=None
+):
     """One KDA layer's prefill or training step from the raw projections: the q/k L2 norm (l2norm), then fla's
     chunk_kda with the forget gate -exp(A_log) * softplus(g + dt_bias) and beta's sigmoid inside its kernels (no
     float32 copies of g around the kernel). q, k [B, T, H, K] after the conv, v [B, T, H, V], g = f_b(f_a(x))
     [B, T, H, K], beta = b_proj(x) [B, T, H], A_log with H elements, dt_bias [H*K]; cu_seqlens [S+1] with B == 1
-    for S variable-length sequences (initial_state [S, H, K, V]). Twin: kda_prefill_torch in modeling_kimi_linear.py."""
+    for S variable-length sequences (initial_state [S, H, K, V]; cu_seqlens_cpu: the same on the host, where the
+    caller has it, saving a copy and its sync). Twin: kda_prefill_torch in modeling_kimi_linear.py."""
     chunk_kda, _ = _load_fla()
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, g, beta, A_log, dt_bias))
     _precompile(q.device, q.dtype, training)
@@ -205,7 +208,7 @@ def kda_prefill(q, k, v, g, beta, A_log, dt_bias, initial_state=None, output_fin
         use_gate_in_kernel=True,
         use_beta_sigmoid_in_kernel=True,
         cu_seqlens=cu_seqlens,
-        cu_seqlens_cpu=cu_seqlens.cpu() if cu_seqlens is not None else None,
+        cu_seqlens_cpu=cu_seqlens_cpu if cu_seqlens_cpu is not None or cu_seqlens is None else cu_seqlens.cpu(),
     )
 
 
