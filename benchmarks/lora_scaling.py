@@ -9,7 +9,8 @@ A random checkpoint of --config (conversion/random_checkpoint.py, bf16 on CUDA, 
 jsonl of documents (--corpus: a text file, one document per blank-line-separated paragraph; without it, seeded
 pseudo-text) are written to a temporary folder; each mode then runs as its own command (torchrun for several
 processes, the way `accelerate launch` sets them up) with --pack, rows of --seq-len tokens, LoRA rank --rank on
---targets. Per mode: tokens/s over all processes, seconds per step, peak memory of the first process, the loss
+--targets. Per mode: tokens/s over all processes and seconds per step (median step after the first; the mean and
+every step's seconds in the JSON), peak memory of the first process, the loss
 curve, and its largest relative distance from the one-process curve (the processes average over their own tokens,
 so the curves agree up to how the tokens split; the run's loss must fall). Writes lora_scaling.json and
 lora_scaling.png (loss curves, tokens/s) to --out-dir and prints a table.
@@ -76,11 +77,14 @@ def run_mode(mode, args, ckpt, data, work):
     log = json.loads((out / "train_log.json").read_text())
     losses = [e["loss"] for e in log["log"]]
     timed = log["log"][1:] or log["log"]  # the first step compiles
-    seconds = sum(e["seconds"] for e in timed)
+    seconds = sorted(e["seconds"] for e in timed)
+    median = seconds[len(seconds) // 2]  # later steps can still compile (new shapes): the median, not the mean
+    tokens = sum(e["tokens"] for e in timed) / len(timed)
     return {"mode": mode, "status": "ok", "processes": log["processes"], "fsdp": log["fsdp"],
-            "tokens_per_s": sum(e["tokens"] for e in timed) / seconds, "s_per_step": seconds / len(timed),
-            "first_step_s": log["log"][0]["seconds"], "peak_memory_gb": log.get("peak_memory_gb"),
-            "losses": losses, "wall_s": time.perf_counter() - start}  # fmt: skip
+            "tokens_per_s": tokens / median, "s_per_step": median, "mean_s_per_step": sum(seconds) / len(seconds),
+            "step_seconds": [e["seconds"] for e in log["log"]], "first_step_s": log["log"][0]["seconds"],
+            "peak_memory_gb": log.get("peak_memory_gb"), "losses": losses,
+            "wall_s": time.perf_counter() - start}  # fmt: skip
 
 
 def plot(report, path):
