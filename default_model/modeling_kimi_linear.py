@@ -109,9 +109,9 @@ class KimiLinearGatedRMSNorm(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 def short_conv(x, weight, state=None, window=True):
     """Causal depthwise conv then SiLU. x [B, T, D], weight [D, 1, W], state [B, D, W-1] holds the previous W-1
-    inputs (None: zeros). Returns y [B, T, D] and the new state [B, D, W-1] (None with window=False: nothing keeps
-    it, as in training without a cache). Where the kernels package's Triton kernels serve, its short_conv computes y
-    (forward and backward)."""
+    inputs (None: zeros). Returns y [B, T, D] and the new state [B, D, W-1] (with window=False, None where the Triton
+    kernels serve: nothing keeps it, as in training without a cache). Where the kernels package's Triton kernels
+    serve, its short_conv computes y (forward and backward)."""
     width = weight.shape[-1]
     fast = _triton_kernels(x)
     if fast is not None and x.stride(-1) == 1:
