@@ -79,7 +79,7 @@ class Trainer:
         if device == "cuda":  # this implementation's own peak: the other models' tensors sit still meanwhile
             torch.cuda.reset_peak_memory_stats()
         for i in range(args.warmup):
-            t, loss = self.timed()
+            t, _, loss = self.timed()
             self.row.setdefault("first_step_s", t)
             print(f"[{impl}] warm-up step {i + 1}: {t:.3f} s, loss {loss:.4f}", flush=True)
         if device == "cuda":
@@ -93,23 +93,24 @@ class Trainer:
         return loss.detach()
 
     def timed(self):
-        """(seconds, loss) of one step; also records the host's share: the time until every launch of the step was
-        issued (the GPU may still be working). Host time close to the step's time: the step waits on Python and
-        launches, not on the GPU."""
+        """(seconds, host seconds, loss) of one step. The host's share is the time until every launch of the step
+        was issued (the GPU may still be working): close to the step's time, the step waits on Python and launches,
+        not on the GPU."""
         if self.device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
         loss = self.step()
-        self.host_times.append(time.perf_counter() - start)
+        host = time.perf_counter() - start
         if self.device == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start, float(loss)
+        return time.perf_counter() - start, host, float(loss)
 
     def round(self, steps):
         """`steps` timed steps; returns their median seconds."""
-        times = [self.timed()[0] for _ in range(steps)]
+        times, hosts, _ = zip(*(self.timed() for _ in range(steps)))
         self.times += times
-        return sorted(times)[len(times) // 2]
+        self.host_times += hosts
+        return _median(times)
 
     def host_checks(self, steps):
         """Two checks on where a step's time goes besides the GPU: the host syncs one step makes (CUDA's sync debug
@@ -128,25 +129,29 @@ class Trainer:
                 self.step()
             finally:
                 torch.cuda.set_sync_debug_mode(0)
-        syncs = [str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message)]
+        # each synchronizing call warns "called a synchronizing CUDA operation"; the mode's one-time notice that it
+        # is a prototype does not count
+        syncs = [str(w.message).splitlines()[0][:160] for w in caught if "called a synchronizing" in str(w.message)]
         gc.collect()
         gc.disable()
         try:
-            times = sorted(self.timed()[0] for _ in range(steps))
+            paused = _median([self.timed()[0] for _ in range(steps)])
         finally:
             gc.enable()
-        self.row.update(host_syncs_per_step=len(syncs), host_sync_examples=syncs[:5],
-                        median_step_gc_paused_s=times[len(times) // 2])  # fmt: skip
+        self.row.update(host_syncs_per_step=len(syncs), host_sync_examples=syncs[:5], median_step_gc_paused_s=paused)
         print(f"[{self.impl}] host syncs in one step: {len(syncs)} {syncs[:3]}; median step with the garbage "
-              f"collector paused: {times[len(times) // 2]:.3f} s", flush=True)  # fmt: skip
+              f"collector paused: {paused:.3f} s", flush=True)  # fmt: skip
 
     def result(self, args):
-        per_step = sorted(self.times)[len(self.times) // 2]
-        host = sorted(self.host_times[-len(self.times) :])[len(self.times) // 2]
+        per_step = _median(self.times)
         self.row.update(median_step_s=per_step, tokens_per_s=args.batch * args.seq_len / per_step,
-                        step_times_s=self.times, median_host_s=host)  # fmt: skip
+                        step_times_s=self.times, median_host_s=_median(self.host_times))  # fmt: skip
         self.row.setdefault("peak_memory_gb", None)
         return self.row
+
+
+def _median(values):
+    return sorted(values)[len(values) // 2]
 
 
 def profile_steps(step, args, device, steps=3):
