@@ -70,27 +70,25 @@ def fused_class():
     return _classes["linear"]
 
 
+def _swap(model, old, new):
+    """Turn every module of exactly class `old` into class `new`, in place; returns how many."""
+    changed = 0
+    for module in model.modules():
+        if type(module) is old:
+            module.__class__ = new
+            changed += 1
+    return changed
+
+
 def fuse_lora(model):
     """Give every PEFT lora.Linear layer of `model` (exactly that class) the fused forward, in place; returns how many
     layers changed. Idempotent; PEFT's own methods (save, merge, unload, adapters) keep working."""
-    linear, fused = _lora_linear_class(), fused_class()
-    changed = 0
-    for module in model.modules():
-        if type(module) is linear:
-            module.__class__ = fused
-            changed += 1
-    return changed
+    return _swap(model, _lora_linear_class(), fused_class())
 
 
 def unfuse_lora(model):
     """Undo fuse_lora (PEFT's own forward everywhere); returns how many layers changed."""
-    linear, fused = _lora_linear_class(), fused_class()
-    changed = 0
-    for module in model.modules():
-        if type(module) is fused:
-            module.__class__ = linear
-            changed += 1
-    return changed
+    return _swap(model, fused_class(), _lora_linear_class())
 
 
 def fused_layers(model):

@@ -257,9 +257,8 @@ def short_conv_varlen(*args, **kwargs):
 
 
 def lora_serves(x, weight, bias, lora_a, lora_b):
-    """Whether lora_linear takes these tensors (plain tensors, Triton serving x; see kernels/lora.py's serves)."""
-    plain = all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in (x, weight, lora_a, lora_b))
-    if not plain or not triton_serves(x):
+    """Whether lora_linear takes these tensors (Triton serving x, then kernels/lora.py's serves)."""
+    if not triton_serves(x):
         return False
     from .lora import serves
 

@@ -130,13 +130,17 @@ def _outer_call(z1, y1, p1, scale1, z2, y2, p2, scale2):
                                   float(scale2), M, r, BR=_rank_tile(r), PREC=PRECISION, **OUTER)  # fmt: skip
 
 
+def _rows_of(t):
+    """t as a [rows, last dimension] matrix with unit column stride (a view where it can be)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scaling):
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
+        x2 = _rows_of(x)
         y = F.linear(x2, weight, bias)
         h = _down_call(x2, lora_a, lora_a.stride(0), lora_a.stride(1), lora_a.shape[0], 1.0)  # x A^T
         _up_call(y, h, lora_b, lora_b.stride(1), lora_b.stride(0), scaling)  # y += s h B^T
@@ -148,9 +152,7 @@ class _LoraLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x2, weight, lora_a, lora_b, h = ctx.saved_tensors
         s = ctx.scaling
-        dy2 = dy.reshape(-1, dy.shape[-1])
-        if dy2.stride(-1) != 1:
-            dy2 = dy2.contiguous()
+        dy2 = _rows_of(dy)
         dh = _down_call(dy2, lora_b, lora_b.stride(1), lora_b.stride(0), lora_b.shape[1], s)  # s dy B
         need_a, need_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         da = torch.empty_like(lora_a) if need_a else None
@@ -167,9 +169,11 @@ class _LoraLinear(torch.autograd.Function):
 
 
 def serves(x, weight, bias, lora_a, lora_b):
-    """Whether lora_linear takes these tensors: x half precision and not empty on a CUDA device (Triton present),
+    """Whether lora_linear takes these tensors: plain tensors, x half precision and not empty on a CUDA device,
     weight of x's dtype and device and frozen, bias None or frozen, float32 adapters of rank <= MAX_RANK, no autocast.
     Otherwise PEFT's own forward runs."""
+    if not all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in (x, weight, lora_a, lora_b)):
+        return False  # tensor subclasses (DTensor parameters of a sharded model) keep PEFT's path
     if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cuda"):
         return False
     if x.numel() == 0:  # nothing to launch over
