@@ -10,8 +10,10 @@ Each implementation gets a model with random weights (bf16 on CUDA, float32 on C
 implementations name alike (KDA q/k/v/o, the forget-gate and output-gate low-rank pairs, b_proj; MLA q_proj,
 kv_a_proj_with_mqa, kv_b_proj, o_proj; dense MLP and shared experts; the built-in model keeps its routed experts in
 fused 3-D parameters that PEFT cannot wrap, so routed experts are left out for both; `ours+experts` adds them for
-this repo alone: the cost of training every expert's adapter; `ours` runs PEFT's layers with the adapter products
-fused as finetune/lora.py does, `ours-peft` with PEFT's own forward), AdamW on the adapters,
+this repo alone: the cost of training every expert's adapter; `ours` trains as finetune/lora.py does: PEFT's layers
+with the adapter products fused and each step replayed from a CUDA graph (finetune/train_step.py; its first step
+runs eagerly, its second is captured); `ours-eager` the same without the graph, `ours-peft` also with PEFT's own
+forward), AdamW on the adapters,
 batches of --batch x --seq-len random tokens, loss over every position. --warmup steps first (the first one
 includes compilation and fla's autotuning, reported separately), then --rounds rounds of --steps timed steps, the
 implementations taking turns (all stay in memory), so a card whose speed drifts moves them alike: tokens/s from the
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from kimi_linear_finetune.train_step import TrainStep
 from kimi_linear_kernels.tuned import record_if_tuned
 
 HERE = Path(__file__).resolve().parent
@@ -57,15 +60,19 @@ class Trainer:
         targets = TARGETS + (["w1", "w2", "w3"] if impl == "ours+experts" else [])  # w1/w2/w3: the routed experts
         lora = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=targets, task_type="CAUSAL_LM")
         self.model = peft.get_peft_model(model, lora)
-        if impl in ("ours", "ours+experts"):  # as train_lora does: the adapter products fused where they serve
+        fused = impl in ("ours", "ours-eager", "ours+experts")
+        if fused:  # as train_lora does: the adapter products fused where they serve
             from kimi_linear_finetune.fast_lora import fuse_lora, fused_layers
 
             fuse_lora(self.model)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4)
+        graphed = device == "cuda" and impl in ("ours", "ours+experts")  # as train_lora does on one GPU
+        self.runner = TrainStep(self.model, self.opt, cuda_graph=graphed)
         gen = torch.Generator(device=device).manual_seed(0)
-        self.ids = torch.randint(3, config["vocab_size"], (args.batch, args.seq_len), device=device, generator=gen)
+        ids = torch.randint(3, config["vocab_size"], (args.batch, args.seq_len), device=device, generator=gen)
+        self.batch = {"input_ids": ids, "labels": ids}
         self.row = {
             "impl": impl,
             "trainable_parameters": sum(p.numel() for p in self.params),
@@ -73,7 +80,7 @@ class Trainer:
                 1 for _, m in self.model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)
             ),
         }
-        if impl in ("ours", "ours+experts"):
+        if fused:
             self.row["fused_layers"] = fused_layers(self.model)  # of adapted_modules, the rest on PEFT's forward
         self.times, self.host_times = [], []
         if device == "cuda":  # this implementation's own peak: the other models' tensors sit still meanwhile
@@ -86,11 +93,7 @@ class Trainer:
             self.row["peak_memory_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
 
     def step(self):
-        loss = self.model(input_ids=self.ids, labels=self.ids, use_cache=False).loss
-        loss.backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        return self.runner(self.batch)[0]
 
     def timed(self):
         """(seconds, host seconds, loss) of one step. The host's share is the time until every launch of the step
@@ -146,6 +149,9 @@ class Trainer:
         per_step = _median(self.times)
         self.row.update(median_step_s=per_step, tokens_per_s=args.batch * args.seq_len / per_step,
                         step_times_s=self.times, median_host_s=_median(self.host_times))  # fmt: skip
+        if self.runner.cuda_graph:
+            self.row.update(graph_replays=self.runner.replayed, eager_steps=self.runner.eager,
+                            graph_error=self.runner.graph_error)  # fmt: skip
         self.row.setdefault("peak_memory_gb", None)
         return self.row
 
@@ -205,7 +211,9 @@ def plot(report, path):
 
     rows = [r for r in report["rows"] if "tokens_per_s" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
-    bars = ax.bar([r["impl"] for r in rows], [r["tokens_per_s"] for r in rows], color=["C0", "C1"][: len(rows)])
+    bars = ax.bar(
+        [r["impl"] for r in rows], [r["tokens_per_s"] for r in rows], color=[f"C{i}" for i in range(len(rows))]
+    )
     ax.bar_label(bars, fmt="%.0f")
     ax.set_ylabel("training tokens / s (LoRA, median step)")
     m = report["metadata"]
@@ -222,9 +230,10 @@ def main():
         "--impls",
         nargs="+",
         default=["ours", "builtin", "ours+experts"],
-        choices=["ours", "ours-peft", "builtin", "ours+experts"],
-        help="ours: this repo as finetune/lora.py trains it (the adapter products fused, fast_lora.py); ours-peft: "
-        "this repo's model with PEFT's own LoRA forward; ours+experts: also every routed expert's w1/w2/w3 (the "
+        choices=["ours", "ours-eager", "ours-peft", "builtin", "ours+experts"],
+        help="ours: this repo as finetune/lora.py trains it (the adapter products fused, fast_lora.py, each step "
+        "replayed from a CUDA graph, train_step.py); ours-eager: without the graph; ours-peft: also with PEFT's own "
+        "LoRA forward; ours+experts: also every routed expert's w1/w2/w3 (the "
         "built-in model's fused experts take no PEFT adapter) (default: %(default)s)",
     )
     ap.add_argument("--seq-len", type=int, default=4096, help="(default: %(default)s)")
@@ -286,12 +295,14 @@ def main():
     (args.out_dir / "lora_train.json").write_text(json.dumps(report, indent=1))
     plot(report, args.out_dir / "lora_train.png")
     record_if_tuned(args.out_dir, "lora")
-    print(f"\n{'impl':13s} {'tokens/s':>10s} {'s/step':>8s} {'host s':>7s} {'first step s':>13s} {'peak GB':>8s}")
+    base = rows.get("builtin", {}).get("tokens_per_s")
+    print(f"\n{'impl':13s} {'tokens/s':>10s} {'s/step':>8s} {'host s':>7s} {'first step s':>13s} {'peak GB':>8s}"
+          f" {'x built-in':>10s}")  # fmt: skip
     for r in report["rows"]:
         if "tokens_per_s" in r:
             peak = f"{r['peak_memory_gb']:.1f}" if r["peak_memory_gb"] is not None else "-"
             cells = f"{r['tokens_per_s']:10.0f} {r['median_step_s']:8.3f} {r['median_host_s']:7.3f}"
-            cells += f" {r['first_step_s']:13.1f} {peak:>8s}"
+            cells += f" {r['first_step_s']:13.1f} {peak:>8s} {r['tokens_per_s'] / base if base else float('nan'):10.2f}"
             print(f"{r['impl']:13s} {cells}")
         else:
             print(f"{r['impl']:13s} {r['error']}")

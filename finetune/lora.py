@@ -432,6 +432,7 @@ def train_lora(
     keep_checkpoints=2,
     resume=False,
     fsdp=False,
+    cuda_graph="auto",
 ):
     """Attach a LoRA to `model` (a checkpoint path / Hub id, or an already loaded model with `tokenizer`), train it on
     `data` (see `load_data`), save the adapter, step log and loss plot to `out`, optionally merge into `merge_to`.
@@ -444,11 +445,14 @@ def train_lora(
     the newest checkpoint in `out` at the same step, with the same data order. Under `accelerate launch`
     (WORLD_SIZE > 1) each of the processes trains on its share of every batch (batch_size is the global batch) with
     data-parallel gradients; with fsdp the model is sharded over the processes instead of copied (torch's
-    fully_shard, one unit per decoder layer), for a model that does not fit one device."""
+    fully_shard, one unit per decoder layer), for a model that does not fit one device. cuda_graph: replay steps
+    from a CUDA graph (train_step.py: batches without padding or packed documents, on one CUDA device); "auto" does
+    where it can, True requires it, False never."""
     import peft
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kimi_linear_finetune.fast_lora import fuse_lora
+    from kimi_linear_finetune.train_step import TrainStep
 
     if max_length < 2:
         raise ValueError("max_length must be at least 2")
@@ -493,6 +497,13 @@ def train_lora(
     if accelerator is not None:
         device = accelerator.device
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cuda_graph not in ("auto", True, False):
+        raise ValueError(f"cuda_graph must be 'auto', True or False, not {cuda_graph!r}")
+    if cuda_graph is True and (device.type != "cuda" or accelerator is not None):
+        processes = accelerator.num_processes if accelerator else 1
+        raise ValueError(f"cuda_graph=True needs one process on a CUDA device (this run: {device.type}, "
+                         f"{processes} processes); use 'auto'")  # fmt: skip
+    graphs = cuda_graph is True or (cuda_graph == "auto" and device.type == "cuda" and accelerator is None)
 
     # Data first: a bad dataset fails before any training state exists.
     dataset = load_data(data, split=split, config_name=data_config, data_format=data_format)
@@ -565,6 +576,8 @@ def train_lora(
     if accelerator is not None and not fsdp:  # data parallel (DDP); fully_shard has already wrapped an fsdp model
         model, opt = accelerator.prepare(model, opt)
     collate_fn = collate_packed if pack else collate
+    clip = max_grad_norm if max_grad_norm else float("inf")  # inf: no clipping, the norm still logged
+    runner = None if accelerator is not None else TrainStep(model, opt, clip, cuda_graph=graphs)
     stream = batches(sequences, batch_size, seed, skip=first_step)
     bar = None
     if progress and main_process:
@@ -577,25 +590,25 @@ def train_lora(
         epoch, items = next(stream)
         if accelerator is not None:  # this process's share of the global batch
             items = items[accelerator.process_index :: accelerator.num_processes] or items[:1]
-        batch = {k: v.to(device) for k, v in collate_fn(items, pad_id).items()}
+        batch = collate_fn(items, pad_id)  # on the host
         t0 = time.perf_counter()
-        loss = model(**batch, use_cache=False).loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}")
-        clip = max_grad_norm if max_grad_norm else float("inf")
-        if accelerator is not None:
+        current_lr = float(opt.param_groups[0]["lr"])  # a device tensor with CUDA graph steps
+        if runner is not None:
+            loss, grad_norm = runner(batch)
+        else:
+            loss = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).loss
             accelerator.backward(loss)
             grad_norm = accelerator.clip_grad_norm_(params, clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # fsdp: DTensor
             loss = accelerator.reduce(loss.detach(), reduction="mean")
-        else:
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        current_lr = opt.param_groups[0]["lr"]
-        opt.step()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         sched.step()
-        opt.zero_grad(set_to_none=True)
-        tokens = int(batch["attention_mask"].sum())
+        if not torch.isfinite(loss):  # this step's update is applied; nothing is saved after it
+            raise FloatingPointError(
+                f"loss is {float(loss)} at step {step + 1}; resume from the last checkpoint with a lower lr"
+            )
+        tokens = int(batch["attention_mask"].sum())  # on the host: no sync
         if accelerator is not None:
             tokens = int(accelerator.reduce(torch.tensor(tokens, device=device), reduction="sum"))
         seen_tokens += tokens
@@ -649,6 +662,9 @@ def train_lora(
         "rank": rank,
         "alpha": alpha,
         "gradient_checkpointing": gradient_checkpointing,
+        "cuda_graph": None
+        if runner is None or not runner.cuda_graph
+        else {"replayed_steps": runner.replayed, "eager_steps": runner.eager, "capture_error": runner.graph_error},
         "seed": seed,
         "seconds": elapsed,
         "tokens": seen_tokens,
@@ -733,6 +749,8 @@ def _save_checkpoint(out, step, peft_model, opt, sched, log, run_key, keep, main
     else:
         peft_model.save_pretrained(tmp)
         optimizer = opt.state_dict()
+        for group in optimizer["param_groups"]:  # a device tensor with CUDA graph steps: saved as a number
+            group["lr"] = float(group["lr"])
     state = {"step": step, "optimizer": optimizer, "scheduler": sched.state_dict(), "log": log, "run": run_key}
     torch.save(state, tmp / TRAINER_STATE)
     shutil.rmtree(final, ignore_errors=True)
@@ -847,6 +865,13 @@ def main(argv=None):
         help="under torchrun / accelerate launch: shard the model over the processes (torch's fully_shard) instead "
         "of copying it to each",
     )
+    ap.add_argument(
+        "--cuda-graph",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="replay each step from a CUDA graph (batches without padding or packing, one GPU): auto where it can, "
+        "on requires it (default: %(default)s)",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     result = train_lora(
@@ -883,6 +908,7 @@ def main(argv=None):
         keep_checkpoints=args.keep_checkpoints,
         resume=args.resume,
         fsdp=args.fsdp,
+        cuda_graph={"auto": "auto", "on": True, "off": False}[args.cuda_graph],
     )
     if int(os.environ.get("RANK", "0")) != 0:
         return  # one report, from the main process

@@ -750,3 +750,92 @@ def test_fused_lora_trains_like_peft_on_cuda():
     for name in exact[1]:
         err_f, err_p = rel_rms(fused[1][name], exact[1][name]), rel_rms(plain[1][name], exact[1][name])
         assert err_f <= 2 * err_p + 5e-3, (name, err_f, err_p)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_graphed_training_steps_match_a_plain_loop(checkpointing):
+    # TrainStep with CUDA graphs (finetune/train_step.py) against the loop every PyTorch user writes, from the same
+    # bf16 LoRA model: five batches of one shape (the first runs eagerly, the second is captured, the rest replay)
+    # and a padded one in between (eager), AdamW with weight decay, clipping that bites, an lr that changes every
+    # step. The adapters' updates must agree: a graph that kept the batch or the lr it was captured with moves
+    # them elsewhere (relative differences of order one), bf16 noise does not.
+    import peft
+
+    from kimi_linear_finetune.fast_lora import fuse_lora
+    from kimi_linear_finetune.lora import collate
+    from kimi_linear_finetune.train_step import TrainStep
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "f_a_proj", "f_b_proj", "g_a_proj", "g_b_proj", "b_proj",
+               "kv_a_proj_with_mqa", "kv_b_proj", "gate_proj", "up_proj", "down_proj"]  # fmt: skip
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_cuda_model().bfloat16(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            p.data = p.data.float()  # PEFT's default: float32 adapters on a half-precision model
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    fuse_lora(model)
+    if checkpointing:
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    gen = torch.Generator().manual_seed(1)
+    batches = [collate(torch.randint(3, 512, (2, 256), generator=gen).tolist(), pad_id=0) for _ in range(5)]
+    batches.insert(2, collate([torch.randint(3, 512, (n,), generator=gen).tolist() for n in (256, 200)], pad_id=0))
+    factors = [1.0, 0.3, 2.0, 0.5, 1.5, 0.7, 1.0]
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    def run(m, graphed):
+        params = [p for p in m.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: factors[s])
+        runner = TrainStep(m, opt, max_grad_norm=0.05, cuda_graph=True) if graphed else None
+        losses = []
+        for batch in batches:
+            if graphed:
+                loss, norm = runner(batch)
+            else:
+                loss = m(**{k: v.cuda() for k, v in batch.items()}, use_cache=False).loss
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(params, 0.05)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            sched.step()
+            losses.append((float(loss), float(norm)))
+        moved = {n: p.detach() - start[n] for n, p in m.named_parameters() if p.requires_grad}
+        return losses, moved, runner
+
+    ref_losses, ref_moved, _ = run(copy.deepcopy(model), graphed=False)
+    losses, moved, runner = run(model, graphed=True)
+    assert runner.graph_error is None, runner.graph_error
+    assert (runner.replayed, runner.eager) == (4, 2)
+    assert all(norm > 0.05 for _, norm in ref_losses)  # the clipping bites
+    for (loss, norm), (ref_loss, ref_norm) in zip(losses, ref_losses):
+        assert loss == pytest.approx(ref_loss, rel=2e-3) and norm == pytest.approx(ref_norm, rel=2e-2)
+    for name in ref_moved:
+        assert rel_rms(moved[name], ref_moved[name]) < 0.02, (name, rel_rms(moved[name], ref_moved[name]))
+
+
+def test_train_lora_replays_full_rows_from_a_graph(tmp_path):
+    # train_lora on the GPU with its default cuda_graph="auto": documents longer than max_length fill every row, so
+    # every step after the first replays the graph; the losses are those of the same run with graphs off, and a
+    # checkpoint written meanwhile (the lr is a device tensor then) resumes a run without graphs.
+    import json
+
+    from kimi_linear_conversion.random_checkpoint import make_random_checkpoint
+    from kimi_linear_finetune.lora import train_lora
+
+    lac = dict(tiny_config_dict()["linear_attn_config"], num_heads=32, head_dim=128)  # as _cuda_model
+    ckpt = make_random_checkpoint(tiny_config_dict(linear_attn_config=lac), tmp_path / "ckpt", dtype="bfloat16")
+    data = tmp_path / "long.jsonl"
+    words = ["the cat sat on the mat", "a dog ran to the rug", "the bird sang"]
+    data.write_text("".join(json.dumps({"text": " ".join(words[(i + j) % 3] for j in range(12))}) + "\n"
+                            for i in range(24)))  # fmt: skip
+    common = dict(max_length=32, batch_size=4, steps=6, lr=5e-3, warmup_steps=2, progress=False, plot=False)
+    graphed = train_lora(str(ckpt), data, tmp_path / "g", save_every=3, **common)
+    eager = train_lora(str(ckpt), data, tmp_path / "e", cuda_graph=False, **common)
+    summary = json.loads((tmp_path / "g" / "train_log.json").read_text())
+    assert summary["cuda_graph"] == {"replayed_steps": 5, "eager_steps": 1, "capture_error": None}
+    assert [e["loss"] for e in graphed.log] == pytest.approx([e["loss"] for e in eager.log], rel=2e-3)
+    assert [e["lr"] for e in graphed.log] == pytest.approx([e["lr"] for e in eager.log], rel=1e-6)
+    resumed = train_lora(str(ckpt), data, tmp_path / "g", resume=True, cuda_graph=False, **common)
+    assert [e["loss"] for e in resumed.log][3:] == pytest.approx([e["loss"] for e in eager.log][3:], rel=2e-3)
