@@ -20,6 +20,7 @@ The optimizer is made capturable in place (its step counts and learning rates be
 keeps working, it fills the lr tensor). One CUDA device, one process: under accelerate or FSDP steps run eagerly.
 """
 
+import traceback
 import warnings
 
 import torch
@@ -111,6 +112,7 @@ class TrainStep:
                 self._capture(batch)
             except Exception as e:  # noqa: BLE001 - any failure leaves eager steps, which are always right
                 self._abandon(e)
+            if self.graph is None:  # outside the handler: the failed capture's tensors are gone by now
                 return self._eager(batch)
         return self._replay(batch)
 
@@ -148,7 +150,21 @@ class TrainStep:
 
     def _abandon(self, error):
         self.graph, self.static, self.out = None, None, None
-        self.graph_error = f"{type(error).__name__}: {error}"
+        self.graph_error = f"{type(error).__name__}: {str(error).splitlines()[0]}{_where(error)}"
         self.opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize(self.device)
-        warnings.warn(f"CUDA graph capture failed, every step runs eagerly: {self.graph_error}", stacklevel=3)
+        warnings.warn(
+            f"CUDA graph capture failed, every step runs eagerly (correct, slower): {self.graph_error}. A step "
+            "that reads the device from the host cannot be replayed (e.g. routed experts whose adapters run "
+            "expert by expert); pass cuda_graph=False to skip the attempt.",
+            stacklevel=3,
+        )
+
+
+def _where(error):
+    """' (at file:line in function)' for the innermost frame of the error outside torch, or ''."""
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if "/torch/" not in f.filename]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" (at {f.filename.rsplit('/', 1)[-1]}:{f.lineno} in {f.name})"
