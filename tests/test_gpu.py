@@ -758,8 +758,8 @@ def test_graphed_training_steps_match_a_plain_loop(checkpointing):
     # bf16 LoRA model: five batches of one shape (the first runs eagerly, the second is captured, the rest replay)
     # and a padded one in between (eager), AdamW with weight decay, clipping that bites, an lr five times higher
     # after the capture. Losses and norms agree within bf16 noise. The adapters' updates agree within Adam's noise
-    # (it turns rounding in near-zero gradients into full-size steps: about 5% here); a graph that kept the batch
-    # or the lr it was captured with moves them elsewhere (relative differences of order one).
+    # (it turns rounding in near-zero gradients into full-size steps: 5% for one adapter in a first run); a graph
+    # that kept the batch or the lr it was captured with moves them elsewhere (relative differences of order one).
     import peft
 
     from kimi_linear_finetune.fast_lora import fuse_lora
