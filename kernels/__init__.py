@@ -18,7 +18,11 @@ is called by keyword only: its positional order has changed between releases.
 
 import functools
 import importlib.metadata
+import importlib.util
 import logging
+import sys
+import types
+from pathlib import Path
 
 import torch
 from packaging import version
@@ -57,9 +61,7 @@ def _load_fla():
         usable, reason = fla_status()
         if usable:
             try:
-                from fla.ops.kda import chunk_kda, fused_recurrent_kda
-
-                _fla = (chunk_kda, fused_recurrent_kda)
+                _fla = _import_kda_ops()
                 logger.info("Kimi Linear KDA: using %s on CUDA tensors", reason)
                 _pin_tuned()
             except ImportError as err:
@@ -69,6 +71,48 @@ def _load_fla():
             _fla = False
             logger.info("Kimi Linear KDA: plain PyTorch (%s)", reason)
     return _fla
+
+
+# fla's packages whose __init__.py imports every model, layer and op fla has (most of the 12 s that importing
+# fla.ops.kda took in a fresh process on the lent H100 hosts): deferred, only the KDA modules import.
+_DEFERRED_FLA_PACKAGES = ("fla", "fla.ops", "fla.modules")
+
+
+class _DeferredPackage(types.ModuleType):
+    """A package imported without running its __init__.py: its submodules import as usual, and the __init__.py runs
+    at the first attribute the package lacks (PEP 562), so `import fla; fla.X` elsewhere still sees the whole
+    package."""
+
+    def __getattr__(self, name):
+        source = self.__dict__.pop("_deferred_init", None)
+        if source is None:
+            raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
+        exec(compile(source, self.__file__, "exec"), self.__dict__)
+        return getattr(self, name)
+
+
+def _import_kda_ops():
+    """(chunk_kda, fused_recurrent_kda) from fla-core, with fla, fla.ops and fla.modules deferred (_DeferredPackage)
+    unless something imported them already."""
+    for name in _DEFERRED_FLA_PACKAGES:
+        if name in sys.modules:
+            continue
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.submodule_search_locations is None or not spec.origin:
+            break  # the plain import below then fails or runs as usual
+        package = _DeferredPackage(name)
+        package.__spec__, package.__loader__, package.__file__ = spec, spec.loader, spec.origin
+        package.__path__, package.__package__ = list(spec.submodule_search_locations), name
+        package._deferred_init = Path(spec.origin).read_text()
+        if name == "fla":  # fla's modules import it from the package itself
+            package.__version__ = importlib.metadata.version("fla-core")
+        sys.modules[name] = package
+        if "." in name:
+            parent, _, child = name.rpartition(".")
+            setattr(sys.modules[parent], child, package)
+    from fla.ops.kda import chunk_kda, fused_recurrent_kda
+
+    return chunk_kda, fused_recurrent_kda
 
 
 def _pin_tuned():

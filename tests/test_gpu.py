@@ -678,6 +678,40 @@ def test_mla_key_blocks_match_one_attention_call_in_bf16(monkeypatch):
     assert floor < 0.1 and rel_rms(blocked, ref) < 1.5 * floor + 1e-3, (rel_rms(blocked, ref), floor)
 
 
+def test_prefill_attention_rounded_to_the_granule_matches_float64(monkeypatch):
+    # An inference prefill on CUDA attends over its length rounded up to prefill_granule (zero latents at the end,
+    # hidden by causality, their rows dropped): the logits, and a decode step from the cache the prefill left, are
+    # as close to float64 as without the rounding, and the attention really ran on 1024 rows for 699 tokens.
+    import torch.nn.functional as F
+
+    from kimi_linear.modeling_kimi_linear import KimiMLAAttention
+
+    model = _cuda_model().bfloat16()
+    ids = torch.randint(3, 512, (2, 700), generator=torch.Generator().manual_seed(9))
+    lengths, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        lengths.append(q.shape[2])
+        return sdpa(q, *args, **kwargs)
+
+    @torch.no_grad()
+    def run(m, device):
+        cache = KimiLinearCache(m.config)
+        x = ids.to(device)
+        return torch.cat([m(x[:, :699], cache=cache).logits, m(x[:, 699:], cache=cache).logits], 1).cpu()
+
+    ref = run(copy.deepcopy(model).double().cpu(), "cpu")
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    rounded = run(model, "cuda")
+    assert set(lengths) == {1024}, lengths
+    lengths.clear()
+    monkeypatch.setattr(KimiMLAAttention, "prefill_granule", 1)
+    plain = run(model, "cuda")
+    assert set(lengths) == {699}, lengths
+    floor = rel_rms(plain, ref)  # bf16's own error here
+    assert floor < 0.1 and rel_rms(rounded, ref) < 1.5 * floor + 1e-3, (rel_rms(rounded, ref), floor)
+
+
 @pytest.mark.parametrize("rows, k, n, r", [(4096, 2304, 4096, 16), (77, 128, 4096, 8), (300, 2304, 32, 16)])
 def test_lora_kernel_near_float64(rows, k, n, r):
     # A LoRA-adapted linear layer (kernels/lora.py) in bf16 with float32 adapters, forward and backward, against

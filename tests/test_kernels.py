@@ -51,6 +51,33 @@ def run_script(script, *args):
 
 
 @needs_fla_site
+def test_kda_ops_import_without_the_rest_of_fla():
+    # fla's package __init__ files import every op, layer and model it has (seconds of a cold start); the KDA ops
+    # import without them, and `import fla` afterwards still gets the whole package (its __init__ runs on first use).
+    script = textwrap.dedent("""
+        import sys, importlib.metadata as md
+        sys.path.insert(0, sys.argv[1])
+        import kimi_linear_kernels as k
+        chunk_kda, fused_recurrent_kda = k._import_kda_ops()
+        assert chunk_kda.__module__.startswith("fla.ops.kda"), chunk_kda.__module__
+        imported = [m for m in ("fla.ops.abc", "fla.ops.gated_delta_rule", "fla.modules.mlp") if m in sys.modules]
+        assert not imported, imported
+        import fla
+        assert fla.__version__ == md.version("fla-core")
+        from fla.ops import chunk_gated_delta_rule  # fla.ops's own __init__ runs here
+        assert "fla.ops.gated_delta_rule" in sys.modules and callable(chunk_gated_delta_rule)
+        assert fla.ops.kda.chunk_kda is chunk_kda and fla.ops.fused_recurrent_kda is fused_recurrent_kda
+        try:
+            fla.no_such_name
+        except AttributeError as e:
+            assert "no_such_name" in str(e)
+        else:
+            raise AssertionError("a missing attribute must raise AttributeError")
+    """)
+    run_script(script, FLA_SITE)
+
+
+@needs_fla_site
 def test_model_on_cpu_runs_with_fla_and_triton_installed():
     # With fla and triton importable on a machine without a GPU, every Triton op would raise; the model must
     # still run on CPU tensors (and match the run without fla on the path).
