@@ -630,7 +630,7 @@ class KimiMLAAttention(nn.Module):
     # An inference prefill on CUDA attends over its length rounded up to a multiple of this many tokens: zero
     # latents at the end, which causal attention hides from every real query, and rows that are dropped. cuDNN's
     # attention builds a plan per shape (50-70 ms of host time on an H100, a stall where less GPU work is queued:
-    # 37% of a 32k-token prompt of a new length); rounded, one plan serves 1024 lengths. At most 1023 extra rows:
+    # 25-50% of a 32k-token prompt of a new length); rounded, one plan serves 1024 lengths. At most 1023 extra rows:
     # under 1% of the attention's time at 32k tokens. 1 turns it off.
     prefill_granule = 1024
 
