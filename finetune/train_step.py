@@ -95,31 +95,31 @@ class TrainStep:
         self.replayed = self.eager = 0
 
     def __call__(self, batch):
+        inputs = _model_inputs(batch)
         if not self.cuda_graph or self.graph_error is not None or why_not_graphed(batch) is not None:
-            return self._eager(batch)
-        shape = tuple(batch["input_ids"].shape)
+            return self._eager(inputs)
+        shape = tuple(inputs["input_ids"].shape)
         if self.shape is None:  # warm up on the stream the capture will use
             self.shape = shape
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
-                out = self._eager(batch)
+                out = self._eager(inputs)
             torch.cuda.current_stream(self.device).wait_stream(self.stream)
             return out
-        if shape != self.shape or (self.static is not None and set(_model_inputs(batch)) != set(self.static)):
-            return self._eager(batch)
+        if shape != self.shape or (self.static is not None and set(inputs) != set(self.static)):
+            return self._eager(inputs)
         if self.graph is None:
             try:
-                self._capture(batch)
+                self._capture(inputs)
             except Exception as e:  # noqa: BLE001 - any failure leaves eager steps, which are always right
                 self._abandon(e)
             if self.graph is None:  # outside the handler: the failed capture's tensors are gone by now
-                return self._eager(batch)
-        return self._replay(batch)
+                return self._eager(inputs)
+        return self._replay(inputs)
 
-    def _eager(self, batch):
+    def _eager(self, inputs):
         self.opt.zero_grad(set_to_none=True)  # the graph's gradients stay bound after a replay
-        inputs = {k: v.to(self.device, non_blocking=True) for k, v in _model_inputs(batch).items()}
-        loss, norm = self._step(inputs)
+        loss, norm = self._step({k: v.to(self.device, non_blocking=True) for k, v in inputs.items()})
         self.opt.zero_grad(set_to_none=True)
         self.eager += 1
         return loss, norm
@@ -131,8 +131,8 @@ class TrainStep:
         self.opt.step()
         return loss.detach(), norm
 
-    def _capture(self, batch):
-        self.static = {k: v.to(self.device) for k, v in _model_inputs(batch).items()}
+    def _capture(self, inputs):
+        self.static = {k: v.to(self.device) for k, v in inputs.items()}
         self.opt.zero_grad(set_to_none=True)  # the capture's backward allocates the gradients it then rewrites
         graph = torch.cuda.CUDAGraph()
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -141,8 +141,8 @@ class TrainStep:
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
         self.graph = graph
 
-    def _replay(self, batch):
-        for k, v in _model_inputs(batch).items():
+    def _replay(self, inputs):
+        for k, v in inputs.items():
             self.static[k].copy_(v.pin_memory() if not v.is_cuda else v, non_blocking=True)
         self.graph.replay()
         self.replayed += 1
