@@ -28,10 +28,13 @@ Departures from a vanilla decoder-only transformer, in forward order:
   CPU tensor) the plain PyTorch code in this file runs.
 """
 
+import contextvars
 import functools
 import itertools
 import math
 import shutil
+import threading
+import time
 import weakref
 from dataclasses import fields
 from pathlib import Path
@@ -555,6 +558,51 @@ class KimiDeltaAttention(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # MLA layer (NoPE)
 # ---------------------------------------------------------------------------------------------------------------
+_PLANS = threading.local()
+
+
+def _cudnn_plans():
+    """The MLA prefill attention shapes this thread has run through SDPA (cuDNN's plans are kept per thread)."""
+    if not hasattr(_PLANS, "keys"):
+        _PLANS.keys = set()
+    return _PLANS.keys
+
+
+class _PrefillClock:
+    """The start events of an inference prefill's layers on CUDA, recorded by KimiLinearModel.forward where an MLA
+    layer's attention shape has no cuDNN plan yet; an MLA layer reads from them how much GPU work is queued ahead."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.events = []
+
+    def layer_start(self):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        self.events.append(ev)
+
+    def queued_ms(self):
+        """Milliseconds of GPU work ahead of the current layer's next launch: the layers from the one the GPU is in
+        to this one, at the mean time of those it has finished, less how far it is into its current one (host and
+        GPU clocks taken to meet at the first layer's start, where a prefill finds the GPU idle; where it was not,
+        this reads less work than there is). 0 once the GPU has reached this layer."""
+        ev = self.events
+        i = len(ev) - 1
+        if i < 1 or ev[i].query():
+            return 0.0
+        while not ev[1].query():  # the first layer's time is the first measure; the GPU has it queued meanwhile
+            time.sleep(2e-4)
+        if ev[i].query():
+            return 0.0
+        c = next(j for j in range(i - 1, 0, -1) if ev[j].query())  # the layer the GPU is in
+        done = ev[0].elapsed_time(ev[c])
+        into = (time.perf_counter() - self.t0) * 1e3 - done
+        return max(0.0, (i - c) * done / c - max(0.0, into))
+
+
+_PREFILL_CLOCK = contextvars.ContextVar("kimi_linear_prefill_clock", default=None)
+
+
 class KimiMLAAttention(nn.Module):
     def __init__(self, config: KimiLinearConfig, layer_idx: int):
         super().__init__()
@@ -634,12 +682,35 @@ class KimiMLAAttention(nn.Module):
     # under 1% of the attention's time at 32k tokens. 1 turns it off.
     prefill_granule = 1024
 
+    # A prefill whose rounded shape has no cuDNN plan yet (on this thread: PyTorch keeps them per thread) runs the
+    # Triton kernel (kimi_linear_kernels.mla_prefill_attention: nothing built per length, 1.2-1.33x cuDNN's time on
+    # an H200) at each layer where the model's _PrefillClock finds less than this much GPU work queued ahead, and
+    # lets cuDNN build its plan at the first layer where more is queued, hidden behind that work (at 32k tokens the
+    # bench model's 4th layer has 29 ms ahead of it, its 8th 86 ms). From then on that shape runs cuDNN's kernel.
+    plan_build_ms = 70.0
+
+    def _plan_key(self, device, dtype, B, T):
+        return (device, dtype, B, T + (-T % self.prefill_granule), self.num_heads, self.q_head_dim, self.v_dim)
+
     def _attend_expanded(self, q, latent, mask):
         T, S = q.shape[2], latent.shape[1]
         causal_only = mask is None or isinstance(mask, CausalBias)  # no padding: causal, aligned bottom right
         if S > self.key_block and causal_only and not torch.is_grad_enabled():
             return self._attend_blocked(q, latent)
         padded = mask is None and S == T > 1 and q.is_cuda and not torch.is_grad_enabled()  # causal: pads stay hidden
+        if padded:
+            key = self._plan_key(q.device, q.dtype, q.shape[0], T)
+            plans = _cudnn_plans()
+            if key not in plans:
+                clock, fast = _PREFILL_CLOCK.get(), _triton_kernels(q)
+                if (
+                    clock is not None
+                    and fast is not None
+                    and fast.mla_prefill_serves(q, self.v_dim)
+                    and clock.queued_ms() < self.plan_build_ms
+                ):
+                    return fast.mla_prefill_attention(q, *self._expand(latent), self.scaling)
+                plans.add(key)  # the call below builds it
         pad = -T % self.prefill_granule if padded else 0
         if pad:  # in [B, T, heads, dim] memory, as the unpadded q
             q = F.pad(q.transpose(1, 2), (0, 0, 0, 0, 0, pad)).transpose(1, 2)
@@ -1910,12 +1981,30 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         mask = build_attention_mask(key_mask, T, past + T, x.device, segs if packed else None)
 
         states = cache.layers if cache is not None else [None] * len(self.layers)
-        for layer, state in zip(self.layers, states):
-            x = layer(x, state=state, segs=segs, mask=mask)
+        clock = self._prefill_clock(x, past, mask)
+        token = _PREFILL_CLOCK.set(clock)
+        try:
+            for layer, state in zip(self.layers, states):
+                if clock is not None:
+                    clock.layer_start()
+                x = layer(x, state=state, segs=segs, mask=mask)
+        finally:
+            _PREFILL_CLOCK.reset(token)
         x = self.norm(x)
         if static:
             cache.record_prefill(T, key_mask)
         return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache if use_cache else None})
+
+    def _prefill_clock(self, x, past, mask):
+        """A _PrefillClock for an inference prefill on CUDA (no cache before it, no padding) whose MLA attention shape
+        has no cuDNN plan on this thread yet, else None."""
+        B, T = x.shape[:2]
+        if past or mask is not None or T < 2 or not x.is_cuda or torch.is_grad_enabled():
+            return None
+        mla = next((layer.self_attn for layer in self.layers if layer.kind != KDA), None)
+        if mla is None or mla._plan_key(x.device, x.dtype, B, T) in _cudnn_plans():
+            return None
+        return _PrefillClock()
 
     def _static_step(self, x, cache):
         """One token per row, x [B, 1, hidden], through every layer on a KimiLinearStaticCache: every shape fixed,

@@ -9,8 +9,9 @@ configurations (kernels/tuned.py) and the variants the model uses compile side b
 (kernels/precompile.py). This package's own Triton kernels need no fla (`triton_serves(tensor)`): the fused norms
 (kernels/norm.py: RMSNorm with the residual add, the gated output norm, the q/k L2 norm; forward and backward) and
 the decode step's MoE (kernels/moe_decode.py: router, chosen and shared experts as matrix-vector products), KDA's
-short convolution (kernels/conv.py, forward and backward), MLA's decode attention (kernels/mla_decode.py), and a
-LoRA-adapted linear layer's training step (kernels/lora.py; kimi_linear_finetune puts it under PEFT's layers).
+short convolution (kernels/conv.py, forward and backward), MLA's decode attention (kernels/mla_decode.py), MLA's
+prefill attention where cuDNN has no plan yet for a prompt's shape (kernels/mla_prefill.py), and a LoRA-adapted
+linear layer's training step (kernels/lora.py; kimi_linear_finetune puts it under PEFT's layers).
 Everything else (CPU tensors above all, whatever is installed) stays on the plain PyTorch path in
 `modeling_kimi_linear.py`, whose functions are the twins. `force_backend("torch")` pins the plain path for tests. fla
 is called by keyword only: its positional order has changed between releases.
@@ -277,6 +278,29 @@ def projections(*args, **kwargs):
     from .kda_decode import projections as fused
 
     return fused(*args, **kwargs)
+
+
+def mla_prefill_serves(q, v_dim):
+    """Whether the Triton prefill attention (kernels/mla_prefill.py) takes q [B, H, T, D] with values of v_dim: a
+    tensor triton_serves on a Hopper GPU or newer (the cards where SDPA runs cuDNN's kernel, which it stands in for
+    while cuDNN has no plan for a shape), with head dims it is written for."""
+    from .mla_prefill import split_dims
+
+    return (
+        triton_serves(q)
+        and q.dtype != torch.float32
+        and torch.cuda.get_device_capability(q.device) >= (9, 0)
+        and split_dims(q.shape[-1]) is not None
+        and v_dim >= 16
+        and v_dim & (v_dim - 1) == 0
+    )
+
+
+def mla_prefill_attention(*args, **kwargs):
+    """MLA's causal prefill attention without a per-length plan; see kernels/mla_prefill.py."""
+    from .mla_prefill import mla_prefill
+
+    return mla_prefill(*args, **kwargs)
 
 
 def mla_decode_attention(*args, **kwargs):

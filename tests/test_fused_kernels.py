@@ -1,7 +1,7 @@
-"""The package's own fused Triton kernels (kernels/norm.py, moe_decode.py, kda_decode.py, mla_decode.py, conv.py,
-lora.py) against float64 references built from the model's PyTorch twins, on CPU through Triton's interpreter
-(TRITON_INTERPRET=1: the kernels' own code, run by numpy). The same kernels compiled on a GPU are tested in
-test_gpu.py, in bfloat16.
+"""The package's own fused Triton kernels (kernels/norm.py, moe_decode.py, kda_decode.py, mla_decode.py,
+mla_prefill.py, conv.py, lora.py) against float64 references built from the model's PyTorch twins, on CPU through
+Triton's interpreter (TRITON_INTERPRET=1: the kernels' own code, run by numpy). The same kernels compiled on a GPU
+are tested in test_gpu.py, in bfloat16.
 
 Triton 3.6's interpreter needs numpy < 2.4 (it takes int() of one-element arrays); .ci/run installs one beside
 Triton in the KIMI_FLA_SITE folder."""
@@ -169,6 +169,22 @@ SCRIPT = textwrap.dedent("""
             want = mla._attend_one(q.double(), lat.double(), m[:, None, None, :] if m is not None else None)
             out[f"mla decode {name} S={S} splits={splits} mask={m is not None}"] = rel(got, want)
 
+    # MLA's causal prefill attention (kimi_linear_kernels.mla_prefill) against the layer's own SDPA path in float64,
+    # at the model's head dims (192 = 128 + 64, values 128) and memory layout: a partial last block, an exact block,
+    # several key blocks per query block, and the default 128 x 64 blocks over two query blocks
+    from kimi_linear_kernels import mla_prefill
+
+    c = KimiLinearConfig(**{**cfg, **bench, "num_attention_heads": 2, "head_dim": 128})
+    mla = KimiMLAAttention(c, 3)
+    for B, T, blocks in [(2, 77, (32, 16)), (1, 64, (32, 32)), (1, 45, (16, 16)), (1, 200, (128, 64))]:
+        q = torch.randn(B, T, mla.num_heads, mla.q_head_dim).transpose(1, 2)
+        lat = torch.randn(B, T, c.kv_lora_rank + c.qk_rope_head_dim)
+        got = mla_prefill.mla_prefill(q, *mla._expand(lat), mla.scaling, *blocks)
+        want = mla.double()._attend_expanded(q.double(), lat.double(), None)
+        mla.float()
+        out[f"mla prefill B={B} T={T} blocks={blocks}"] = rel(got, want)
+        out[f"mla prefill B={B} T={T} layout"] = float(got.transpose(1, 2).is_contiguous())
+
     # KDA's short convolution with SiLU, forward and backward (input, weight, starting window), against the twin
     # short_conv in float64 with autograd: fewer tokens than the window, one token block, several blocks; channels
     # not a multiple of the channel block; with and without a starting window
@@ -292,6 +308,15 @@ def test_mla_decode_kernel_matches_the_two_product_path(errors):
     assert len(mla) == 6
     bad = {k: v for k, v in mla.items() if not v < 1e-6}
     assert not bad, bad
+
+
+def test_mla_prefill_kernel_matches_the_layers_sdpa_path(errors):
+    prefill = {k: v for k, v in errors.items() if k.startswith("mla prefill") and not k.endswith("layout")}
+    assert len(prefill) == 4, sorted(prefill)
+    bad = {k: v for k, v in prefill.items() if not v < 1e-6}
+    assert not bad, bad
+    # the output is laid out as [B, T, heads, dim], so that o_proj's input is a view
+    assert all(v == 1.0 for k, v in errors.items() if k.startswith("mla prefill") and k.endswith("layout"))
 
 
 def test_short_conv_kernels_forward_and_backward_match_float64(errors):

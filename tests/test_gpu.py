@@ -712,6 +712,116 @@ def test_prefill_attention_rounded_to_the_granule_matches_float64(monkeypatch):
     assert floor < 0.1 and rel_rms(rounded, ref) < 1.5 * floor + 1e-3, (rel_rms(rounded, ref), floor)
 
 
+def _mla_inputs(B, T, H, gen):
+    """q, k, v as MLA's prefill hands them to its attention (192 / 128 per head, the model's memory layout), bf16."""
+    kv = torch.randn(B, T, H, 256, device="cuda", generator=gen).bfloat16()
+    k_pe = torch.randn(B, T, 64, device="cuda", generator=gen).bfloat16()
+    q = torch.randn(B, T, H, 192, device="cuda", generator=gen).bfloat16().transpose(1, 2)
+    k_nope, v = kv.split([128, 128], dim=-1)
+    k = torch.cat([k_nope.transpose(1, 2), k_pe[:, None].expand(B, H, T, 64)], dim=-1)
+    return q, k, v.transpose(1, 2)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="the kernel serves Hopper on"
+)
+def test_mla_prefill_kernel_near_float64_and_compiles_once():
+    # kernels/mla_prefill.py in bf16 against SDPA in float64, at lengths around its blocks and several blocks long;
+    # SDPA's own bf16 kernel (cuDNN on Hopper) sets the bar. After the first length, new lengths compile nothing.
+    import torch.nn.functional as F
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    with precompile.compile_events(only_fla=False) as events:
+        for T in [1000, 63, 64, 129, 4099]:
+            before = len(events)
+            q, k, v = _mla_inputs(2, T, 8, gen)
+            got = kernels.mla_prefill_attention(q, k, v, 192**-0.5)
+            exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True, scale=192**-0.5)
+            sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=192**-0.5)
+            assert got.shape == sdpa.shape and got.transpose(1, 2).is_contiguous()
+            floor = rel_rms(sdpa, exact)
+            assert rel_rms(got, exact) < 1.5 * floor + 1e-3, (T, rel_rms(got, exact), floor)
+            if T != 1000:
+                assert len(events) == before, (T, events[before:])
+
+
+def test_prefill_clock_reads_the_queued_gpu_work():
+    # _PrefillClock against known work: three "layers" of ~20 ms each queued on an idle GPU; asked at the start of
+    # the fourth, it waits for the first to finish and reads the two left (~40 ms), and 0 once the GPU is through.
+    from kimi_linear.modeling_kimi_linear import _PrefillClock
+
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    torch.cuda._sleep(10**7)
+    b.record()
+    b.synchronize()
+    cycles = int(10**7 * 20 / a.elapsed_time(b))  # ~20 ms of spinning
+    torch.cuda.synchronize()
+    clock = _PrefillClock()
+    for _ in range(3):
+        clock.layer_start()
+        torch.cuda._sleep(cycles)
+    clock.layer_start()
+    queued = clock.queued_ms()
+    assert 30 < queued < 45, queued
+    torch.cuda.synchronize()
+    assert clock.queued_ms() == 0.0
+
+
+def _mla_shaped_model():
+    """The tiny model with MLA's released head dims (192 / 128 per head), so that its prefill attention can take
+    the Triton kernel, in bf16 on the GPU."""
+    lac = dict(tiny_config_dict()["linear_attn_config"], num_heads=32, head_dim=128)  # as _cuda_model
+    dims = dict(qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
+    return build_model(linear_attn_config=lac, **dims).cuda().bfloat16()
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="the kernel serves Hopper on"
+)
+def test_prefill_without_a_cudnn_plan_runs_the_triton_kernel_until_one_is_hidden(monkeypatch):
+    # A prefill whose rounded shape has no cuDNN plan on this thread runs the Triton kernel at every layer where the
+    # clock reads less queued work than plan_build_ms (an infinite one here), and SDPA nowhere; its logits are as
+    # close to float64 as SDPA's. Where the clock reads enough (plan_build_ms 0), SDPA runs and builds the plan; the
+    # next prefill in that 1024-token bucket then runs SDPA with no clock at all.
+    import torch.nn.functional as F
+
+    import kimi_linear.modeling_kimi_linear as modeling
+    from kimi_linear.modeling_kimi_linear import KimiMLAAttention
+
+    model = _mla_shaped_model()
+    ids = torch.randint(3, 512, (3, 611), generator=torch.Generator().manual_seed(11))
+    calls, sdpa, fused = [], F.scaled_dot_product_attention, kernels.mla_prefill_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append("sdpa") or sdpa(*a, **k))
+    monkeypatch.setattr(kernels, "mla_prefill_attention", lambda *a, **k: calls.append("triton") or fused(*a, **k))
+    monkeypatch.setattr(modeling._PLANS, "keys", set(), raising=False)  # this thread has run no MLA prefill shape
+    clocks = []
+    make_clock = modeling.KimiLinearModel._prefill_clock
+    monkeypatch.setattr(modeling.KimiLinearModel, "_prefill_clock",
+                        lambda *a: clocks.append(make_clock(*a)) or clocks[-1])  # fmt: skip
+
+    @torch.no_grad()
+    def run(m, x):
+        return m(x, use_cache=False).logits.float().cpu()
+
+    ref = run(copy.deepcopy(model).double().cpu(), ids)
+    monkeypatch.setattr(KimiMLAAttention, "plan_build_ms", float("inf"))
+    triton_logits = run(model, ids.cuda())
+    assert calls == ["triton", "triton"] and clocks[-1] is not None, calls
+    assert not modeling._cudnn_plans()
+    calls.clear()
+    monkeypatch.setattr(KimiMLAAttention, "plan_build_ms", 0.0)
+    sdpa_logits = run(model, ids.cuda())
+    assert calls == ["sdpa", "sdpa"], calls
+    assert len(modeling._cudnn_plans()) == 1
+    calls.clear()
+    monkeypatch.setattr(KimiMLAAttention, "plan_build_ms", float("inf"))
+    run(model, ids[:, : 1000 % 611 + 300].cuda())  # 689 tokens: the same 1024-token bucket, a plan there
+    assert calls == ["sdpa", "sdpa"] and clocks[-1] is None, calls
+    floor = rel_rms(sdpa_logits, ref)
+    assert floor < 0.1 and rel_rms(triton_logits, ref) < 1.5 * floor + 1e-3, (rel_rms(triton_logits, ref), floor)
+
+
 @pytest.mark.parametrize("rows, k, n, r", [(4096, 2304, 4096, 16), (77, 128, 4096, 8), (300, 2304, 32, 16)])
 def test_lora_kernel_near_float64(rows, k, n, r):
     # A LoRA-adapted linear layer (kernels/lora.py) in bf16 with float32 adapters, forward and backward, against
