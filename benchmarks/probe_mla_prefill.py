@@ -4,8 +4,9 @@ shape (32 heads, q/k 192 and v 128 per head, causal, bf16, the model's memory la
 1. each launch setting of the Triton kernel against cuDNN warm at each length (median of 5, CUDA events), with the
    first call's compile time and the output's difference from cuDNN's;
 2. the chosen setting at lengths it has not seen: first call against warm (nothing compiles);
-3. with --model, the bench model's warm prefill layer by layer: when the host reaches each layer and when the GPU
-   starts it, i.e. how much GPU work is queued when a layer's launches are made (what hides a cuDNN plan's build).
+3. with --model, the bench model's prefill at each length, first call then warm, layer by layer: when the host
+   reaches each layer and when the GPU starts it (how much GPU work is queued when a layer's launches are made,
+   which is what hides a cuDNN plan's build), and what each MLA layer's attention ran.
 
 An earlier version built cuDNN's plan on a worker thread inside an unreplayed CUDA graph capture: the main thread's
 torch.cuda.synchronize() during that capture raised (results/probe_plan_ahead_capture.log), so that way is closed.
@@ -58,14 +59,18 @@ def host_s(fn):
 
 
 def timeline(lengths):
+    """The bench model's prefill at each length, first call (a new length) then warm: per layer, host and GPU start
+    times (ms from the forward's start), and in the first call what each MLA layer's attention ran and the clock's
+    estimate of the GPU work queued ahead of it."""
+    import kimi_linear.modeling_kimi_linear as modeling
+    import kimi_linear_kernels as kernels
     from kimi_linear.configuration_kimi_linear import KimiLinearConfig
-    from kimi_linear.modeling_kimi_linear import KimiLinearForCausalLM
 
     config = Path(__file__).resolve().parent / "configs" / "bench_1b_hybrid.json"
     torch.manual_seed(0)
     with torch.device("cuda"):
-        model = KimiLinearForCausalLM(KimiLinearConfig(**json.loads(config.read_text()))).bfloat16().eval()
-    marks = []
+        model = modeling.KimiLinearForCausalLM(KimiLinearConfig(**json.loads(config.read_text()))).bfloat16().eval()
+    marks, paths = [], []
 
     def hook(module, args):
         ev = torch.cuda.Event(enable_timing=True)
@@ -74,31 +79,52 @@ def timeline(lengths):
 
     for layer in model.model.layers:
         layer.register_forward_pre_hook(hook)
+    fused, sdpa, queued = (
+        kernels.mla_prefill_attention,
+        F.scaled_dot_product_attention,
+        modeling._PrefillClock.queued_ms,
+    )
+    kernels.mla_prefill_attention = lambda *a, **k: paths.append("triton") or fused(*a, **k)
+    F.scaled_dot_product_attention = lambda *a, **k: paths.append("sdpa") or sdpa(*a, **k)
+    modeling._PrefillClock.queued_ms = lambda self: (lambda ms: paths.append(f"queued {ms:.1f} ms") or ms)(queued(self))
+
+    def one(x):
+        marks.clear()
+        paths.clear()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(x, logits_to_keep=1)
+        host = (time.perf_counter() - t0) * 1e3
+        end.record()
+        end.synchronize()
+        layers = [[round((t - t0) * 1e3, 1), round(start.elapsed_time(ev), 1)] for t, ev in marks]
+        return {"gpu_ms": start.elapsed_time(end), "host_ms": host, "layers": layers, "mla": list(paths)}
+
     rows = {}
-    for T in lengths:
-        x = torch.randint(3, model.config.vocab_size, (1, T), device="cuda")
-        for _ in range(3):
-            marks.clear()
-            torch.cuda.synchronize()
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                model(x, logits_to_keep=1)
-            end = torch.cuda.Event(enable_timing=True)
-            end.record()
-            end.synchronize()
-        layers = [{"host_ms": (t - t0) * 1e3, "gpu_ms": start.elapsed_time(ev)} for t, ev in marks]
-        rows[T] = {"layers": layers, "gpu_total_ms": start.elapsed_time(end)}
-        print(f"T={T}: GPU {rows[T]['gpu_total_ms']:.1f} ms; layer starts (host ms / GPU ms): "
-              + ", ".join(f"{r['host_ms']:.1f}/{r['gpu_ms']:.1f}" for r in layers), flush=True)  # fmt: skip
+    one(torch.randint(3, model.config.vocab_size, (1, 2048), device="cuda"))  # compiles every kernel
+    try:
+        for T in lengths:
+            x = torch.randint(3, model.config.vocab_size, (1, T), device="cuda")
+            first = one(x)
+            warm = [one(x) for _ in range(3)][-1]
+            rows[T] = {"first": first, "warm": warm}
+            for name, r in (("first", first), ("warm", warm)):
+                starts = " ".join(f"{h}/{g}" for h, g in r["layers"])
+                print(f"T={T} {name}: GPU {r['gpu_ms']:.1f} ms, host {r['host_ms']:.1f} ms; MLA: {r['mla']}; "
+                      f"layer starts host/GPU ms: {starts}", flush=True)  # fmt: skip
+    finally:
+        kernels.mla_prefill_attention, F.scaled_dot_product_attention = fused, sdpa
+        modeling._PrefillClock.queued_ms = queued
     return rows
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", type=Path, required=True)
-    ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536])
+    ap.add_argument("--lengths", type=int, nargs="*", default=[8192, 32768, 65536])
     ap.add_argument("--new-lengths", type=int, nargs="+", default=[5001, 40000, 100003])
     ap.add_argument("--model", type=int, nargs="*", default=[], help="prefill lengths for the layer timeline")
     args = ap.parse_args()
@@ -136,10 +162,20 @@ def main():
             f"T={T}: cudnn {row['cudnn_ms']:.2f} ms ({flops / row['cudnn_ms'] / 1e9:.0f} TFLOP/s); {cells}", flush=True
         )
         del q, k, v, ref
-    report["first_call_s"] = compile_s
+    if args.lengths:
+        report.update(new_lengths(args, report["lengths"], compile_s, mla_prefill, gen, scale))
+    if args.model:
+        report["timeline"] = timeline(args.model)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "probe_mla_prefill.json").write_text(json.dumps(report, indent=1))
+
+
+def new_lengths(args, rows, compile_s, mla_prefill, gen, scale):
+    """The fastest setting over args.lengths, then its first call at lengths not seen against warm."""
+    report = {"first_call_s": compile_s}
     print("first call (compile) s: " + ", ".join(f"{k} {v:.2f}" for k, v in compile_s.items()), flush=True)
-    ok = {k: statistics.mean(report["lengths"][T][k]["x_cudnn"] for T in args.lengths)
-          for k in compile_s if all("ms" in report["lengths"][T].get(k, {}) for T in args.lengths)}  # fmt: skip
+    ok = {k: statistics.mean(rows[T][k]["x_cudnn"] for T in args.lengths)
+          for k in compile_s if all("ms" in rows[T].get(k, {}) for T in args.lengths)}  # fmt: skip
     best = min(ok, key=ok.get)
     setting = next(s for s in SETTINGS if f"{s[0]}x{s[1]} w{s[2]} s{s[3]}" == best)
     report["best"] = best
@@ -152,10 +188,7 @@ def main():
         report["new_lengths"][T] = {"first_s": first, "warm_s": warm}
         print(f"new length {T} ({best}): first {first * 1e3:.2f} ms, warm {warm * 1e3:.2f} ms", flush=True)
         del q, k, v
-    if args.model:
-        report["timeline"] = timeline(args.model)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "probe_mla_prefill.json").write_text(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":
