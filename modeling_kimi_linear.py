@@ -684,10 +684,19 @@ class KimiMLAAttention(nn.Module):
 
     # A prefill whose rounded shape has no cuDNN plan yet (on this thread: PyTorch keeps them per thread) runs the
     # Triton kernel (kimi_linear_kernels.mla_prefill_attention: nothing built per length, 1.2-1.33x cuDNN's time on
-    # an H200) at each layer where the model's _PrefillClock finds less than this much GPU work queued ahead, and
-    # lets cuDNN build its plan at the first layer where more is queued, hidden behind that work (at 32k tokens the
-    # bench model's 4th layer has 29 ms ahead of it, its 8th 86 ms). From then on that shape runs cuDNN's kernel.
-    plan_build_ms = 70.0
+    # an H200) at each layer where the model's _PrefillClock finds less GPU work queued ahead than a build takes,
+    # and lets cuDNN build its plan at the first layer where more is queued, hidden behind that work (at 32k tokens
+    # the bench model's 4th layer has 29-50 ms ahead of it, its 8th 78-86 ms). From then on that shape runs cuDNN's
+    # kernel. A build took 50-70 ms of host time on one lent H100 host, 150-180 ms on an H200 host: plan_build_ms
+    # starts above both and becomes the longest build this process has timed (_note_build).
+    plan_build_ms = 200.0
+    _builds_timed = False
+
+    @classmethod
+    def _note_build(cls, ms):
+        if ms >= 10:  # shorter: SDPA found a plan of its own (or is not cuDNN's), nothing was built
+            cls.plan_build_ms = max(cls.plan_build_ms, ms) if cls._builds_timed else ms
+            cls._builds_timed = True
 
     def _plan_key(self, device, dtype, B, T):
         return (device, dtype, B, T + (-T % self.prefill_granule), self.num_heads, self.q_head_dim, self.v_dim)
@@ -698,6 +707,7 @@ class KimiMLAAttention(nn.Module):
         if S > self.key_block and causal_only and not torch.is_grad_enabled():
             return self._attend_blocked(q, latent)
         padded = mask is None and S == T > 1 and q.is_cuda and not torch.is_grad_enabled()  # causal: pads stay hidden
+        building = False
         if padded:
             key = self._plan_key(q.device, q.dtype, q.shape[0], T)
             plans = _cudnn_plans()
@@ -710,14 +720,18 @@ class KimiMLAAttention(nn.Module):
                     and clock.queued_ms() < self.plan_build_ms
                 ):
                     return fast.mla_prefill_attention(q, *self._expand(latent), self.scaling)
-                plans.add(key)  # the call below builds it
+                plans.add(key)
+                building = True
         pad = -T % self.prefill_granule if padded else 0
         if pad:  # in [B, T, heads, dim] memory, as the unpadded q
             q = F.pad(q.transpose(1, 2), (0, 0, 0, 0, 0, pad)).transpose(1, 2)
             latent = F.pad(latent, (0, 0, 0, pad))
         k, v = self._expand(latent)
         is_causal = mask is None and T > 1
+        start = time.perf_counter()
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling)
+        if building:
+            self._note_build((time.perf_counter() - start) * 1e3)
         return out[:, :, :T] if pad else out
 
     def _attend_blocked(self, q, latent):

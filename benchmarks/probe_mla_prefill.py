@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 
 H, DQ, DV = 32, 192, 128
-SETTINGS = [(128, 64, 8, 3), (128, 64, 8, 2), (128, 128, 8, 2), (128, 32, 8, 4), (128, 64, 4, 3), (64, 64, 4, 3)]
+# (block_m, block_n, warps, stages, TMA loads)
+SETTINGS = [(128, 128, 8, 2, False), (128, 64, 8, 3, False), (128, 128, 8, 2, True), (128, 64, 8, 3, True),
+            (128, 64, 8, 2, True), (128, 128, 8, 3, True), (128, 64, 8, 4, True)]  # fmt: skip
 
 
 def inputs(T, gen):
@@ -36,6 +38,11 @@ def inputs(T, gen):
     k_nope, v = kv.split([128, DV], dim=-1)
     k = torch.cat([k_nope.transpose(1, 2), k_pe[:, None].expand(1, H, T, 64)], dim=-1)
     return q, k, v.transpose(1, 2)
+
+
+def name(setting):
+    bm, bn, w, s, tma = setting
+    return f"{bm}x{bn} w{w} s{s}{' tma' if tma else ''}"
 
 
 def gpu_ms(fn, reps=5):
@@ -143,9 +150,9 @@ def main():
         ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         row = {"cudnn_ms": gpu_ms(lambda a=(q, k, v): F.scaled_dot_product_attention(*a, is_causal=True, scale=scale))}
         flops = T * T * H * (DQ + DV)  # causal: half of 2 * T^2 * H * (DQ + DV)
-        for bm, bn, w, s in SETTINGS:
-            key = f"{bm}x{bn} w{w} s{s}"
-            run = lambda a=(q, k, v), c=(bm, bn, w, s): mla_prefill(*a, scale, *c)  # noqa: E731
+        for setting in SETTINGS:
+            key = name(setting)
+            run = lambda a=(q, k, v), c=setting: mla_prefill(*a, scale, *c)  # noqa: E731
             try:
                 first = host_s(run)
             except Exception as e:  # noqa: BLE001 - a setting that does not fit the card is reported, not fatal
@@ -177,7 +184,7 @@ def new_lengths(args, rows, compile_s, mla_prefill, gen, scale):
     ok = {k: statistics.mean(rows[T][k]["x_cudnn"] for T in args.lengths)
           for k in compile_s if all("ms" in rows[T].get(k, {}) for T in args.lengths)}  # fmt: skip
     best = min(ok, key=ok.get)
-    setting = next(s for s in SETTINGS if f"{s[0]}x{s[1]} w{s[2]} s{s[3]}" == best)
+    setting = next(s for s in SETTINGS if name(s) == best)
     report["best"] = best
     report["new_lengths"] = {}
     for T in args.new_lengths:

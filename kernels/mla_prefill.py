@@ -17,9 +17,23 @@ import triton.language as tl
 
 
 @triton.jit
+def _update(acc, l_i, m_i, qk, v, offs_m, offs_n, n0, qk_scale, DIAGONAL: tl.constexpr):
+    """The online softmax over one block of scores qk [BM, BN] and its values v [BN, DV]."""
+    qk = qk * qk_scale
+    if DIAGONAL:
+        qk = tl.where(offs_m[:, None] >= (n0 + offs_n)[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _step(acc, l_i, m_i, qa, qb, k_rows, v_rows, n0, offs_m, offs_n, T, stride_kt, stride_vt, qk_scale,
           DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr, DIAGONAL: tl.constexpr):  # fmt: skip
-    """One block of BN keys starting at n0: scores, online softmax, values."""
+    """One block of BN keys starting at n0, loaded through pointers (masked past T on the diagonal)."""
     rows = (n0 + offs_n).to(tl.int64)
     ok = (n0 + offs_n) < T
     if DIAGONAL:
@@ -36,15 +50,7 @@ def _step(acc, l_i, m_i, qa, qb, k_rows, v_rows, n0, offs_m, offs_n, T, stride_k
         else:
             kb = tl.load(k_rows + rows[:, None] * stride_kt + DA + tl.arange(0, DB)[None, :])
         qk = tl.dot(qb, tl.trans(kb), qk)
-    qk = qk * qk_scale
-    if DIAGONAL:
-        qk = tl.where(offs_m[:, None] >= (n0 + offs_n)[None, :], qk, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    p = tl.math.exp2(qk - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-    return acc, l_i, m_new
+    return _update(acc, l_i, m_i, qk, v, offs_m, offs_n, n0, qk_scale, DIAGONAL)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -78,6 +84,68 @@ def _fwd(Q, K, V, O, T, H, qk_scale, stride_qb, stride_qh, stride_qt, stride_kb,
     tl.store(o_rows + tl.arange(0, DV)[None, :], out.to(O.dtype.element_ty), mask=m_ok[:, None])
 
 
+@triton.jit
+def _step_tma(acc, l_i, m_i, qa, qb, ka_desc, kb_desc, v_desc, k_row, k_col, v_row, v_col, n0, offs_m, offs_n,
+              qk_scale, DA: tl.constexpr, DB: tl.constexpr, DIAGONAL: tl.constexpr):  # fmt: skip
+    """One block of BN keys starting at n0, loaded by the tensor memory accelerator. Rows past T are the next
+    head's or row's (or zeros past the tensor): real numbers, hidden by the causal mask."""
+    ka = ka_desc.load([k_row + n0, k_col])
+    v = v_desc.load([v_row + n0, v_col])
+    qk = tl.dot(qa, tl.trans(ka))
+    if DB > 0:
+        kb = kb_desc.load([k_row + n0, k_col + DA])
+        qk = tl.dot(qb, tl.trans(kb), qk)
+    return _update(acc, l_i, m_i, qk, v, offs_m, offs_n, n0, qk_scale, DIAGONAL)
+
+
+@triton.jit(do_not_specialize=["T", "q_rb", "k_rb", "k_rh", "v_rb"])
+def _fwd_tma(qa_desc, qb_desc, ka_desc, kb_desc, v_desc, O, T, H, qk_scale, q_rb, q_ch, k_rb, k_rh, k_ch, v_rb, v_ch,
+             stride_ob, stride_oh, stride_ot,
+             DA: tl.constexpr, DB: tl.constexpr, DV: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):  # fmt: skip
+    """As _fwd, each input seen as a 2D matrix (_matrix): row b * rb + h * rh + t, columns from h * ch."""
+    start_m = tl.cdiv(T, BM) - 1 - tl.program_id(0)
+    b = tl.program_id(1) // H
+    h = tl.program_id(1) % H
+    offs_m = start_m * BM + tl.arange(0, BM)
+    offs_n = tl.arange(0, BN)
+    q_row = b * q_rb + start_m * BM
+    qa = qa_desc.load([q_row, h * q_ch])
+    qb = qa
+    if DB > 0:
+        qb = qb_desc.load([q_row, h * q_ch + DA])
+    k_row, k_col = b * k_rb + h * k_rh, h * k_ch
+    v_row, v_col = b * v_rb, h * v_ch
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, DV], dtype=tl.float32)
+    for n0 in range(0, start_m * BM, BN):
+        acc, l_i, m_i = _step_tma(acc, l_i, m_i, qa, qb, ka_desc, kb_desc, v_desc, k_row, k_col, v_row, v_col, n0,
+                                  offs_m, offs_n, qk_scale, DA, DB, False)  # fmt: skip
+    for n0 in range(start_m * BM, tl.minimum((start_m + 1) * BM, T), BN):
+        acc, l_i, m_i = _step_tma(acc, l_i, m_i, qa, qb, ka_desc, kb_desc, v_desc, k_row, k_col, v_row, v_col, n0,
+                                  offs_m, offs_n, qk_scale, DA, DB, True)  # fmt: skip
+    out = acc / l_i[:, None]
+    o_rows = (O + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+              + offs_m[:, None].to(tl.int64) * stride_ot)  # fmt: skip
+    tl.store(o_rows + tl.arange(0, DV)[None, :], out.to(O.dtype.element_ty), mask=(offs_m < T)[:, None])
+
+
+def _matrix(x):
+    """x [B, H, T, D] (last dimension contiguous) as a 2D matrix a TMA descriptor can read: (rb, rh, ch, rows,
+    columns, row stride), row b * rb + h * rh + t holding head h's values from column h * ch; or None. Two layouts
+    fit: every head of a token in one row ([B, T, H, D] memory, also a view of wider rows) and one head's tokens in
+    consecutive rows ([B, H, T, D] contiguous)."""
+    B, H, T, D = x.shape
+    sb, sh, st, _ = x.stride()
+    if x.data_ptr() % 16 or (st * x.element_size()) % 16:
+        return None
+    if (B == 1 or sb == T * st) and (H == 1 or (sh >= D and st >= (H - 1) * sh + D)):
+        return T, 0, sh, B * T, (H - 1) * sh + D, st
+    if st == D and (H == 1 or sh == T * D) and (B == 1 or sb == H * T * D):
+        return H * T, T, 0, B * H * T, D, st
+    return None
+
+
 def split_dims(d):
     """The two power-of-two widths (the second may be 0) a q/k head dimension is taken in, or None."""
     a = 1 << (d.bit_length() - 1)
@@ -85,10 +153,11 @@ def split_dims(d):
     return (a, b) if a >= 16 and (b == 0 or (b >= 16 and b & (b - 1) == 0)) else None
 
 
-def mla_prefill(q, k, v, scale, block_m=128, block_n=128, num_warps=8, num_stages=2):
+def mla_prefill(q, k, v, scale, block_m=128, block_n=128, num_warps=8, num_stages=2, tma=None):
     """softmax(scale * q k^T, causal) v for q, k [B, H, T, D] and v [B, H, T, DV] (any strides, the last dimension
     contiguous; D a power of two or the sum of two, each at least 16, DV a power of two). Returns [B, H, T, DV] in
-    the inputs' dtype, laid out in memory as [B, T, H, DV] (as SDPA lays out the output of q in that layout)."""
+    the inputs' dtype, laid out in memory as [B, T, H, DV] (as SDPA lays out the output of q in that layout).
+    tma: load through TMA descriptors (Hopper on; default where every input's layout fits, see _matrix)."""
     B, H, T, D = q.shape
     DV = v.shape[-1]
     dims = split_dims(D)
@@ -105,9 +174,30 @@ def mla_prefill(q, k, v, scale, block_m=128, block_n=128, num_warps=8, num_stage
     out = torch.empty(B, T, H, DV, dtype=q.dtype, device=q.device).transpose(1, 2)
     if T == 0:
         return out
-    _fwd[(triton.cdiv(T, block_m), B * H)](
-        q, k, v, out, T, H, float(scale) * 1.4426950408889634,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+    grid = (triton.cdiv(T, block_m), B * H)
+    qk_scale = float(scale) * 1.4426950408889634  # base 2
+    mats = [_matrix(x) for x in (q, k, v)]
+    if tma is None:
+        tma = all(m is not None for m in mats) and (not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] >= 9)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        if any(m is None for m in mats):
+            raise ValueError("mla_prefill(tma=True) needs layouts a TMA descriptor can read (see _matrix)")
+        (q_rb, _, q_ch, *qm), (k_rb, k_rh, k_ch, *km), (v_rb, _, v_ch, *vm) = mats
+
+        def desc(x, m, rows, cols):
+            return TensorDescriptor(x, [m[0], m[1]], [m[2], 1], [rows, cols])
+
+        _fwd_tma[grid](
+            desc(q, qm, block_m, dims[0]), desc(q, qm, block_m, max(dims[1], 16)), desc(k, km, block_n, dims[0]),
+            desc(k, km, block_n, max(dims[1], 16)), desc(v, vm, block_n, DV), out, T, H, qk_scale,
+            q_rb, q_ch, k_rb, k_rh, k_ch, v_rb, v_ch, *out.stride()[:3],
+            DA=dims[0], DB=dims[1], DV=DV, BM=block_m, BN=block_n, num_warps=num_warps, num_stages=num_stages,
+        )  # fmt: skip
+        return out
+    _fwd[grid](
+        q, k, v, out, T, H, qk_scale, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         DA=dims[0], DB=dims[1], DV=DV, BM=block_m, BN=block_n, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

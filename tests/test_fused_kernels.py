@@ -171,7 +171,7 @@ SCRIPT = textwrap.dedent("""
 
     # MLA's causal prefill attention (kimi_linear_kernels.mla_prefill) against the layer's own SDPA path in float64,
     # at the model's head dims (192 = 128 + 64, values 128) and memory layout: a partial last block, an exact block,
-    # several key blocks per query block, and the default 128 x 64 blocks over two query blocks
+    # several key blocks per query block, and 128 x 64 blocks over two query blocks
     from kimi_linear_kernels import mla_prefill
 
     c = KimiLinearConfig(**{**cfg, **bench, "num_attention_heads": 2, "head_dim": 128})
@@ -179,11 +179,12 @@ SCRIPT = textwrap.dedent("""
     for B, T, blocks in [(2, 77, (32, 16)), (1, 64, (32, 32)), (1, 45, (16, 16)), (1, 200, (128, 64))]:
         q = torch.randn(B, T, mla.num_heads, mla.q_head_dim).transpose(1, 2)
         lat = torch.randn(B, T, c.kv_lora_rank + c.qk_rope_head_dim)
-        got = mla_prefill.mla_prefill(q, *mla._expand(lat), mla.scaling, *blocks)
         want = mla.double()._attend_expanded(q.double(), lat.double(), None)
         mla.float()
-        out[f"mla prefill B={B} T={T} blocks={blocks}"] = rel(got, want)
-        out[f"mla prefill B={B} T={T} layout"] = float(got.transpose(1, 2).is_contiguous())
+        for tma in (False, True):  # loads through pointers, and through TMA descriptors (the layouts fit)
+            got = mla_prefill.mla_prefill(q, *mla._expand(lat), mla.scaling, *blocks, tma=tma)
+            out[f"mla prefill B={B} T={T} blocks={blocks} tma={tma}"] = rel(got, want)
+            out[f"mla prefill B={B} T={T} tma={tma} layout"] = float(got.transpose(1, 2).is_contiguous())
 
     # KDA's short convolution with SiLU, forward and backward (input, weight, starting window), against the twin
     # short_conv in float64 with autograd: fewer tokens than the window, one token block, several blocks; channels
@@ -312,7 +313,7 @@ def test_mla_decode_kernel_matches_the_two_product_path(errors):
 
 def test_mla_prefill_kernel_matches_the_layers_sdpa_path(errors):
     prefill = {k: v for k, v in errors.items() if k.startswith("mla prefill") and not k.endswith("layout")}
-    assert len(prefill) == 4, sorted(prefill)
+    assert len(prefill) == 8, sorted(prefill)
     bad = {k: v for k, v in prefill.items() if not v < 1e-6}
     assert not bad, bad
     # the output is laid out as [B, T, heads, dim], so that o_proj's input is a view

@@ -732,18 +732,20 @@ def test_mla_prefill_kernel_near_float64_and_compiles_once():
     import torch.nn.functional as F
 
     gen = torch.Generator(device="cuda").manual_seed(5)
-    with precompile.compile_events(only_fla=False) as events:
-        for T in [1000, 63, 64, 129, 4099]:
-            before = len(events)
-            q, k, v = _mla_inputs(2, T, 8, gen)
-            got = kernels.mla_prefill_attention(q, k, v, 192**-0.5)
-            exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True, scale=192**-0.5)
-            sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=192**-0.5)
-            assert got.shape == sdpa.shape and got.transpose(1, 2).is_contiguous()
-            floor = rel_rms(sdpa, exact)
-            assert rel_rms(got, exact) < 1.5 * floor + 1e-3, (T, rel_rms(got, exact), floor)
-            if T != 1000:
-                assert len(events) == before, (T, events[before:])
+    for tma in (False, True):  # loads through pointers, through TMA descriptors
+        with precompile.compile_events(only_fla=False) as events:
+            for T in [1000, 63, 64, 129, 4099]:
+                before = len(events)
+                q, k, v = _mla_inputs(2, T, 8, gen)
+                got = kernels.mla_prefill_attention(q, k, v, 192**-0.5, tma=tma)
+                exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True,
+                                                       scale=192**-0.5)  # fmt: skip
+                sdpa = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=192**-0.5)
+                assert got.shape == sdpa.shape and got.transpose(1, 2).is_contiguous()
+                floor = rel_rms(sdpa, exact)
+                assert rel_rms(got, exact) < 1.5 * floor + 1e-3, (tma, T, rel_rms(got, exact), floor)
+                if T != 1000:
+                    assert len(events) == before, (tma, T, events[before:])
 
 
 def test_prefill_clock_reads_the_queued_gpu_work():
@@ -787,8 +789,8 @@ def _mla_shaped_model():
 def test_prefill_without_a_cudnn_plan_runs_the_triton_kernel_until_one_is_hidden(monkeypatch):
     # A prefill whose rounded shape has no cuDNN plan on this thread runs the Triton kernel at every layer where the
     # clock reads less queued work than plan_build_ms (an infinite one here), and SDPA nowhere; its logits are as
-    # close to float64 as SDPA's. Where the clock reads enough (plan_build_ms 0), SDPA runs and builds the plan; the
-    # next prefill in that 1024-token bucket then runs SDPA with no clock at all.
+    # close to float64 as SDPA's. Where the clock reads enough (plan_build_ms 0), SDPA runs and builds the plan, and
+    # the build's time becomes plan_build_ms; the next prefill in that 1024-token bucket runs SDPA with no clock.
     import torch.nn.functional as F
 
     import kimi_linear.modeling_kimi_linear as modeling
@@ -816,9 +818,11 @@ def test_prefill_without_a_cudnn_plan_runs_the_triton_kernel_until_one_is_hidden
     assert not modeling._cudnn_plans()
     calls.clear()
     monkeypatch.setattr(KimiMLAAttention, "plan_build_ms", 0.0)
+    monkeypatch.setattr(KimiMLAAttention, "_builds_timed", False)
     sdpa_logits = run(model, ids.cuda())
     assert calls == ["sdpa", "sdpa"], calls
     assert len(modeling._cudnn_plans()) == 1
+    assert KimiMLAAttention._builds_timed and KimiMLAAttention.plan_build_ms >= 10  # the build, timed
     calls.clear()
     monkeypatch.setattr(KimiMLAAttention, "plan_build_ms", float("inf"))
     run(model, ids[:, : 1000 % 611 + 300].cuda())  # 689 tokens: the same 1024-token bucket, a plan there
