@@ -2,8 +2,8 @@
 model's projection shapes. The bench model's first prefill at a new length spends 12-20 ms more host time in its
 first layers than a warm one (benchmarks/results/probe_mla_prefill.log); at short lengths, where the host sets the
 pace, that is the prompt's extra time. Per row count: the host time of each shape's first call, against its second.
-Run with CUDA_MODULE_LOADING=EAGER beside the default (LAZY) to see how much is cuBLAS loading kernels on first use
-rather than choosing them per shape.
+Runs with CUDA_MODULE_LOADING=EAGER beside the default (LAZY), to see how much is cuBLAS loading kernels on first use
+rather than choosing them per shape, and with PyTorch's cuBLASLt path preferred.
 
     python benchmarks/probe_first_shapes.py --out-dir /tmp/probe
 """
@@ -28,6 +28,8 @@ def child():
     import torch
 
     torch.zeros(1, device="cuda")
+    if os.environ.get("PROBE_BLAS"):
+        torch.backends.cuda.preferred_blas_library(os.environ["PROBE_BLAS"])
     init_s = time.perf_counter() - t
     ws = [torch.randn(o, i, device="cuda", dtype=torch.bfloat16) for i, o in SHAPES]
     rows = {}
@@ -56,8 +58,8 @@ def main():
     if args.child:
         return child()
     report = {"date": time.strftime("%Y-%m-%d"), "modes": {}}
-    for mode in ("LAZY", "EAGER"):
-        env = dict(os.environ, CUDA_MODULE_LOADING=mode)
+    for mode in ("LAZY", "EAGER", "LAZY+cublaslt"):
+        env = dict(os.environ, CUDA_MODULE_LOADING=mode.split("+")[0], PROBE_BLAS=mode.partition("+")[2])
         cmd = [sys.executable, __file__, "--out-dir", str(args.out_dir), "--child"]
         res = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if res.returncode:

@@ -683,7 +683,7 @@ class KimiMLAAttention(nn.Module):
     prefill_granule = 1024
 
     # A prefill whose rounded shape has no cuDNN plan yet (on this thread: PyTorch keeps them per thread) runs the
-    # Triton kernel (kimi_linear_kernels.mla_prefill_attention: nothing built per length, 1.2-1.33x cuDNN's time on
+    # Triton kernel (kimi_linear_kernels.mla_prefill_attention: nothing built per length, 1.2-1.3x cuDNN's time on
     # an H200) at each layer where the model's _PrefillClock finds less GPU work queued ahead than a build takes,
     # and lets cuDNN build its plan at the first layer where more is queued, hidden behind that work (at 32k tokens
     # the bench model's 4th layer has 29-50 ms ahead of it, its 8th 78-86 ms). From then on that shape runs cuDNN's
