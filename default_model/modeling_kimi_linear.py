@@ -568,6 +568,13 @@ def _cudnn_plans():
     return _PLANS.keys
 
 
+def _plan_rent():
+    """Per shape without a plan: the milliseconds its Triton runs are estimated to have cost over cuDNN's kernel."""
+    if not hasattr(_PLANS, "rent"):
+        _PLANS.rent = {}
+    return _PLANS.rent
+
+
 class _PrefillClock:
     """The start events of an inference prefill's layers on CUDA, recorded by KimiLinearModel.forward where an MLA
     layer's attention shape has no cuDNN plan yet; an MLA layer reads from them how much GPU work is queued ahead."""
@@ -692,6 +699,28 @@ class KimiMLAAttention(nn.Module):
     plan_build_ms = 200.0
     _builds_timed = False
 
+    # A shape that keeps coming back without a plan (its builds never hidden: shorter prompts, a slow host) does not
+    # stay on the Triton kernel for good: each of its Triton runs is charged the time it is estimated to cost over
+    # cuDNN's (rent_fraction of the attention's FLOPs at attention_tflops), and once that rent reaches the stall a
+    # build would cost at a layer (plan_build_ms less the work queued ahead) the plan is built there. The stall is
+    # then at most what the Triton runs have cost that shape, and the shape's total extra time stays within twice
+    # the cheaper of never building and building at once (the rule of renting skis until the rent reaches the price).
+    # The first prompt of a shape never stalls.
+    rent_fraction = 0.25  # the Triton kernel took 1.16-1.37x cuDNN's time on an H200 (kernels/mla_prefill.py)
+    attention_tflops = 600.0  # cuDNN's rate at this shape on an H200: 590-660 TFLOP/s
+
+    def _rent_triton(self, q, key, queued_ms):
+        """Whether this layer runs the Triton kernel (True, its estimated extra time charged to the shape) or builds
+        the plan (False: the stall it costs, plan_build_ms - queued_ms, is at most the shape's rent so far)."""
+        rent = _plan_rent()
+        if self.plan_build_ms - queued_ms <= rent.get(key, 0.0):
+            rent.pop(key, None)
+            return False
+        B, h, T, d = q.shape
+        flops = B * h * T * T * (d + self.v_dim)  # causal: half of 2 T^2 (d + d_v) per head
+        rent[key] = rent.get(key, 0.0) + self.rent_fraction * flops / (self.attention_tflops * 1e9)
+        return True
+
     @classmethod
     def _note_build(cls, ms):
         if ms >= 10:  # shorter: SDPA found a plan of its own (or is not cuDNN's), nothing was built
@@ -717,7 +746,7 @@ class KimiMLAAttention(nn.Module):
                     clock is not None
                     and fast is not None
                     and fast.mla_prefill_serves(q, self.v_dim)
-                    and clock.queued_ms() < self.plan_build_ms
+                    and self._rent_triton(q, key, clock.queued_ms())
                 ):
                     return fast.mla_prefill_attention(q, *self._expand(latent), self.scaling)
                 plans.add(key)

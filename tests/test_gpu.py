@@ -807,6 +807,7 @@ def test_prefill_without_a_cudnn_plan_runs_the_triton_kernel_until_one_is_hidden
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append("sdpa") or sdpa(*a, **k))
     monkeypatch.setattr(kernels, "mla_prefill_attention", lambda *a, **k: calls.append("triton") or fused(*a, **k))
     monkeypatch.setattr(modeling._PLANS, "keys", set(), raising=False)  # this thread has run no MLA prefill shape
+    monkeypatch.setattr(modeling._PLANS, "rent", {}, raising=False)
     clocks = []
     make_clock = modeling.KimiLinearModel._prefill_clock
     monkeypatch.setattr(modeling.KimiLinearModel, "_prefill_clock",

@@ -366,3 +366,26 @@ def test_bench_cache_per_token_is_a_quarter_of_all_mla_and_under_a_seventeenth_o
     # the released remote code caches per-head keys (nope + rope) and values for every MLA layer
     expanded = n_mla * cfg.num_attention_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * 4
     assert hybrid <= expanded / 17
+
+
+def test_a_shape_without_a_cudnn_plan_rents_the_triton_kernel_until_the_rent_pays_for_a_build(monkeypatch):
+    # The prefill attention's choice for a shape without a cuDNN plan (KimiMLAAttention._rent_triton), given the GPU
+    # work queued ahead: a build the queue hides happens at once; otherwise each Triton run is charged a quarter of
+    # the attention's time at 600 TFLOP/s, the build comes at the first layer whose stall (build time less queue) the
+    # charges cover, and the build clears the shape's charges.
+    import math
+
+    import kimi_linear.modeling_kimi_linear as modeling
+    from kimi_linear.modeling_kimi_linear import KimiMLAAttention
+
+    monkeypatch.setattr(modeling._PLANS, "rent", {}, raising=False)
+    monkeypatch.setattr(KimiMLAAttention, "plan_build_ms", 150.0)
+    mla = KimiMLAAttention(tiny_config(qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128), 3)
+    q = torch.empty(1, mla.num_heads, 32768, 192, device="meta")
+    assert not mla._rent_triton(q, "a", 160.0)  # 160 ms queued hides a 150 ms build
+    per_run_ms = 0.25 * 32768**2 * mla.num_heads * (192 + 128) / 600e9
+    runs = 0
+    while mla._rent_triton(q, "b", 90.0):  # a build would stall the GPU 60 ms
+        runs += 1
+    assert runs == math.ceil(60 / per_run_ms), (runs, per_run_ms)
+    assert "b" not in modeling._plan_rent()
