@@ -592,10 +592,11 @@ class _PrefillClock:
         """Milliseconds of GPU work ahead of the current layer's next launch: the layers from the one the GPU is in
         to this one, at the mean time of those it has finished, less how far it is into its current one (host and
         GPU clocks taken to meet at the first layer's start, where a prefill finds the GPU idle; where it was not,
-        this reads less work than there is). 0 once the GPU has reached this layer."""
+        this reads less work than there is). 0 once the GPU has reached this layer, and at the second layer (no layer
+        timed yet: waiting for one would drain the GPU's queue)."""
         ev = self.events
         i = len(ev) - 1
-        if i < 1 or ev[i].query():
+        if i < 2 or ev[i].query():
             return 0.0
         while not ev[1].query():  # the first layer's time is the first measure; the GPU has it queued meanwhile
             time.sleep(2e-4)
@@ -690,8 +691,8 @@ class KimiMLAAttention(nn.Module):
     prefill_granule = 1024
 
     # A prefill whose rounded shape has no cuDNN plan yet (on this thread: PyTorch keeps them per thread) runs the
-    # Triton kernel (kimi_linear_kernels.mla_prefill_attention: nothing built per length, 1.2-1.3x cuDNN's time on
-    # an H200) at each layer where the model's _PrefillClock finds less GPU work queued ahead than a build takes,
+    # Triton kernel (kimi_linear_kernels.mla_prefill_attention: nothing built per length, 1.16-1.37x cuDNN's time
+    # on an H200) at each layer where the model's _PrefillClock finds less GPU work queued ahead than a build takes,
     # and lets cuDNN build its plan at the first layer where more is queued, hidden behind that work (at 32k tokens
     # the bench model's 4th layer has 29-50 ms ahead of it, its 8th 78-86 ms). From then on that shape runs cuDNN's
     # kernel. A build took 50-70 ms of host time on one lent H100 host, 150-180 ms on an H200 host: plan_build_ms
@@ -706,7 +707,7 @@ class KimiMLAAttention(nn.Module):
     # then at most what the Triton runs have cost that shape, and the shape's total extra time stays within twice
     # the cheaper of never building and building at once (the rule of renting skis until the rent reaches the price).
     # The first prompt of a shape never stalls.
-    rent_fraction = 0.25  # the Triton kernel took 1.16-1.37x cuDNN's time on an H200 (kernels/mla_prefill.py)
+    rent_fraction = 0.25  # the Triton kernel's time over cuDNN's, less one (kernels/mla_prefill.py)
     attention_tflops = 600.0  # cuDNN's rate at this shape on an H200: 590-660 TFLOP/s
 
     def _rent_triton(self, q, key, queued_ms):
@@ -723,6 +724,7 @@ class KimiMLAAttention(nn.Module):
 
     @classmethod
     def _note_build(cls, ms):
+        """A plan build of ms milliseconds of host time: the first timed replaces plan_build_ms, later ones raise it."""
         if ms >= 10:  # shorter: SDPA found a plan of its own (or is not cuDNN's), nothing was built
             cls.plan_build_ms = max(cls.plan_build_ms, ms) if cls._builds_timed else ms
             cls._builds_timed = True
