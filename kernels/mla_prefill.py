@@ -1,10 +1,11 @@
 """MLA's prefill attention in Triton: causal flash attention over the expanded heads (q and k of 192 values per head,
 taken as two products of 128 and 64, values of 128), one launch, compiled once for every prompt length.
 
-PyTorch twin: `F.scaled_dot_product_attention(q, k, v, is_causal=True)`, which on an H100 runs cuDNN's kernel. cuDNN
-builds an execution plan for every new shape (50-70 ms of host time); the model calls this kernel instead where
-that plan would stall the GPU (the first prompt of a new length, KimiMLAAttention._attend_expanded), and cuDNN once
-its plan is built. The prompt length is not specialized on (do_not_specialize): a new length compiles nothing.
+PyTorch twin: `F.scaled_dot_product_attention(q, k, v, is_causal=True)`, which on an H100 or H200 runs cuDNN's
+kernel. cuDNN builds an execution plan for every new shape (50-70 ms of host time on an H100 host, 150-180 ms on an
+H200 host); the model calls this kernel instead where building that plan would stall the GPU (a prompt whose
+1024-token bucket has no plan yet, KimiMLAAttention._attend_expanded), and cuDNN's kernel once the plan is built.
+The prompt length is not specialized on (do_not_specialize): a new length compiles nothing.
 
 Each program takes BM queries of one head, longest rows first (causal rows grow with the position), and walks the
 keys before its block without a mask, then its diagonal block with the causal one. Scores, the running max and sum
