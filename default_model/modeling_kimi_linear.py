@@ -558,21 +558,17 @@ class KimiDeltaAttention(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # MLA layer (NoPE)
 # ---------------------------------------------------------------------------------------------------------------
-_PLANS = threading.local()
+class _PlanState(threading.local):
+    """Per thread (cuDNN's plans are kept per thread): keys, the MLA prefill attention shapes this thread has run
+    through SDPA; rent, per shape without a plan, the milliseconds its Triton runs are estimated to have cost over
+    cuDNN's kernel."""
+
+    def __init__(self):
+        self.keys = set()
+        self.rent = {}
 
 
-def _cudnn_plans():
-    """The MLA prefill attention shapes this thread has run through SDPA (cuDNN's plans are kept per thread)."""
-    if not hasattr(_PLANS, "keys"):
-        _PLANS.keys = set()
-    return _PLANS.keys
-
-
-def _plan_rent():
-    """Per shape without a plan: the milliseconds its Triton runs are estimated to have cost over cuDNN's kernel."""
-    if not hasattr(_PLANS, "rent"):
-        _PLANS.rent = {}
-    return _PLANS.rent
+_PLANS = _PlanState()
 
 
 class _PrefillClock:
@@ -713,7 +709,7 @@ class KimiMLAAttention(nn.Module):
     def _rent_triton(self, q, key, queued_ms):
         """Whether this layer runs the Triton kernel (True, its estimated extra time charged to the shape) or builds
         the plan (False: the stall it costs, plan_build_ms - queued_ms, is at most the shape's rent so far)."""
-        rent = _plan_rent()
+        rent = _PLANS.rent
         if self.plan_build_ms - queued_ms <= rent.get(key, 0.0):
             rent.pop(key, None)
             return False
@@ -741,7 +737,7 @@ class KimiMLAAttention(nn.Module):
         building = False
         if padded:
             key = self._plan_key(q.device, q.dtype, q.shape[0], T)
-            plans = _cudnn_plans()
+            plans = _PLANS.keys
             if key not in plans:
                 clock, fast = _PREFILL_CLOCK.get(), _triton_kernels(q)
                 if (
@@ -2047,7 +2043,7 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         if past or mask is not None or T < 2 or not x.is_cuda or torch.is_grad_enabled():
             return None
         mla = next((layer.self_attn for layer in self.layers if layer.kind != KDA), None)
-        if mla is None or mla._plan_key(x.device, x.dtype, B, T) in _cudnn_plans():
+        if mla is None or mla._plan_key(x.device, x.dtype, B, T) in _PLANS.keys:
             return None
         return _PrefillClock()
 

@@ -806,8 +806,8 @@ def test_prefill_without_a_cudnn_plan_runs_the_triton_kernel_until_one_is_hidden
     calls, sdpa, fused = [], F.scaled_dot_product_attention, kernels.mla_prefill_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append("sdpa") or sdpa(*a, **k))
     monkeypatch.setattr(kernels, "mla_prefill_attention", lambda *a, **k: calls.append("triton") or fused(*a, **k))
-    monkeypatch.setattr(modeling._PLANS, "keys", set(), raising=False)  # this thread has run no MLA prefill shape
-    monkeypatch.setattr(modeling._PLANS, "rent", {}, raising=False)
+    monkeypatch.setattr(modeling._PLANS, "keys", set())  # this thread has run no MLA prefill shape
+    monkeypatch.setattr(modeling._PLANS, "rent", {})
     clocks = []
     make_clock = modeling.KimiLinearModel._prefill_clock
     monkeypatch.setattr(modeling.KimiLinearModel, "_prefill_clock",
@@ -816,13 +816,13 @@ def test_prefill_without_a_cudnn_plan_runs_the_triton_kernel_until_one_is_hidden
     monkeypatch.setattr(KimiMLAAttention, "plan_build_ms", float("inf"))
     triton_logits = run(model, ids.cuda())
     assert calls == ["triton", "triton"] and clocks[-1] is not None, calls
-    assert not modeling._cudnn_plans()
+    assert not modeling._PLANS.keys
     calls.clear()
     monkeypatch.setattr(KimiMLAAttention, "plan_build_ms", 0.0)
     monkeypatch.setattr(KimiMLAAttention, "_builds_timed", False)
     sdpa_logits = run(model, ids.cuda())
     assert calls == ["sdpa", "sdpa"], calls
-    assert len(modeling._cudnn_plans()) == 1
+    assert len(modeling._PLANS.keys) == 1
     assert KimiMLAAttention._builds_timed and KimiMLAAttention.plan_build_ms >= 10  # the build, timed
     calls.clear()
     monkeypatch.setattr(KimiMLAAttention, "plan_build_ms", float("inf"))
