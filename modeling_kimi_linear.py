@@ -755,7 +755,7 @@ class KimiMLAAttention(nn.Module):
             latent = F.pad(latent, (0, 0, 0, pad))
         k, v = self._expand(latent)
         is_causal = mask is None and T > 1
-        start = time.perf_counter()
+        start = time.perf_counter() if building else None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling)
         if building:
             self._note_build((time.perf_counter() - start) * 1e3)

@@ -182,7 +182,7 @@ def mla_prefill(q, k, v, scale, block_m=128, block_n=64, num_warps=8, num_stages
         return out
     grid = (triton.cdiv(T, block_m), B * H)
     qk_scale = float(scale) * 1.4426950408889634  # base 2
-    mats = [_matrix(x) for x in (q, k, v)]
+    mats = [_matrix(x) for x in (q, k, v)] if tma is not False else None
     if tma is None:
         tma = all(m is not None for m in mats) and (not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] >= 9)
     if tma:
