@@ -832,6 +832,45 @@ def test_prefill_without_a_cudnn_plan_runs_the_triton_kernel_until_one_is_hidden
     assert floor < 0.1 and rel_rms(triton_logits, ref) < 1.5 * floor + 1e-3, (rel_rms(triton_logits, ref), floor)
 
 
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="the kernel serves Hopper on"
+)
+def test_a_bucket_that_comes_back_without_a_hidden_build_gets_its_plan_once_the_rent_covers_it(monkeypatch):
+    # The rent rule through the whole model on the GPU: with no work queued ahead (the clock reads 0) a build would
+    # stall the GPU plan_build_ms, set here to 2.5 Triton runs' charge; so the bucket's first three MLA layers run the
+    # Triton kernel, the fourth builds the plan with SDPA, and every later prefill in the bucket runs SDPA without a
+    # clock. Each prefill's logits are as close to float64 as SDPA's.
+    import torch.nn.functional as F
+
+    import kimi_linear.modeling_kimi_linear as modeling
+    from kimi_linear.modeling_kimi_linear import KimiMLAAttention
+
+    @torch.no_grad()
+    def run(m, x):
+        return m(x, use_cache=False).logits.float().cpu()
+
+    model = _mla_shaped_model()
+    ids = torch.randint(3, 512, (3, 611), generator=torch.Generator().manual_seed(12))
+    ref = run(copy.deepcopy(model).double().cpu(), ids)
+    calls, sdpa, fused = [], F.scaled_dot_product_attention, kernels.mla_prefill_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append("sdpa") or sdpa(*a, **k))
+    monkeypatch.setattr(kernels, "mla_prefill_attention", lambda *a, **k: calls.append("triton") or fused(*a, **k))
+    monkeypatch.setattr(modeling._PLANS, "keys", set())
+    monkeypatch.setattr(modeling._PLANS, "rent", {})
+    monkeypatch.setattr(modeling._PrefillClock, "queued_ms", lambda self: 0.0)
+    mla = next(layer.self_attn for layer in model.model.layers if isinstance(layer.self_attn, KimiMLAAttention))
+    B, T = ids.shape
+    per_run_ms = 0.25 * B * mla.num_heads * T * T * (192 + 128) / 600e9
+    monkeypatch.setattr(KimiMLAAttention, "plan_build_ms", 2.5 * per_run_ms)
+    monkeypatch.setattr(KimiMLAAttention, "_builds_timed", True)  # a build's time would not replace plan_build_ms
+    n_mla = sum(isinstance(layer.self_attn, KimiMLAAttention) for layer in model.model.layers)
+    logits = [run(model, ids.cuda()) for _ in range(-(-5 // n_mla) + 1)]
+    assert calls == ["triton"] * 3 + ["sdpa"] * (len(calls) - 3) and len(calls) == len(logits) * n_mla, calls
+    assert len(modeling._PLANS.keys) == 1 and not modeling._PLANS.rent
+    floor = rel_rms(logits[-1], ref)
+    assert floor < 0.1 and all(rel_rms(x, ref) < 1.5 * floor + 1e-3 for x in logits), [rel_rms(x, ref) for x in logits]
+
+
 @pytest.mark.parametrize("rows, k, n, r", [(4096, 2304, 4096, 16), (77, 128, 4096, 8), (300, 2304, 32, 16)])
 def test_lora_kernel_near_float64(rows, k, n, r):
     # A LoRA-adapted linear layer (kernels/lora.py) in bf16 with float32 adapters, forward and backward, against
