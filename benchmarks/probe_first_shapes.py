@@ -3,7 +3,11 @@ model's projection shapes. The bench model's first prefill at a new length spend
 first layers than a warm one (benchmarks/results/probe_mla_prefill.log); at short lengths, where the host sets the
 pace, that is the prompt's extra time. Per row count: the host time of each shape's first call, against its second.
 Runs with CUDA_MODULE_LOADING=EAGER beside the default (LAZY), to see how much is cuBLAS loading kernels on first use
-rather than choosing them per shape, and with PyTorch's cuBLASLt path preferred.
+rather than choosing them per shape, and with PyTorch's cuBLASLt path preferred. Then, with --threads, whether
+that choice can be made ahead on other threads: worker threads run each shape once at a new row count on a side
+stream, and the main thread's first calls at that row count are timed after the workers finish (is the choice
+shared across threads?) and while they run (does it overlap?). With --model, the bench model's first prefill at
+new lengths against its warm one, with the model's warm-up thread (_BlasWarmup) off and on, alternately.
 
     python benchmarks/probe_first_shapes.py --out-dir /tmp/probe
 """
@@ -50,13 +54,123 @@ def child():
     print(json.dumps({"init_s": init_s, "torch": torch.__version__, "card": card, "rows": rows}))
 
 
+def child_threads():
+    import threading
+
+    import torch
+
+    torch.zeros(1, device="cuda")
+    ws = [torch.randn(o, i, device="cuda", dtype=torch.bfloat16) for i, o in SHAPES]
+
+    def products(M):
+        return [torch.randn(M, i, device="cuda", dtype=torch.bfloat16) for i, _ in SHAPES]
+
+    def timed(xs):
+        per = []
+        for x, w in zip(xs, ws):
+            t = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            per.append(time.perf_counter() - t)
+        return sum(per) * 1e3
+
+    def warm(xs, parts, done):
+        def work(idx):
+            t = time.perf_counter()
+            side = torch.cuda.Stream()
+            with torch.cuda.stream(side):
+                for j in idx:
+                    torch.nn.functional.linear(xs[j], ws[j])
+            done.append(time.perf_counter() - t)
+
+        order = list(range(len(SHAPES)))[::-1]  # the main thread goes first to last
+        threads = [threading.Thread(target=work, args=(order[k::parts],)) for k in range(parts)]
+        for th in threads:
+            th.start()
+        return threads
+
+    timed(products(2048))
+    torch.cuda.synchronize()
+    rows = {}
+    M = 8000
+    for variant in ("none", "joined-1", "joined-4", "concurrent-1", "concurrent-4", "concurrent-13", "none"):
+        for base in (8000, 32000):
+            M = base + len(rows) + 1
+            xs = products(M)
+            torch.cuda.synchronize()
+            done, threads = [], []
+            if variant != "none":
+                threads = warm(xs, int(variant.split("-")[1]), done)
+                if variant.startswith("joined"):
+                    for th in threads:
+                        th.join()
+                    torch.cuda.synchronize()
+            main_ms = timed(xs)
+            for th in threads:
+                th.join()
+            torch.cuda.synchronize()
+            rows[f"{variant}@{M}"] = {"main_first_ms": main_ms, "second_ms": timed(xs),
+                                      "worker_ms": [round(d * 1e3, 2) for d in done]}  # fmt: skip
+            print(f"{variant:14s} M={M}: main thread {main_ms:.1f} ms first, {rows[f'{variant}@{M}']['second_ms']:.1f} "
+                  f"warm; workers {rows[f'{variant}@{M}']['worker_ms']} ms", file=sys.stderr, flush=True)  # fmt: skip
+            del xs
+    print(json.dumps({"torch": torch.__version__, "card": torch.cuda.get_device_name(0), "rows": rows}))
+
+
+def child_model():
+    import torch
+
+    from kimi_linear.configuration_kimi_linear import KimiLinearConfig
+    from kimi_linear.modeling_kimi_linear import _BLAS_WARMUP, KimiLinearForCausalLM
+
+    cfg = Path(__file__).resolve().parent / "configs" / "bench_1b_hybrid.json"
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = KimiLinearForCausalLM(KimiLinearConfig(**json.loads(cfg.read_text()))).bfloat16().eval()
+
+    @torch.no_grad()
+    def timed(x):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        model(x, logits_to_keep=1)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) * 1e3, torch.cuda.max_memory_allocated() / 2**30
+
+    for _ in range(3):
+        timed(torch.randint(3, 32000, (1, 2048), device="cuda"))
+    rows = {}
+    lengths = [8000, 9100, 12000, 13100, 16000, 17100, 32001, 33100, 48001, 49100, 10100, 11100, 20100, 21100]
+    for n, T in enumerate(lengths):
+        on = n % 2 == 1 if n < 10 else n % 2 == 0  # the last four: on first
+        _BLAS_WARMUP.rows_max = 1 << 16 if on else 0
+        x = torch.randint(3, 32000, (1, T), device="cuda")
+        first, first_gib = timed(x)
+        warm = sorted(timed(x) for _ in range(3))[1]
+        rows[T] = {"warmup": on, "first_ms": first, "warm_ms": warm[0], "first_peak_gib": first_gib,
+                   "warm_peak_gib": warm[1]}  # fmt: skip
+        print(f"T={T:6d} warm-up {'on ' if on else 'off'}: first {first:7.1f} ms, warm {warm[0]:7.1f} ms "
+              f"({(first / warm[0] - 1) * 100:+5.1f}%); peak {first_gib:.2f} vs {warm[1]:.2f} GiB",
+              file=sys.stderr, flush=True)  # fmt: skip
+    print(json.dumps({"torch": torch.__version__, "card": torch.cuda.get_device_name(0), "rows": rows}))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", type=Path, required=True)
     ap.add_argument("--child", action="store_true")
+    ap.add_argument("--threads", action="store_true", help="only the worker-thread probe")
+    ap.add_argument("--model", action="store_true", help="only the model probe, warm-up thread off and on")
     args = ap.parse_args()
     if args.child:
-        return child()
+        return child_threads() if args.threads else child_model() if args.model else child()
+    if args.threads or args.model:
+        which = "threads" if args.threads else "model"
+        cmd = [sys.executable, __file__, "--out-dir", str(args.out_dir), "--child", f"--{which}"]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        print(res.stderr[-6000:], flush=True)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / f"probe_first_shapes_{which}.json").write_text(res.stdout)
+        return
     report = {"date": time.strftime("%Y-%m-%d"), "modes": {}}
     for mode in ("LAZY", "EAGER", "LAZY+cublaslt"):
         env = dict(os.environ, CUDA_MODULE_LOADING=mode.split("+")[0], PROBE_BLAS=mode.partition("+")[2])
