@@ -607,64 +607,6 @@ class _PrefillClock:
 _PREFILL_CLOCK = contextvars.ContextVar("kimi_linear_prefill_clock", default=None)
 
 
-class _BlasWarmup:
-    """cuBLAS chooses its kernel for a matrix product per shape, the number of rows included: the first product at a
-    row count the process has not run costs about 1 ms of host time per weight shape (bench model: 13 shapes, 11-26
-    ms on an H200 host; benchmarks/probe_first_shapes.py), spent in the first layers of a prefill while the GPU has
-    little queued: +20-50% on an 8k-token prompt of a new length. The choice is kept for the process, whichever
-    thread made it. So an inference prefill at a new row count (at most rows_max; 0 turns this off) starts threads
-    that run each of the model's one-row-per-token products once at that count, on side streams, into scratch
-    memory: the choices are made there, beside the prefill's own host work, and the prefill finds them made (on the
-    H200 host: 13 first products took the main thread 2.5-2.9 ms beside 4 such threads, 21-26 ms alone). Their GPU
-    work, one of each product, overlaps the prefill's; the scratch, at most rows_max * 36 KiB for the released
-    widths, is freed once they are done."""
-
-    rows_max = 1 << 15
-    threads = 4
-
-    def __init__(self):
-        self.seen = set()
-        self.lock = threading.Lock()
-
-    def start(self, model, x):
-        """Start the warm-up for x [B, T, hidden] (CUDA) unless its row count was seen; returns the threads or None."""
-        M = x.shape[0] * x.shape[1]
-        key = (x.device, x.dtype, M)
-        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-            return None  # no threads in a traced or captured forward
-        with self.lock:
-            if M > self.rows_max or key in self.seen:
-                return None
-            self.seen.add(key)
-        products = model._row_products(x.dtype)
-        # scratch bytes on the prefill's stream (its memory returns there), shared by every product: inputs, outputs
-        ins = x.new_empty(M * max(ld * w.element_size() for w, ld in products), dtype=torch.uint8)
-        outs = x.new_empty(M * max(w.shape[0] * w.element_size() for w, _ in products), dtype=torch.uint8)
-        main = torch.cuda.current_stream(x.device)
-        n = min(self.threads, len(products))
-        threads = [threading.Thread(target=self._run, args=(products[k::n], ins, outs, M, main), daemon=True)
-                   for k in range(n)]  # fmt: skip
-        for t in threads:
-            t.start()
-        return threads
-
-    @staticmethod
-    def _run(products, ins, outs, M, main):
-        torch.cuda.set_device(main.device)  # this thread's current device (the CUDA context cuBLAS runs in)
-        side = torch.cuda.Stream(main.device)
-        side.wait_stream(main)  # the scratch memory may have been the prefill's until now
-        with torch.no_grad(), torch.cuda.stream(side):  # (autograd's mode is per thread)
-            for w, ld in products:
-                N, K = w.shape
-                x = ins[: M * ld * w.element_size()].view(w.dtype).view(M, ld)[:, :K]
-                torch.mm(x, w.t(), out=outs[: M * N * w.element_size()].view(w.dtype).view(M, N))
-        ins.record_stream(side)  # once freed, the memory waits for this side stream's products
-        outs.record_stream(side)
-
-
-_BLAS_WARMUP = _BlasWarmup()
-
-
 class KimiMLAAttention(nn.Module):
     def __init__(self, config: KimiLinearConfig, layer_idx: int):
         super().__init__()
@@ -2080,8 +2022,6 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         mask = build_attention_mask(key_mask, T, past + T, x.device, segs if packed else None)
 
         states = cache.layers if cache is not None else [None] * len(self.layers)
-        if mask is None and not past and T > 1 and x.is_cuda and not torch.is_grad_enabled():
-            _BLAS_WARMUP.start(self, x)  # cuBLAS's choices at a new row count, made on another thread
         clock = self._prefill_clock(x, past, mask)
         token = _PREFILL_CLOCK.set(clock)
         try:
@@ -2106,32 +2046,6 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         if mla is None or mla._plan_key(x.device, x.dtype, B, T) in _PLANS.keys:
             return None
         return _PrefillClock()
-
-    def _row_products(self, dtype):
-        """(weight [N, K], row stride of its input) of each matrix product a prefill in dtype makes per token,
-        one per shape and dtype (_BlasWarmup): the linear layers of attention, dense MLP and shared expert (adapters'
-        included), kv_b_proj on the latents' first kv_lora_rank values, and the router in float32. Routed experts
-        run grouped products, whose row counts vary anyway."""
-        found, skip = {}, set()
-
-        def add(w, ld):
-            found.setdefault((tuple(w.shape), w.dtype, ld), (w, ld))
-
-        for layer in self.layers:
-            ld = {}  # input row strides other than in_features: kv_b_proj's (and a same-dtype adapter's) on latents
-            if layer.kind != KDA:
-                attn = layer.self_attn
-                for m in attn.kv_b_proj.modules():
-                    if isinstance(m, nn.Linear) and m.in_features == attn.kv_lora_rank and m.weight.dtype == dtype:
-                        ld[id(m)] = attn.kv_lora_rank + attn.rope
-            moe = getattr(layer, "block_sparse_moe", None)
-            if moe is not None:
-                skip.update(id(m) for m in moe.experts.modules())
-                add(moe.gate.weight.float(), moe.gate.weight.shape[1])
-            for m in layer.modules():
-                if isinstance(m, nn.Linear) and id(m) not in skip:
-                    add(m.weight, ld.get(id(m), m.in_features))
-        return list(found.values())
 
     def _static_step(self, x, cache):
         """One token per row, x [B, 1, hidden], through every layer on a KimiLinearStaticCache: every shape fixed,

@@ -871,33 +871,6 @@ def test_a_bucket_that_comes_back_without_a_hidden_build_gets_its_plan_once_the_
     assert floor < 0.1 and all(rel_rms(x, ref) < 1.5 * floor + 1e-3 for x in logits), [rel_rms(x, ref) for x in logits]
 
 
-def test_the_blas_warmup_runs_beside_a_prefill_and_changes_none_of_its_logits(monkeypatch):
-    # A prefill at a row count the process has not run starts the warm-up thread (its products on a side stream, into
-    # scratch memory); the logits are bitwise those of the same prefill without it, and a second prefill at that row
-    # count starts none.
-    import kimi_linear.modeling_kimi_linear as modeling
-
-    model = _mla_shaped_model()
-    ids = torch.randint(3, 512, (2, 777), generator=torch.Generator().manual_seed(13)).cuda()
-    threads, start, run, ran = [], modeling._BlasWarmup.start, modeling._BlasWarmup._run, []
-    monkeypatch.setattr(modeling._BlasWarmup, "start", lambda *a: threads.append(start(*a)) or threads[-1])
-    monkeypatch.setattr(modeling._BlasWarmup, "_run", staticmethod(lambda *a: ran.append(run(*a) or len(a[0]))))
-    warmup = modeling._BlasWarmup()
-    monkeypatch.setattr(modeling, "_BLAS_WARMUP", warmup)
-    with torch.no_grad():
-        warmup.rows_max = 0
-        plain = model(ids, use_cache=False).logits
-        warmup.rows_max = 1 << 16
-        for _ in range(3):
-            warmed = model(ids, use_cache=False).logits
-            assert torch.equal(warmed, plain)
-    assert threads[0] is None and threads[1] and threads[2:] == [None, None], threads
-    for t in threads[1]:
-        t.join()
-    assert sum(ran) == len(model.model._row_products(torch.bfloat16)), ran  # every thread ran to the end
-    assert (ids.device, torch.bfloat16, ids.numel()) in warmup.seen
-
-
 @pytest.mark.parametrize("rows, k, n, r", [(4096, 2304, 4096, 16), (77, 128, 4096, 8), (300, 2304, 32, 16)])
 def test_lora_kernel_near_float64(rows, k, n, r):
     # A LoRA-adapted linear layer (kernels/lora.py) in bf16 with float32 adapters, forward and backward, against
