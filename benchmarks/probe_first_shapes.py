@@ -117,14 +117,74 @@ def child_threads():
     print(json.dumps({"torch": torch.__version__, "card": torch.cuda.get_device_name(0), "rows": rows}))
 
 
+def child_handles():
+    """Is cuBLAS's per-shape choice kept per thread or per process, and per exact row count? Each step's first call
+    on the main thread, at row counts chosen so that no earlier step decides it, one process per BLAS backend."""
+    import threading
+
+    import torch
+
+    torch.zeros(1, device="cuda")
+    if os.environ.get("PROBE_BLAS"):
+        torch.backends.cuda.preferred_blas_library(os.environ["PROBE_BLAS"])
+    ws = [torch.randn(o, i, device="cuda", dtype=torch.bfloat16) for i, o in SHAPES]
+
+    def run(M):
+        xs = [torch.randn(M, i, device="cuda", dtype=torch.bfloat16) for i, _ in SHAPES]
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for x, w in zip(xs, ws):
+            torch.nn.functional.linear(x, w)
+        dt = (time.perf_counter() - t) * 1e3
+        torch.cuda.synchronize()
+        return dt
+
+    def on_thread(M):
+        out = []
+        th = threading.Thread(target=lambda: out.append(run(M)))
+        th.start()
+        th.join()
+        return out[0]
+
+    steps = [("main", 2048), ("main", 2048), ("thread", 20000), ("main", 20000), ("main", 40000), ("main", 40000),
+             ("main", 40001), ("main", 40064), ("main", 41000), ("thread", 60000), ("main", 60000), ("main", 60001),
+             ("main", 9000), ("thread", 9001), ("main", 14000), ("main", 14000)]  # fmt: skip
+    rows = []
+    for who, M in steps:
+        ms = run(M) if who == "main" else on_thread(M)
+        rows.append({"thread": who, "rows": M, "host_ms": ms})
+        print(f"  {who:6s} M={M:6d}: {ms:6.1f} ms", file=sys.stderr, flush=True)
+    print(
+        json.dumps(
+            {
+                "torch": torch.__version__,
+                "card": torch.cuda.get_device_name(0),
+                "blas": os.environ.get("PROBE_BLAS") or "default",
+                "steps": rows,
+            }
+        )
+    )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", type=Path, required=True)
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--threads", action="store_true", help="only the worker-thread probe")
+    ap.add_argument("--handles", action="store_true", help="only the per-thread / per-row-count probe")
     args = ap.parse_args()
     if args.child:
-        return child_threads() if args.threads else child()
+        return child_threads() if args.threads else child_handles() if args.handles else child()
+    if args.handles:
+        runs = []
+        for blas in ("", "cublaslt"):
+            cmd = [sys.executable, __file__, "--out-dir", str(args.out_dir), "--child", "--handles"]
+            res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PROBE_BLAS=blas))
+            print(f"BLAS backend {blas or 'default'}:\n{res.stderr[-3000:]}", flush=True)
+            runs.append(json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else res.stderr[-2000:])
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "probe_first_shapes_handles.json").write_text(json.dumps(runs, indent=1))
+        return
     if args.threads:
         which = "threads"
         cmd = [sys.executable, __file__, "--out-dir", str(args.out_dir), "--child", "--threads"]
