@@ -32,7 +32,6 @@ import contextvars
 import functools
 import itertools
 import math
-import queue
 import shutil
 import threading
 import time
@@ -606,80 +605,6 @@ class _PrefillClock:
 
 
 _PREFILL_CLOCK = contextvars.ContextVar("kimi_linear_prefill_clock", default=None)
-
-
-class _BlasWarmup:
-    """cuBLAS chooses its kernel for a matrix product per shape, the exact number of rows included, and keeps the
-    choice for the process, whichever thread made it (benchmarks/probe_first_shapes.py --handles). A choice costs
-    about 1 ms of host time (the bench model's 13 weight shapes: 11-26 ms on an H200 host), which a prefill at a new
-    row count spends in its first layers, where the GPU has little queued: +17-35% on an 8k-12k-token prompt of a new
-    length. So an inference prefill at a new row count (at most rows_max; 0 turns this off) hands the model's
-    one-row-per-token products to `threads` worker threads, which run each once at that count on their own streams,
-    into scratch memory, beside the prefill's own host work; the prefill finds most choices made. The workers live
-    for the process (each keeps its cuBLAS handle and stream, and their workspaces, 32 MiB each on Hopper: new ones
-    per warm-up cost more than they saved, measured at 6e708b5). Their GPU work, one of each product, overlaps the
-    prefill's; the scratch, up to 36 KiB per row at the released widths, is freed as they finish."""
-
-    rows_max = 1 << 15
-    threads = 4
-
-    def __init__(self):
-        self.seen = set()
-        self.lock = threading.Lock()
-        self.jobs = []  # one queue per worker
-        self.workers = []
-
-    def start(self, model, x):
-        """Queue the warm-up for x [B, T, hidden] (CUDA) unless its row count was seen; returns whether it did."""
-        M = x.shape[0] * x.shape[1]
-        key = (x.device, x.dtype, M)
-        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
-            return False  # nothing of this in a traced or captured forward
-        with self.lock:
-            if M > self.rows_max or key in self.seen:
-                return False
-            self.seen.add(key)
-            if not all(w.is_alive() for w in self.workers) or len(self.workers) != self.threads:
-                self.jobs = [queue.SimpleQueue() for _ in range(self.threads)]
-                self.workers = [threading.Thread(target=self._work, args=(q,), daemon=True) for q in self.jobs]
-                for w in self.workers:
-                    w.start()
-        products = model._row_products(x.dtype)
-        # scratch bytes on the prefill's stream (its memory returns there), shared by every product: inputs, outputs
-        ins = x.new_empty(M * max(ld * w.element_size() for w, ld in products), dtype=torch.uint8)
-        outs = x.new_empty(M * max(w.shape[0] * w.element_size() for w, _ in products), dtype=torch.uint8)
-        ready = torch.cuda.Event()
-        ready.record()  # the scratch memory may have been the prefill's until now
-        n = len(self.jobs)
-        for k, q in enumerate(self.jobs):
-            q.put((products[k::n], ins, outs, M, ready))
-        return True
-
-    @classmethod
-    def _work(cls, jobs):
-        streams = {}
-        while True:
-            job = jobs.get()
-            device = job[1].device
-            with torch.cuda.device(device):  # (the CUDA context cuBLAS runs in)
-                if device not in streams:
-                    streams[device] = torch.cuda.Stream(device)
-                cls._products(*job, streams[device])
-            del job  # (the scratch memory goes back when the prefill's stream is done with it)
-
-    @staticmethod
-    def _products(products, ins, outs, M, ready, side):
-        side.wait_event(ready)
-        with torch.no_grad(), torch.cuda.stream(side):  # (autograd's mode is per thread)
-            for w, ld in products:
-                N, K = w.shape
-                a = ins[: M * ld * w.element_size()].view(w.dtype).view(M, ld)[:, :K]
-                torch.mm(a, w.t(), out=outs[: M * N * w.element_size()].view(w.dtype).view(M, N))
-        ins.record_stream(side)  # once freed, the memory waits for this stream's products
-        outs.record_stream(side)
-
-
-_BLAS_WARMUP = _BlasWarmup()
 
 
 class KimiMLAAttention(nn.Module):
@@ -2097,8 +2022,6 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         mask = build_attention_mask(key_mask, T, past + T, x.device, segs if packed else None)
 
         states = cache.layers if cache is not None else [None] * len(self.layers)
-        if mask is None and not past and T > 1 and x.is_cuda and not torch.is_grad_enabled():
-            _BLAS_WARMUP.start(self, x)  # cuBLAS's choices at a new row count, made on another thread
         clock = self._prefill_clock(x, past, mask)
         token = _PREFILL_CLOCK.set(clock)
         try:
@@ -2123,32 +2046,6 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         if mla is None or mla._plan_key(x.device, x.dtype, B, T) in _PLANS.keys:
             return None
         return _PrefillClock()
-
-    def _row_products(self, dtype):
-        """(weight [N, K], row stride of its input) of each matrix product a prefill in dtype makes per token,
-        one per shape and dtype (_BlasWarmup): the linear layers of attention, dense MLP and shared expert (adapters'
-        included), kv_b_proj on the latents' first kv_lora_rank values, and the router in float32. Routed experts
-        run grouped products, whose row counts vary anyway."""
-        found, skip = {}, set()
-
-        def add(w, ld):
-            found.setdefault((tuple(w.shape), w.dtype, ld), (w, ld))
-
-        for layer in self.layers:
-            ld = {}  # input row strides other than in_features: kv_b_proj's (and a same-dtype adapter's) on latents
-            if layer.kind != KDA:
-                attn = layer.self_attn
-                for m in attn.kv_b_proj.modules():
-                    if isinstance(m, nn.Linear) and m.in_features == attn.kv_lora_rank and m.weight.dtype == dtype:
-                        ld[id(m)] = attn.kv_lora_rank + attn.rope
-            moe = getattr(layer, "block_sparse_moe", None)
-            if moe is not None:
-                skip.update(id(m) for m in moe.experts.modules())
-                add(moe.gate.weight.float(), moe.gate.weight.shape[1])
-            for m in layer.modules():
-                if isinstance(m, nn.Linear) and id(m) not in skip:
-                    add(m.weight, ld.get(id(m), m.in_features))
-        return list(found.values())
 
     def _static_step(self, x, cache):
         """One token per row, x [B, 1, hidden], through every layer on a KimiLinearStaticCache: every shape fixed,

@@ -7,9 +7,8 @@ rather than choosing them per shape, and with PyTorch's cuBLASLt path preferred.
 that choice can be made ahead on other threads: worker threads run each shape once at a new row count on a side
 stream, and the main thread's first calls at that row count are timed after the workers finish (is the choice
 shared across threads?) and while they run (does it overlap?). The answer looked like yes, but the row counts the
-threads ran sat beside ones the main thread had run itself; --handles settles it (the choice is kept for the process,
-per exact row count). With --model, the bench model's first prefill at new lengths against its warm one, with the
-model's warm-up workers (_BlasWarmup) off and on, alternately.
+threads ran sat beside ones the main thread had run itself: warm-up threads in the model (6e708b5, reverted) made a
+new length's first prefill slower (results/probe_first_shapes_model.*, results/cold_start_6e708b5_vs_5631a99.log).
 
     python benchmarks/probe_first_shapes.py --out-dir /tmp/probe
 """
@@ -167,55 +166,15 @@ def child_handles():
     )
 
 
-def child_model():
-    import torch
-
-    from kimi_linear.configuration_kimi_linear import KimiLinearConfig
-    from kimi_linear.modeling_kimi_linear import _BLAS_WARMUP, KimiLinearForCausalLM
-
-    cfg = Path(__file__).resolve().parent / "configs" / "bench_1b_hybrid.json"
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = KimiLinearForCausalLM(KimiLinearConfig(**json.loads(cfg.read_text()))).bfloat16().eval()
-
-    @torch.no_grad()
-    def timed(x):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
-        model(x, logits_to_keep=1)
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t) * 1e3, torch.cuda.max_memory_allocated() / 2**30
-
-    for _ in range(3):
-        timed(torch.randint(3, 32000, (1, 2048), device="cuda"))
-    rows = {}
-    lengths = [8000, 9100, 12000, 13100, 16000, 17100, 32001, 33100, 48001, 49100, 10100, 11100, 20100, 21100]
-    for n, T in enumerate(lengths):
-        on = n % 2 == 1 if n < 10 else n % 2 == 0  # the last four: on first
-        _BLAS_WARMUP.rows_max = 1 << 16 if on else 0
-        x = torch.randint(3, 32000, (1, T), device="cuda")
-        first, first_gib = timed(x)
-        warm = sorted(timed(x) for _ in range(3))[1]
-        rows[T] = {"warmup": on, "first_ms": first, "warm_ms": warm[0], "first_peak_gib": first_gib,
-                   "warm_peak_gib": warm[1]}  # fmt: skip
-        print(f"T={T:6d} warm-up {'on ' if on else 'off'}: first {first:7.1f} ms, warm {warm[0]:7.1f} ms "
-              f"({(first / warm[0] - 1) * 100:+5.1f}%); peak {first_gib:.2f} vs {warm[1]:.2f} GiB",
-              file=sys.stderr, flush=True)  # fmt: skip
-    print(json.dumps({"torch": torch.__version__, "card": torch.cuda.get_device_name(0), "rows": rows}))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", type=Path, required=True)
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--threads", action="store_true", help="only the worker-thread probe")
     ap.add_argument("--handles", action="store_true", help="only the per-thread / per-row-count probe")
-    ap.add_argument("--model", action="store_true", help="only the model probe, warm-up workers off and on")
     args = ap.parse_args()
     if args.child:
-        modes = {"threads": child_threads, "handles": child_handles, "model": child_model}
-        return next((f for k, f in modes.items() if getattr(args, k)), child)()
+        return child_threads() if args.threads else child_handles() if args.handles else child()
     if args.handles:
         runs = []
         for blas in ("", "cublaslt"):
@@ -226,9 +185,9 @@ def main():
         args.out_dir.mkdir(parents=True, exist_ok=True)
         (args.out_dir / "probe_first_shapes_handles.json").write_text(json.dumps(runs, indent=1))
         return
-    if args.threads or args.model:
-        which = "threads" if args.threads else "model"
-        cmd = [sys.executable, __file__, "--out-dir", str(args.out_dir), "--child", f"--{which}"]
+    if args.threads:
+        which = "threads"
+        cmd = [sys.executable, __file__, "--out-dir", str(args.out_dir), "--child", "--threads"]
         res = subprocess.run(cmd, capture_output=True, text=True)
         print(res.stderr[-6000:], flush=True)
         args.out_dir.mkdir(parents=True, exist_ok=True)

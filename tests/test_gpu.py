@@ -1,7 +1,6 @@
 """GPU paths (fla-core's Triton KDA) against the PyTorch specification. Run on a CUDA machine with fla-core."""
 
 import copy
-import threading
 import time
 
 import pytest
@@ -870,35 +869,6 @@ def test_a_bucket_that_comes_back_without_a_hidden_build_gets_its_plan_once_the_
     assert len(modeling._PLANS.keys) == 1 and not modeling._PLANS.rent
     floor = rel_rms(logits[-1], ref)
     assert floor < 0.1 and all(rel_rms(x, ref) < 1.5 * floor + 1e-3 for x in logits), [rel_rms(x, ref) for x in logits]
-
-
-def test_the_blas_warmup_runs_beside_a_prefill_and_changes_none_of_its_logits(monkeypatch):
-    # A prefill at a row count the process has not run queues the model's one-row-per-token products to the warm-up
-    # workers (their own streams, scratch memory); the logits are bitwise those of the same prefill without them,
-    # every product runs once, and a second prefill at that row count queues nothing.
-    import kimi_linear.modeling_kimi_linear as modeling
-
-    model = _mla_shaped_model()
-    ids = torch.randint(3, 512, (2, 777), generator=torch.Generator().manual_seed(13)).cuda()
-    started, start, ran, products = [], modeling._BlasWarmup.start, [], modeling._BlasWarmup._products
-    done = threading.Semaphore(0)
-    monkeypatch.setattr(modeling._BlasWarmup, "start", lambda *a: started.append(start(*a)) or started[-1])
-    monkeypatch.setattr(modeling._BlasWarmup, "_products",
-                        staticmethod(lambda *a: ran.append(products(*a) or len(a[0])) or done.release()))  # fmt: skip
-    warmup = modeling._BlasWarmup()
-    monkeypatch.setattr(modeling, "_BLAS_WARMUP", warmup)
-    with torch.no_grad():
-        warmup.rows_max = 0
-        plain = model(ids, use_cache=False).logits
-        warmup.rows_max = 1 << 16
-        for _ in range(3):
-            warmed = model(ids, use_cache=False).logits
-            assert torch.equal(warmed, plain)
-    assert started == [False, True, False, False], started
-    for _ in warmup.workers:
-        assert done.acquire(timeout=60)
-    assert sum(ran) == len(model.model._row_products(torch.bfloat16)), ran  # every product, once
-    assert all(w.is_alive() for w in warmup.workers) and len(warmup.workers) == warmup.threads
 
 
 @pytest.mark.parametrize("rows, k, n, r", [(4096, 2304, 4096, 16), (77, 128, 4096, 8), (300, 2304, 32, 16)])

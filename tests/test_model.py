@@ -389,34 +389,3 @@ def test_a_shape_without_a_cudnn_plan_rents_the_triton_kernel_until_the_rent_pay
         runs += 1
     assert runs == math.ceil(60 / per_run_ms), (runs, per_run_ms)
     assert "b" not in modeling._PLANS.rent
-
-
-@pytest.mark.parametrize("adapted", [False, True])
-def test_the_blas_warmup_runs_each_product_a_prefill_makes_at_its_row_count(adapted):
-    # _BlasWarmup runs the model's one-row-per-token products ahead at a new row count: its list (_row_products)
-    # against the matrix products a prefill makes at B*T rows, recorded at the operator level (shape, dtype, input
-    # row stride). Missing one would leave its first-call cost in the prefill; an extra one is GPU work for nothing.
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    model = build_model(dtype=torch.bfloat16)
-    if adapted:  # PEFT adapters run their own products at B*T rows, kv_b_proj's on the latents' strided values
-        import peft
-
-        targets = ["q_proj", "kv_b_proj", "gate_proj", "o_proj"]
-        model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets)).base_model.model
-    B, T = 2, 37
-    seen = set()
-
-    class Record(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
-                a, b = args[-2:]
-                if a.shape[0] == B * T:
-                    seen.add((b.shape[0], b.shape[1], b.dtype, a.stride(0)))
-            return func(*args, **(kwargs or {}))
-
-    with torch.no_grad(), Record():
-        model(ids_for(B, T, seed=5), use_cache=False, logits_to_keep=1)  # as generate() asks
-    warm = {(w.shape[1], w.shape[0], w.dtype, ld) for w, ld in model.model._row_products(torch.bfloat16)}
-    assert seen == warm, (seen - warm, warm - seen)
-    assert len(warm) >= 9 + 8 * adapted, warm  # KDA 5, MLA 3 (o_proj shared), dense + shared MLP, router; adapters
