@@ -6,9 +6,11 @@ Runs with CUDA_MODULE_LOADING=EAGER beside the default (LAZY), to see how much i
 rather than choosing them per shape, and with PyTorch's cuBLASLt path preferred. Then, with --threads, whether
 that choice can be made ahead on other threads: worker threads run each shape once at a new row count on a side
 stream, and the main thread's first calls at that row count are timed after the workers finish (is the choice
-shared across threads?) and while they run (does it overlap?). The answer looked like yes, but the row counts the
-threads ran sat beside ones the main thread had run itself: warm-up threads in the model (6e708b5, reverted) made a
-new length's first prefill slower (results/probe_first_shapes_model.*, results/cold_start_6e708b5_vs_5631a99.log).
+shared across threads?) and while they run (does it overlap?); with --handles, whether the choice is kept per
+thread or for the process, and per exact row count (for the process, per exact count: results/probe_first_shapes_
+handles.*). Worker threads that make the model's choices ahead of a prefill at a new length were tried twice and
+made that prefill slower (6e708b5 with threads per prefill, 373cca1 with threads kept for the process; both
+reverted; results/probe_first_shapes_model*.*, results/cold_start_*_same_call.json).
 
     python benchmarks/probe_first_shapes.py --out-dir /tmp/probe
 """
