@@ -783,80 +783,78 @@ def _mla_shaped_model():
     return build_model(linear_attn_config=lac, **dims).cuda().bfloat16()
 
 
-@pytest.mark.skipif(
+@torch.no_grad()
+def _logits(model, ids):
+    return model(ids, use_cache=False).logits.float().cpu()
+
+
+def _prefill_attention_calls(monkeypatch, seed):
+    """The MLA-shaped model, a batch of 3 x 611 token ids, its float64 logits on the CPU, and a list that records
+    "sdpa" or "triton" at each MLA prefill attention call, on a thread that has run no MLA prefill shape."""
+    import torch.nn.functional as F
+
+    import kimi_linear.modeling_kimi_linear as modeling
+
+    model = _mla_shaped_model()
+    ids = torch.randint(3, 512, (3, 611), generator=torch.Generator().manual_seed(seed))
+    ref = _logits(copy.deepcopy(model).double().cpu(), ids)
+    calls, sdpa, fused = [], F.scaled_dot_product_attention, kernels.mla_prefill_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append("sdpa") or sdpa(*a, **k))
+    monkeypatch.setattr(kernels, "mla_prefill_attention", lambda *a, **k: calls.append("triton") or fused(*a, **k))
+    monkeypatch.setattr(modeling._PLANS, "keys", set())
+    monkeypatch.setattr(modeling._PLANS, "rent", {})
+    return model, ids, ref, calls
+
+
+hopper = pytest.mark.skipif(
     not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="the kernel serves Hopper on"
 )
+
+
+@hopper
 def test_prefill_without_a_cudnn_plan_runs_the_triton_kernel_until_one_is_hidden(monkeypatch):
     # A prefill whose rounded shape has no cuDNN plan on this thread runs the Triton kernel at every layer where the
     # clock reads less queued work than plan_build_ms (an infinite one here), and SDPA nowhere; its logits are as
     # close to float64 as SDPA's. Where the clock reads enough (plan_build_ms 0), SDPA runs and builds the plan, and
     # the build's time becomes plan_build_ms; the next prefill in that 1024-token bucket runs SDPA with no clock.
-    import torch.nn.functional as F
-
     import kimi_linear.modeling_kimi_linear as modeling
     from kimi_linear.modeling_kimi_linear import KimiMLAAttention
 
-    @torch.no_grad()
-    def run(m, x):
-        return m(x, use_cache=False).logits.float().cpu()
-
-    model = _mla_shaped_model()
-    ids = torch.randint(3, 512, (3, 611), generator=torch.Generator().manual_seed(11))
-    ref = run(copy.deepcopy(model).double().cpu(), ids)
-    calls, sdpa, fused = [], F.scaled_dot_product_attention, kernels.mla_prefill_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append("sdpa") or sdpa(*a, **k))
-    monkeypatch.setattr(kernels, "mla_prefill_attention", lambda *a, **k: calls.append("triton") or fused(*a, **k))
-    monkeypatch.setattr(modeling._PLANS, "keys", set())  # this thread has run no MLA prefill shape
-    monkeypatch.setattr(modeling._PLANS, "rent", {})
+    model, ids, ref, calls = _prefill_attention_calls(monkeypatch, seed=11)
     clocks = []
     make_clock = modeling.KimiLinearModel._prefill_clock
     monkeypatch.setattr(modeling.KimiLinearModel, "_prefill_clock",
                         lambda *a: clocks.append(make_clock(*a)) or clocks[-1])  # fmt: skip
 
     monkeypatch.setattr(KimiMLAAttention, "plan_build_ms", float("inf"))
-    triton_logits = run(model, ids.cuda())
+    triton_logits = _logits(model, ids.cuda())
     assert calls == ["triton", "triton"] and clocks[-1] is not None, calls
     assert not modeling._PLANS.keys
     calls.clear()
     monkeypatch.setattr(KimiMLAAttention, "plan_build_ms", 0.0)
     monkeypatch.setattr(KimiMLAAttention, "_builds_timed", False)
-    sdpa_logits = run(model, ids.cuda())
+    sdpa_logits = _logits(model, ids.cuda())
     assert calls == ["sdpa", "sdpa"], calls
     assert len(modeling._PLANS.keys) == 1
     assert KimiMLAAttention._builds_timed and KimiMLAAttention.plan_build_ms >= 10  # the build, timed
     calls.clear()
     monkeypatch.setattr(KimiMLAAttention, "plan_build_ms", float("inf"))
-    run(model, ids[:, : 1000 % 611 + 300].cuda())  # 689 tokens: the same 1024-token bucket, a plan there
+    _logits(model, ids[:, : 1000 % 611 + 300].cuda())  # 689 tokens: the same 1024-token bucket, a plan there
     assert calls == ["sdpa", "sdpa"] and clocks[-1] is None, calls
     floor = rel_rms(sdpa_logits, ref)
     assert floor < 0.1 and rel_rms(triton_logits, ref) < 1.5 * floor + 1e-3, (rel_rms(triton_logits, ref), floor)
 
 
-@pytest.mark.skipif(
-    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0), reason="the kernel serves Hopper on"
-)
+@hopper
 def test_a_bucket_that_comes_back_without_a_hidden_build_gets_its_plan_once_the_rent_covers_it(monkeypatch):
     # The rent rule through the whole model on the GPU: with no work queued ahead (the clock reads 0) a build would
     # stall the GPU plan_build_ms, set here to 2.5 Triton runs' charge; so the bucket's first three MLA layers run the
     # Triton kernel, the fourth builds the plan with SDPA, and every later prefill in the bucket runs SDPA without a
     # clock. Each prefill's logits are as close to float64 as SDPA's.
-    import torch.nn.functional as F
-
     import kimi_linear.modeling_kimi_linear as modeling
     from kimi_linear.modeling_kimi_linear import KimiMLAAttention
 
-    @torch.no_grad()
-    def run(m, x):
-        return m(x, use_cache=False).logits.float().cpu()
-
-    model = _mla_shaped_model()
-    ids = torch.randint(3, 512, (3, 611), generator=torch.Generator().manual_seed(12))
-    ref = run(copy.deepcopy(model).double().cpu(), ids)
-    calls, sdpa, fused = [], F.scaled_dot_product_attention, kernels.mla_prefill_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append("sdpa") or sdpa(*a, **k))
-    monkeypatch.setattr(kernels, "mla_prefill_attention", lambda *a, **k: calls.append("triton") or fused(*a, **k))
-    monkeypatch.setattr(modeling._PLANS, "keys", set())
-    monkeypatch.setattr(modeling._PLANS, "rent", {})
+    model, ids, ref, calls = _prefill_attention_calls(monkeypatch, seed=12)
     monkeypatch.setattr(modeling._PrefillClock, "queued_ms", lambda self: 0.0)
     mla = next(layer.self_attn for layer in model.model.layers if isinstance(layer.self_attn, KimiMLAAttention))
     B, T = ids.shape
@@ -864,7 +862,7 @@ def test_a_bucket_that_comes_back_without_a_hidden_build_gets_its_plan_once_the_
     monkeypatch.setattr(KimiMLAAttention, "plan_build_ms", 2.5 * per_run_ms)
     monkeypatch.setattr(KimiMLAAttention, "_builds_timed", True)  # a build's time would not replace plan_build_ms
     n_mla = sum(isinstance(layer.self_attn, KimiMLAAttention) for layer in model.model.layers)
-    logits = [run(model, ids.cuda()) for _ in range(-(-5 // n_mla) + 1)]
+    logits = [_logits(model, ids.cuda()) for _ in range(-(-5 // n_mla) + 1)]
     assert calls == ["triton"] * 3 + ["sdpa"] * (len(calls) - 3) and len(calls) == len(logits) * n_mla, calls
     assert len(modeling._PLANS.keys) == 1 and not modeling._PLANS.rent
     floor = rel_rms(logits[-1], ref)
