@@ -94,7 +94,6 @@ def child_threads():
     timed(products(2048))
     torch.cuda.synchronize()
     rows = {}
-    M = 8000
     for variant in ("none", "joined-1", "joined-4", "concurrent-1", "concurrent-4", "concurrent-13", "none"):
         for base in (8000, 32000):
             M = base + len(rows) + 1
@@ -188,12 +187,11 @@ def main():
         (args.out_dir / "probe_first_shapes_handles.json").write_text(json.dumps(runs, indent=1))
         return
     if args.threads:
-        which = "threads"
         cmd = [sys.executable, __file__, "--out-dir", str(args.out_dir), "--child", "--threads"]
         res = subprocess.run(cmd, capture_output=True, text=True)
         print(res.stderr[-6000:], flush=True)
         args.out_dir.mkdir(parents=True, exist_ok=True)
-        (args.out_dir / f"probe_first_shapes_{which}.json").write_text(res.stdout)
+        (args.out_dir / "probe_first_shapes_threads.json").write_text(res.stdout)
         return
     report = {"date": time.strftime("%Y-%m-%d"), "modes": {}}
     for mode in ("LAZY", "EAGER", "LAZY+cublaslt"):
