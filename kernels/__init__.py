@@ -177,12 +177,13 @@ def triton_serves(x):
             _triton = True
         except ImportError:
             _triton = False
-    return _triton and _capable(x.device)
+    return _triton and _capability(x.device) >= (8, 0)
 
 
 @functools.cache
-def _capable(device):
-    return torch.cuda.get_device_capability(device) >= (8, 0)
+def _capability(device):
+    """The CUDA device's compute capability (major, minor), asked once per device."""
+    return torch.cuda.get_device_capability(device)
 
 
 def rms_norm(x, weight, eps, residual=None, gate=None):
@@ -289,7 +290,7 @@ def mla_prefill_serves(q, v_dim):
     return (
         triton_serves(q)
         and q.dtype != torch.float32
-        and torch.cuda.get_device_capability(q.device) >= (9, 0)
+        and _capability(q.device) >= (9, 0)
         and split_dims(q.shape[-1]) is not None
         and v_dim >= 16
         and v_dim & (v_dim - 1) == 0

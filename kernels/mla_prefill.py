@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _capability
+
 
 @triton.jit
 def _update(acc, l_i, m_i, qk, v, offs_m, offs_n, n0, qk_scale, DIAGONAL: tl.constexpr):
@@ -184,7 +186,7 @@ def mla_prefill(q, k, v, scale, block_m=128, block_n=64, num_warps=8, num_stages
     qk_scale = float(scale) * 1.4426950408889634  # base 2
     mats = [_matrix(x) for x in (q, k, v)] if tma is not False else None
     if tma is None:
-        tma = all(m is not None for m in mats) and (not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] >= 9)
+        tma = all(m is not None for m in mats) and (not q.is_cuda or _capability(q.device) >= (9, 0))
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
