@@ -397,12 +397,28 @@ FUSED_PROJECTION_ROWS = 2
 
 def _plain_linears(x, *modules):
     """Whether these are plain bias-free nn.Linear layers with contiguous weights in x's dtype, outside autograd (no
-    adapters): weights the decode kernels may read directly."""
+    adapters, no hooks: accelerate's offloading hooks, for one, bring the weight in around forward): weights the
+    kernels may read directly."""
     plain = all(
-        type(m) is nn.Linear and m.bias is None and m.weight.dtype == x.dtype and m.weight.is_contiguous()
+        type(m) is nn.Linear
+        and m.bias is None
+        and m.weight.dtype == x.dtype
+        and m.weight.is_contiguous()
+        and not (m._forward_pre_hooks or m._forward_hooks or "forward" in m.__dict__)
         for m in modules
     )
     return plain and _no_autograd(x, *(m.weight for m in modules))
+
+
+def _products(x, *modules):
+    """[m(x) for m in modules], for the low-rank projections (few outputs or few inputs). At inference on CUDA in half
+    precision, where they are plain layers, up to three of them take one Triton launch (kimi_linear_kernels.products,
+    kernels/gemm.py): at these shapes cuBLAS's choice of kernel for a number of rows it has not run costs 2-4 ms of
+    host time nearly every time, 10-15 ms at every prompt of a new length."""
+    fast = _triton_kernels(x)
+    if fast is not None and x.dtype in (torch.float16, torch.bfloat16) and _plain_linears(x, *modules):
+        return fast.products(x, *(m.weight for m in modules))
+    return [m(x) for m in modules]
 
 
 def _kda_backend(x):
@@ -449,24 +465,31 @@ class KimiDeltaAttention(nn.Module):
             fused = self._decode_layer(x[:, 0], state)
             if fused is not None:
                 return self.o_proj(fused).unsqueeze(1)
-            o = self._decode(x[:, 0], state).unsqueeze(1)
+            o, ga = self._decode(x[:, 0], state).unsqueeze(1), None
         elif T > self.prefill_piece and not torch.is_grad_enabled():  # the output gate and norm too: float32 inside
             state = state if state is not None else KDALayerState()
             pieces = [x[:, i : i + self.prefill_piece] for i in range(0, T, self.prefill_piece)]
-            return torch.cat([self._output(p, self._prefill(p, state)) for p in pieces], dim=1)
+            return torch.cat([self._output(p, *self._prefill(p, state)) for p in pieces], dim=1)
         else:
-            o = self._prefill(x, state)
-        return self._output(x, o)
+            o, ga = self._prefill(x, state)
+        return self._output(x, o, ga)
 
-    def _output(self, x, o):
+    def _output(self, x, o, ga=None):
+        """o_proj of the gated output norm; ga = g_a_proj(x), where _raw made it."""
         *lead, _ = x.shape
-        gate = self.g_b_proj(self.g_a_proj(x)).view(*lead, self.num_heads, self.head_dim)
+        if ga is None:
+            (ga,) = _products(x, self.g_a_proj)
+        (gate,) = _products(ga, self.g_b_proj)
+        gate = gate.view(*lead, self.num_heads, self.head_dim)
         return self.o_proj(self.o_norm(o.to(x.dtype), gate).reshape(*lead, -1))
 
     def _raw(self, x):
-        """The pre-kernel projections: q, k, v before the conv [.., H*D]; g before the gate [.., H, D]; beta logits."""
-        g = self.f_b_proj(self.f_a_proj(x)).unflatten(-1, (self.num_heads, self.head_dim))
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x), g, self.b_proj(x)
+        """The pre-kernel projections: q, k, v before the conv [.., H*D]; g before the gate [.., H, D]; beta logits;
+        and g_a(x), the output gate's first half (made here with the other low-rank projections of x)."""
+        fa, ga, b_raw = _products(x, self.f_a_proj, self.g_a_proj, self.b_proj)
+        (g,) = _products(fa, self.f_b_proj)
+        g = g.unflatten(-1, (self.num_heads, self.head_dim))
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x), g, b_raw, ga
 
     def _chunk(self, x):
         fast = _kda_backend(x)
@@ -476,7 +499,7 @@ class KimiDeltaAttention(nn.Module):
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
         conv = state.conv if state is not None and state.conv is not None else (None, None, None)
-        xq, xk, xv, g, beta = self._raw(x)
+        xq, xk, xv, g, beta, ga = self._raw(x)
         keep = state is not None
         q, cq = short_conv(xq, self.q_conv1d.weight, conv[0], window=keep)
         k, ck = short_conv(xk, self.k_conv1d.weight, conv[1], window=keep)
@@ -487,14 +510,14 @@ class KimiDeltaAttention(nn.Module):
                               output_final_state=state is not None)  # fmt: skip
         if state is not None:
             state.update(conv=(cq, ck, cv), recurrent=h, num_tokens=T)
-        return o
+        return o, ga
 
     def _varlen(self, x, state, segs):
         """x [N, hidden]: the real tokens of the batch, sequence after sequence (Segments)."""
         H, D = self.num_heads, self.head_dim
         width = self.q_conv1d.weight.shape[-1]
         cached = state is not None and state.recurrent is not None
-        xq, xk, xv, g, beta = self._raw(x)
+        xq, xk, xv, g, beta, ga = self._raw(x)
         fresh_window = x.new_zeros(H * D, width - 1)
         convs, windows = [], []
         for i, (t, conv) in enumerate(zip((xq, xk, xv), (self.q_conv1d, self.k_conv1d, self.v_conv1d))):
@@ -511,7 +534,7 @@ class KimiDeltaAttention(nn.Module):
         if state is not None:
             recurrent = segs.per_row(h, state.recurrent if cached else None, fresh_state)
             state.update(conv=windows, recurrent=recurrent, num_tokens=segs.shape[1])
-        return self._output(x, o[0])
+        return self._output(x, o[0], ga)
 
     def _decode_layer(self, x, state):
         """The decode step from the projections to o_proj's input in two Triton launches (the input projections in
@@ -641,7 +664,7 @@ class KimiMLAAttention(nn.Module):
         if fast is not None and _plain_linears(x, self.q_proj, self.kv_a_proj_with_mqa):
             q, kv_a = fast.projections(x[:, 0], self.q_proj.weight, self.kv_a_proj_with_mqa.weight)
             return q[:, None], kv_a[:, None]
-        return self.query(x), self.kv_a_proj_with_mqa(x)
+        return self.query(x), *_products(x, self.kv_a_proj_with_mqa)
 
     def forward(self, x, state=None, mask=None):
         """x [B, T, hidden]; state: this layer's MLALayerState or None; mask: boolean [B, 1, T, cached + T]

@@ -167,15 +167,69 @@ def child_handles():
     )
 
 
+LADDER = [64, 256, 1024, 2048, 4096, 6144, 8192, 12288, 16384, 24576, 32768, 49152, 65536, 131072]
+SEQUENCE = [8000, 8001, 9100, 12001, 12002, 16000, 20000, 32001, 50001, 100003, 131071]
+
+
+def child_ladder():
+    """Per shape, the host ms of the first call at each row count of SEQUENCE, in a process that ran nothing before
+    (PROBE_PREWARM unset) or ran every shape once at each row count of LADDER first: are the ~4 ms first calls cuBLAS
+    loading a kernel it had not used yet (gone after the ladder, and under CUDA_MODULE_LOADING=EAGER) or its choice
+    at that exact shape?"""
+    import torch
+
+    torch.zeros(1, device="cuda")
+    ws = [torch.randn(o, i, device="cuda", dtype=torch.bfloat16) for i, o in SHAPES]
+    prewarm_s = 0.0
+    if os.environ.get("PROBE_PREWARM"):
+        t = time.perf_counter()
+        for M in LADDER:
+            for (i, _), w in zip(SHAPES, ws):
+                torch.nn.functional.linear(torch.empty(M, i, device="cuda", dtype=torch.bfloat16), w)
+            torch.cuda.synchronize()
+        prewarm_s = time.perf_counter() - t
+    rows = {}
+    for M in SEQUENCE:
+        xs = [torch.randn(M, i, device="cuda", dtype=torch.bfloat16) for i, _ in SHAPES]
+        torch.cuda.synchronize()
+        per = []
+        for x, w in zip(xs, ws):
+            t = time.perf_counter()
+            torch.nn.functional.linear(x, w)
+            per.append(round((time.perf_counter() - t) * 1e3, 2))
+            torch.cuda.synchronize()
+        rows[M] = per
+        print(f"  M={M:6d}: {sum(per):6.1f} ms; per shape {per}", file=sys.stderr, flush=True)
+        del xs
+    print(json.dumps({"torch": torch.__version__, "card": torch.cuda.get_device_name(0), "prewarm_s": prewarm_s,
+                      "shapes": SHAPES, "rows": rows}))  # fmt: skip
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", type=Path, required=True)
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--threads", action="store_true", help="only the worker-thread probe")
     ap.add_argument("--handles", action="store_true", help="only the per-thread / per-row-count probe")
+    ap.add_argument("--ladder", action="store_true", help="only the per-shape probe: kernel loading or choice?")
     args = ap.parse_args()
     if args.child:
+        if args.ladder:
+            return child_ladder()
         return child_threads() if args.threads else child_handles() if args.handles else child()
+    if args.ladder:
+        runs = {}
+        for mode in ("LAZY", "EAGER", "LAZY+prewarm", "EAGER+prewarm"):
+            env = dict(os.environ, CUDA_MODULE_LOADING=mode.split("+")[0], PROBE_PREWARM="1" if "+" in mode else "")
+            cmd = [sys.executable, __file__, "--out-dir", str(args.out_dir), "--child", "--ladder"]
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            print(f"{mode}:\n{res.stderr[-4000:]}", flush=True)
+            runs[mode] = json.loads(res.stdout.strip().splitlines()[-1]) if res.returncode == 0 else res.stderr[-2000:]
+            if isinstance(runs[mode], dict):
+                print(f"  prewarm {runs[mode]['prewarm_s']:.2f} s", flush=True)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        (args.out_dir / "probe_first_shapes_ladder.json").write_text(json.dumps(runs, indent=1))
+        return
     if args.handles:
         runs = []
         for blas in ("", "cublaslt"):

@@ -1,7 +1,7 @@
 """The package's own fused Triton kernels (kernels/norm.py, moe_decode.py, kda_decode.py, mla_decode.py,
-mla_prefill.py, conv.py, lora.py) against float64 references built from the model's PyTorch twins, on CPU through
-Triton's interpreter (TRITON_INTERPRET=1: the kernels' own code, run by numpy). The same kernels compiled on a GPU
-are tested in test_gpu.py, in bfloat16.
+mla_prefill.py, conv.py, lora.py, gemm.py) against float64 references built from the model's PyTorch twins, on CPU
+through Triton's interpreter (TRITON_INTERPRET=1: the kernels' own code, run by numpy). The same kernels compiled on a
+GPU are tested in test_gpu.py, in bfloat16.
 
 Triton 3.6's interpreter needs numpy < 2.4 (it takes int() of one-element arrays); .ci/run installs one beside
 Triton in the KIMI_FLA_SITE folder."""
@@ -262,6 +262,20 @@ SCRIPT = textwrap.dedent("""
         out[case + " dB"] = rel(b_.grad, bd.grad)
         if x_grad:
             out[case + " dx"] = rel(x.grad, xd.grad)
+
+    # the low-rank projections' product (kernels/gemm.py) against float64 in float32: one, two and three weights of
+    # one input, fewer rows than a tile and several tiles, widths off the tile sizes (K = 200: the last K step
+    # masked), a 3-D input, a view of wider rows (a column slice: the row stride is not K), no rows
+    from kimi_linear_kernels import gemm
+
+    for shape, K, ns, view in [((5,), 128, (128, 128, 32), False), ((2, 70), 200, (576,), False),
+                               ((300,), 64, (16, 130), True), ((0,), 64, (8,), False)]:  # fmt: skip
+        x = torch.randn(*shape, K + 64 if view else K)[..., :K]
+        ws = [torch.randn(n, K) / K**0.5 for n in ns]
+        for i, (y, w) in enumerate(zip(gemm.products(x, *ws), ws)):
+            case = f"gemm {tuple(shape)}x{K}->{ns} #{i}" + (" view" if view else "")
+            assert y.shape == (*shape, w.shape[0]) and y.dtype == x.dtype, (case, y.shape, y.dtype)
+            out[case] = rel(y, x.double() @ w.double().T) if y.numel() else 0.0
     print(json.dumps(out))
 """)
 
@@ -332,4 +346,12 @@ def test_lora_kernels_forward_and_backward_match_float64(errors):
     lora = {k: v for k, v in errors.items() if k.startswith("lora")}
     assert len(lora) == 4 + 4 + 3, sorted(lora)
     bad = {k: v for k, v in lora.items() if not v < 1e-6}
+    assert not bad, bad
+
+
+def test_low_rank_product_kernel_matches_float64(errors):
+    # one to three weights of one input, widths off the tiles, a masked last K step, a view of wider rows, no rows
+    gemm = {k: v for k, v in errors.items() if k.startswith("gemm")}
+    assert len(gemm) == 3 + 1 + 2 + 1, sorted(gemm)
+    bad = {k: v for k, v in gemm.items() if not v < 1e-6}
     assert not bad, bad

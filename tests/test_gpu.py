@@ -869,6 +869,66 @@ def test_a_bucket_that_comes_back_without_a_hidden_build_gets_its_plan_once_the_
     assert floor < 0.1 and all(rel_rms(x, ref) < 1.5 * floor + 1e-3 for x in logits), [rel_rms(x, ref) for x in logits]
 
 
+def test_low_rank_products_near_float64_and_compile_once():
+    # kernels/gemm.py in bf16 against float64 at the bench model's low-rank shapes (KDA's f_a, g_a and b_proj of one
+    # input in one launch, f_b / g_b, MLA's kv_a); cuBLAS's bf16 product sets the bar. After the first row count,
+    # new row counts compile nothing.
+    import torch.nn.functional as F
+
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    cases = [(2304, (128, 128, 32)), (128, (4096,)), (2304, (576,))]
+    with precompile.compile_events(only_fla=False) as events:
+        for M in [1000, 1, 63, 8000, 12001]:
+            before = len(events)
+            for K, ns in cases:
+                x = torch.randn(M, K, device="cuda", generator=gen).bfloat16()
+                ws = [(torch.randn(n, K, device="cuda", generator=gen) / K**0.5).bfloat16() for n in ns]
+                for y, w in zip(kernels.products(x, *ws), ws):
+                    exact = x.double() @ w.double().T
+                    floor = rel_rms(F.linear(x, w), exact)
+                    assert y.shape == exact.shape and y.dtype == torch.bfloat16
+                    assert rel_rms(y, exact) < 1.5 * floor + 1e-4, (M, K, w.shape, rel_rms(y, exact), floor)
+            if M != 1000:
+                assert len(events) == before, (M, events[before:])
+
+
+def test_low_rank_projections_take_the_triton_product_at_inference_only(monkeypatch):
+    # At inference on the GPU every KDA layer runs f_a, g_a and b_proj in one kernels.products launch and f_b, g_b in
+    # one each, every MLA layer its kv_a; the logits are as close to float64 as the plain path's (cuBLAS). A layer
+    # with a forward hook keeps its module call (the hook runs), and under autograd nothing takes the product.
+    model = _mla_shaped_model()
+    ids = torch.randint(3, 512, (2, 300), generator=torch.Generator().manual_seed(13))
+    ref = _logits(copy.deepcopy(model).double().cpu(), ids)
+    kernels.force_backend("torch")
+    try:
+        floor = rel_rms(_logits(model, ids.cuda()), ref)
+    finally:
+        kernels.force_backend(None)
+    calls, fused = [], kernels.products
+    monkeypatch.setattr(kernels, "products", lambda x, *w: calls.append(tuple(t.shape[0] for t in w)) or fused(x, *w))
+    got = _logits(model, ids.cuda())
+    layers = [layer.self_attn for layer in model.model.layers]
+    kda = [a for a in layers if hasattr(a, "f_a_proj")]
+    want = []
+    for a in layers:
+        if a in kda:
+            want += [(a.f_a_proj.out_features, a.g_a_proj.out_features, a.b_proj.out_features),
+                     (a.f_b_proj.out_features,), (a.g_b_proj.out_features,)]  # fmt: skip
+        else:
+            want.append((a.kv_a_proj_with_mqa.out_features,))
+    assert len(kda) and len(kda) < len(layers) and calls == want, calls
+    assert floor < 0.1 and rel_rms(got, ref) < 1.5 * floor + 1e-3, (rel_rms(got, ref), floor)
+    calls.clear()
+    hooked = []
+    handle = kda[0].g_a_proj.register_forward_hook(lambda *a: hooked.append(1))
+    _logits(model, ids.cuda())
+    handle.remove()
+    assert hooked and calls == want[1:], calls  # the first layer's three in their modules, the rest as before
+    calls.clear()
+    model(ids.cuda(), use_cache=False).logits.float().sum().backward()
+    assert calls == [], calls
+
+
 @pytest.mark.parametrize("rows, k, n, r", [(4096, 2304, 4096, 16), (77, 128, 4096, 8), (300, 2304, 32, 16)])
 def test_lora_kernel_near_float64(rows, k, n, r):
     # A LoRA-adapted linear layer (kernels/lora.py) in bf16 with float32 adapters, forward and backward, against

@@ -1,0 +1,195 @@
+"""Probe: the model's projections through kernels/gemm.py (a Triton product compiled once for every number of rows)
+and torch's CUTLASS grouped product (torch._grouped_mm as one batch of one) against cuBLAS (F.linear), at the bench
+model's 13 projection shapes and row counts from a short prompt to 128k tokens.
+
+Per shape and row count: GPU time of a warm call (CUDA events around 10 calls enqueued back to back, median of 5),
+host time per call, the host time of the first call at a row count the process has not run (cuBLAS chooses its
+kernel then; the others have nothing to choose), and the error against float64. Then a sweep of tile settings at the
+low-rank shapes (at most 576 inputs or outputs), 8000 and 32768 rows, for gemm's fixed tiles. Prints tables, writes
+probe_linear.json and a PNG (GPU time over cuBLAS's per shape and row count).
+
+    python benchmarks/probe_linear.py --out-dir /tmp/probe
+"""
+
+import argparse
+import functools
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# (in, out) of the bench model's projections (bench_1b_hybrid: hidden 2304, 32 heads x 128, MLA 192 / 128 per head,
+# dense MLP 9216, expert 1024); the router (2304 -> 16) multiplies in float32
+SHAPES = [(2304, 4096), (4096, 2304), (2304, 128), (128, 4096), (2304, 32), (2304, 18432), (9216, 2304),
+          (2304, 6144), (2304, 576), (512, 8192), (2304, 2048), (1024, 2304), (2304, 16)]  # fmt: skip
+ROUTER = (2304, 16)
+ROWS = [7, 100, 300, 2048, 8000, 12001, 32768, 50001, 131072]
+SWEEP_ROWS = [8000, 32768]
+# (BM, BN, BK, warps, stages)
+SETTINGS = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+            (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (128, 32, 128, 4, 3), (64, 64, 64, 4, 4)]  # fmt: skip
+
+
+def gpu_ms(fn, reps=10, runs=5):
+    """GPU ms per call, calls enqueued back to back (so that launch gaps do not count), median of runs."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    out = []
+    for _ in range(runs):
+        a.record()
+        for _ in range(reps):
+            fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b) / reps)
+    return statistics.median(out)
+
+
+def host_us(fn, reps=20):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    dt = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return dt / reps * 1e6
+
+
+def first_ms(fn):
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return dt * 1e3
+
+
+def operands(M, k, n, gen):
+    x = torch.randn(M, k, device="cuda", dtype=torch.bfloat16, generator=gen)
+    w = torch.randn(n, k, device="cuda", generator=gen) / k**0.5
+    return x, w.float() if (k, n) == ROUTER else w.bfloat16()
+
+
+def products(gemm):
+    """name -> product(x, w) = x @ w.T: cuBLAS (F.linear; the router in float32 as the model runs it), torch's
+    CUTLASS grouped product as one batch of one (bfloat16 only), and kernels/gemm.py."""
+
+    def cublas(x, w):
+        return F.linear(x.float(), w) if w.dtype == torch.float32 else F.linear(x, w)
+
+    def grouped(x, w):
+        if w.dtype == torch.float32:
+            return F.linear(x.float(), w)
+        return torch._grouped_mm(x[None], w.t()[None])[0]
+
+    def triton(x, w, tiles=None):
+        return gemm.products(x.to(w.dtype), w, tiles=tiles)[0]
+
+    return {"cuBLAS": cublas, "grouped": grouped, "Triton": triton}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out-dir", type=Path, required=True)
+    ap.add_argument("--rows", type=int, nargs="*", default=ROWS)
+    ap.add_argument("--no-sweep", action="store_true")
+    args = ap.parse_args()
+    import triton
+
+    try:
+        from kimi_linear_kernels import gemm
+    except ImportError:
+        from kernels import gemm
+    prods = products(gemm)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    report = {"date": time.strftime("%Y-%m-%d %H:%M"), "card": torch.cuda.get_device_name(0),
+              "torch": torch.__version__, "triton": triton.__version__, "rows": {}, "sweep": {}}  # fmt: skip
+    # compile every Triton setting the rule picks, and load the grouped product's kernels, at row counts not timed
+    t = time.perf_counter()
+    for M in (64, 4096):
+        for k, n in SHAPES:
+            x, w = operands(M, k, n, gen)
+            prods["Triton"](x, w)
+            prods["grouped"](x, w)
+    torch.cuda.synchronize()
+    report["warmup_s"] = time.perf_counter() - t
+    print(f"{report['card']} | torch {report['torch']} | triton {report['triton']} | compiling and loading: "
+          f"{report['warmup_s']:.1f} s", flush=True)  # fmt: skip
+    names = list(prods)
+    head = " ".join(f"{n:>8}" for n in names)
+    print(f"\n{'rows':>7} {'in x out':>12} | first call host ms: {head} | warm GPU us: {head} | host us/call: {head} "
+          f"| error vs float64: {head}")  # fmt: skip
+    for M in args.rows:
+        cells = report["rows"][M] = {}
+        for k, n in SHAPES:
+            x, w = operands(M, k, n, gen)
+            fns = {name: functools.partial(f, x, w) for name, f in prods.items()}
+            c = {f"{name}_first_ms": first_ms(fn) for name, fn in fns.items()}
+            c |= {f"{name}_gpu_us": gpu_ms(fn) * 1e3 for name, fn in fns.items()}
+            c |= {f"{name}_host_us": host_us(fn) for name, fn in fns.items()}
+            if M <= 32768:
+                ref = x.double() @ w.double().T
+                c |= {f"{name}_err": ((fn().double() - ref).norm() / ref.norm()).item() for name, fn in fns.items()}
+            cells[f"{k}x{n}"] = c
+
+            def row(kind, fmt, c=c):
+                return " ".join(format(c.get(f"{name}_{kind}", 0.0), fmt) for name in names)
+
+            print(f"{M:>7} {f'{k}x{n}':>12} | {'':>19} {row('first_ms', '>8.2f')} | {'':>11} "
+                  f"{row('gpu_us', '>8.1f')} | {'':>12} {row('host_us', '>8.1f')} | {'':>17} {row('err', '>8.1e')}",
+                  flush=True)  # fmt: skip
+            del x, w
+        tot = {key: sum(c[key] for c in cells.values()) for key in next(iter(cells.values())) if "err" not in key}
+        print(f"{M:>7} {'all 13':>12} | {'':>19} {row('first_ms', '>8.2f', tot)} | {'':>11} "
+              f"{row('gpu_us', '>8.1f', tot)} | {'':>12} {row('host_us', '>8.1f', tot)} |", flush=True)  # fmt: skip
+    if not args.no_sweep:
+        fixed = (gemm.BM, gemm.BN, gemm.BK, gemm.WARPS, gemm.STAGES)
+        print(f"\nsweep at the low-rank shapes: GPU us per setting (BM, BN, BK, warps, stages); * = the fixed {fixed}",
+              flush=True)  # fmt: skip
+        for M in SWEEP_ROWS:
+            for k, n in SHAPES:
+                if min(k, n) > 576:
+                    continue
+                x, w = operands(M, k, n, gen)
+                res = {"cublas": gpu_ms(functools.partial(prods["cuBLAS"], x, w)) * 1e3}
+                for s in [fixed] + [s for s in SETTINGS if s != fixed]:
+                    try:
+                        prods["Triton"](x, w, tiles=s)
+                        res[str(s)] = gpu_ms(functools.partial(prods["Triton"], x, w, tiles=s)) * 1e3
+                    except Exception as err:  # noqa: BLE001 (out of shared memory, for one)
+                        res[str(s)] = repr(err)[:80]
+                report["sweep"][f"{M} {k}x{n}"] = res
+                ok = {s: v for s, v in res.items() if isinstance(v, float) and s != "cublas"}
+                best = min(ok, key=ok.get)
+                each = " ".join(f"{v:.0f}" for v in ok.values())
+                print(f"{M:>7} {f'{k}x{n}':>12} cuBLAS {res['cublas']:8.1f} | best {best} {ok[best]:8.1f} | fixed "
+                      f"{ok.get(str(fixed), float('nan')):8.1f} | {each}", flush=True)  # fmt: skip
+                del x, w
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "probe_linear.json").write_text(json.dumps(report, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for k, n in SHAPES:
+        ys = [report["rows"][M][f"{k}x{n}"] for M in args.rows]
+        for name, style in (("Triton", "-"), ("grouped", "--")):
+            ax.plot(args.rows, [c[f"{name}_gpu_us"] / c["cuBLAS_gpu_us"] for c in ys], style, marker="o",
+                    label=f"{name} {k}x{n}")  # fmt: skip
+    ax.set_xscale("log")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xlabel("rows (tokens)")
+    ax.set_ylabel("GPU time / cuBLAS's")
+    ax.set_title(f"kernels/gemm.py and torch._grouped_mm vs cuBLAS, bf16 ({report['card']}, torch {report['torch']}, "
+                 f"triton {report['triton']}, {report['date']})", fontsize=9)  # fmt: skip
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(args.out_dir / "probe_linear.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

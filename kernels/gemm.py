@@ -1,0 +1,111 @@
+"""The model's low-rank projections at inference, [x W_i^T for each W_i] for up to three weights of one input, in one
+Triton launch compiled once for every number of rows.
+
+PyTorch twin: `[F.linear(x, w) for w in weights]`, which runs cuBLAS. cuBLAS chooses its kernel per exact problem
+shape and keeps the choice for the process. At a number of rows it has not run, that choice costs 0.1-0.3 ms of host
+time at most shapes and 2-4 ms at some; the projections with few outputs or few inputs take the 2-4 ms nearly every
+time (KDA's f_a, g_a and b_proj of 2304 -> 128 / 128 / 32, f_b and g_b of 128 -> 4096, MLA's kv_a of 2304 -> 576;
+benchmarks/probe_first_shapes.py --ladder, probe_linear.py). That is 10-15 ms at every prompt of a new length, paid
+in the first layers while the GPU waits. This product has nothing to choose: the number of rows is not specialized
+on (do_not_specialize) and the tile sizes are fixed, so a new length compiles and chooses nothing. Its GPU time at
+these shapes is microseconds (tens at 128k rows), and its one launch for KDA's three projections of the layer input
+reads the input once where cuBLAS reads it three times.
+
+The column blocks of the weights are numbered one after another (W1's, then W2's, ...); each program computes one
+BM x BN tile of one output, walking K in steps of BK with float32 accumulation, the programs of one row block next to
+each other so that they read x from L2. Rows past M are read as row `rows % M` (real numbers, never stored) so that
+the loads need no mask; K not a multiple of BK is masked. Half-precision inputs multiply in their dtype, float32 in
+full float32 (ieee).
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_WEIGHTS = 3
+BM, BN, BK, WARPS, STAGES = 128, 128, 64, 4, 4  # benchmarks/probe_linear.py's sweep at the low-rank shapes
+
+
+@functools.cache
+def _stages(device):
+    """STAGES where the GPU's shared memory per block holds them (32 KiB of tiles each; Hopper and A100 hold 4),
+    else 2 (GPUs with about 100 KiB)."""
+    if device.type != "cuda":
+        return STAGES
+    return STAGES if torch.cuda.get_device_properties(device).shared_memory_per_block_optin >= 160 * 1024 else 2
+
+
+@triton.jit
+def _tile(X, W, Y, rm, n0, M, N, K, sxm, EVEN_K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+          BK: tl.constexpr):  # fmt: skip
+    """Y[rm, n0:n0 + BN] = X[rm] @ W[n0:n0 + BN]^T, W [N, K] and Y [M, N] contiguous."""
+    rn = n0 + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    xp = X + (rm % M)[:, None].to(tl.int64) * sxm + rk[None, :]
+    wp = W + (rn % N)[:, None].to(tl.int64) * K + rk[None, :]
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            x = tl.load(xp)
+            w = tl.load(wp)
+        else:
+            km = (k0 + rk) < K
+            x = tl.load(xp, mask=km[None, :], other=0.0)
+            w = tl.load(wp, mask=km[None, :], other=0.0)
+        if W.dtype.element_ty == tl.float32:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+        xp += BK
+        wp += BK
+    yp = Y + rm[:, None].to(tl.int64) * N + rn[None, :]
+    tl.store(yp, acc.to(Y.dtype.element_ty), mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _products(X, W1, W2, W3, Y1, Y2, Y3, M, N1, N2, N3, K, sxm, EVEN_K: tl.constexpr, BM: tl.constexpr,
+              BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+    e1 = tl.cdiv(N1, BN)
+    e2 = e1 + tl.cdiv(N2, BN)
+    blocks = e2 + tl.cdiv(N3, BN)
+    pid = tl.program_id(0)
+    rm = (pid // blocks) * BM + tl.arange(0, BM)
+    j = pid % blocks
+    # one tile loop for whichever weight the block is of (a loop per branch would hold three pipelines' buffers)
+    if j < e1:
+        w, y, n, n0 = W1, Y1, N1, j * BN
+    elif j < e2:
+        w, y, n, n0 = W2, Y2, N2, (j - e1) * BN
+    else:
+        w, y, n, n0 = W3, Y3, N3, (j - e2) * BN
+    _tile(X, w, y, rm, n0, M, n, K, sxm, EVEN_K, BM, BN, BK)
+
+
+def products(x, *weights, tiles=None):
+    """[x @ w.T for w in weights] for x [..., K] and one to three weights [N_i, K] of x's dtype (nn.Linear's
+    layout), without autograd; each output [..., N_i] in x's dtype, as nn.Linear's. tiles: (BM, BN, BK, warps,
+    stages) instead of the fixed ones (benchmarks/probe_linear.py's sweep)."""
+    if not 1 <= len(weights) <= MAX_WEIGHTS:
+        raise ValueError(f"products takes one to {MAX_WEIGHTS} weights, got {len(weights)}")
+    K = x.shape[-1]
+    for w in weights:
+        if w.dim() != 2 or w.shape[1] != K or w.dtype != x.dtype or not w.is_contiguous():
+            raise ValueError(f"products needs contiguous [N, {K}] weights of {x.dtype} (x [..., {K}]), got "
+                             f"{tuple(w.shape)} {w.dtype}")  # fmt: skip
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    outs = [torch.empty(M, w.shape[0], dtype=x.dtype, device=x.device) for w in weights]
+    if M:
+        bm, bn, bk, warps, stages = tiles or (BM, BN, BK, WARPS, _stages(x.device))
+        pad = MAX_WEIGHTS - len(weights)
+        ns = [w.shape[0] for w in weights] + [0] * pad
+        grid = (triton.cdiv(M, bm) * sum(triton.cdiv(n, bn) for n in ns),)
+        _products[grid](
+            x2, *weights, *(weights[0],) * pad, *outs, *(outs[0],) * pad, M, *ns, K, x2.stride(0),
+            EVEN_K=K % bk == 0, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+    return [y.view(*x.shape[:-1], y.shape[1]) for y in outs]
