@@ -3,13 +3,14 @@ Triton launch compiled once for every number of rows.
 
 PyTorch twin: `[F.linear(x, w) for w in weights]`, which runs cuBLAS. cuBLAS chooses its kernel per exact problem
 shape and keeps the choice for the process. At a number of rows it has not run, that choice costs 0.1-0.3 ms of host
-time at most shapes and 2-4 ms at some; the projections with few outputs or few inputs take the 2-4 ms nearly every
-time (KDA's f_a, g_a and b_proj of 2304 -> 128 / 128 / 32, f_b and g_b of 128 -> 4096, MLA's kv_a of 2304 -> 576;
-benchmarks/probe_first_shapes.py --ladder, probe_linear.py). That is 10-15 ms at every prompt of a new length, paid
-in the first layers while the GPU waits. This product has nothing to choose: the number of rows is not specialized
-on (do_not_specialize) and the tile sizes are fixed, so a new length compiles and chooses nothing. Its GPU time at
-these shapes is microseconds (tens at 128k rows), and its one launch for KDA's three projections of the layer input
-reads the input once where cuBLAS reads it three times.
+time at most shapes and 2-4 ms at some: nearly every time at KDA's f_a, g_a and b_proj (2304 -> 128, 128, 32), often
+at f_b and g_b (128 -> 4096) and MLA's kv_a (2304 -> 576) (benchmarks/probe_first_shapes.py --ladder,
+probe_linear.py): 10-20 ms at every prompt of a new length, paid in the first layers while the GPU waits. This
+product has nothing to choose: the number of rows is not specialized on (do_not_specialize) and the tile sizes are
+fixed, so a new length compiles and chooses nothing. At these shapes a call takes 1.2-3.2x cuBLAS's time: 40-70 us
+at 2k-8k rows, where its launch's host time sets the pace, 0.2-1 ms at 128k; its one launch for KDA's three
+projections of the layer input reads the input once where cuBLAS reads it three times. The model keeps the wide
+projections on cuBLAS, which is 1.2-2.0x faster there.
 
 The column blocks of the weights are numbered one after another (W1's, then W2's, ...); each program computes one
 BM x BN tile of one output, walking K in steps of BK with float32 accumulation, the programs of one row block next to
