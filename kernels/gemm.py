@@ -90,6 +90,8 @@ def products(x, *weights, tiles=None):
     stages) instead of the fixed ones (benchmarks/probe_linear.py's sweep)."""
     if not 1 <= len(weights) <= MAX_WEIGHTS:
         raise ValueError(f"products takes one to {MAX_WEIGHTS} weights, got {len(weights)}")
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)):
+        raise RuntimeError("products has no backward: call it under torch.no_grad() (or use F.linear, which has one)")
     K = x.shape[-1]
     for w in weights:
         if w.dim() != 2 or w.shape[1] != K or w.dtype != x.dtype or not w.is_contiguous():

@@ -276,6 +276,11 @@ SCRIPT = textwrap.dedent("""
             case = f"gemm {tuple(shape)}x{K}->{ns} #{i}" + (" view" if view else "")
             assert y.shape == (*shape, w.shape[0]) and y.dtype == x.dtype, (case, y.shape, y.dtype)
             out[case] = rel(y, x.double() @ w.double().T) if y.numel() else 0.0
+    try:  # no backward: a call that autograd would need refuses instead of returning detached outputs
+        gemm.products(torch.randn(3, 8, requires_grad=True), torch.randn(4, 8))
+        out["gemm under autograd refused"] = 1.0
+    except RuntimeError as err:
+        out["gemm under autograd refused"] = 0.0 if "no_grad" in str(err) else 1.0
     print(json.dumps(out))
 """)
 
@@ -350,8 +355,9 @@ def test_lora_kernels_forward_and_backward_match_float64(errors):
 
 
 def test_low_rank_product_kernel_matches_float64(errors):
-    # one to three weights of one input, widths off the tiles, a masked last K step, a view of wider rows, no rows
+    # one to three weights of one input, widths off the tiles, a masked last K step, a view of wider rows, no rows;
+    # a call under autograd refused (0.0: refused with the fix named)
     gemm = {k: v for k, v in errors.items() if k.startswith("gemm")}
-    assert len(gemm) == 3 + 1 + 2 + 1, sorted(gemm)
+    assert len(gemm) == 3 + 1 + 2 + 1 + 1, sorted(gemm)
     bad = {k: v for k, v in gemm.items() if not v < 1e-6}
     assert not bad, bad
