@@ -32,7 +32,8 @@ def main():
         cells = []
         for r in runs.values():
             c = r["new_lengths"].get(L)
-            cells.append(f"{c['first_s'] * 1e3:6.1f}/{c['warm_s'] * 1e3:6.1f} {100 * c['over_warm']:+6.1f}%" if c else "")
+            ms = f"{c['first_s'] * 1e3:6.1f}/{c['warm_s'] * 1e3:6.1f}" if c else ""
+            cells.append(f"{ms} {100 * c['over_warm']:+6.1f}%" if c else "")
         print(f"{L:>7} | " + " | ".join(f"{c:>22}" for c in cells))
     summary = {}
     for name, r in runs.items():

@@ -10,7 +10,11 @@ shared across threads?) and while they run (does it overlap?); with --handles, w
 thread or for the process, and per exact row count (for the process, per exact count: results/probe_first_shapes_
 handles.*). Worker threads that make the model's choices ahead of a prefill at a new length were tried twice and
 made that prefill slower (6e708b5 with threads per prefill, 373cca1 with threads kept for the process; both
-reverted; results/probe_first_shapes_model*.*, results/cold_start_*_same_call.json).
+reverted; results/probe_first_shapes_model*.*, results/cold_start_*_same_call.json). With --ladder, each shape's
+first call at eleven new row counts, under CUDA_MODULE_LOADING=LAZY and EAGER, with and without running every shape
+at 14 row counts first: the 2-4 ms first calls stay in every mode, so they are cuBLAS's choice at that exact shape,
+not kernel loading (results/probe_first_shapes_ladder.*; the low-rank shapes, which take them most often, now run
+through kernels/gemm.py).
 
     python benchmarks/probe_first_shapes.py --out-dir /tmp/probe
 """
