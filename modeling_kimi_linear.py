@@ -411,10 +411,11 @@ def _plain_linears(x, *modules):
 
 
 def _products(x, *modules):
-    """[m(x) for m in modules], for the low-rank projections (few outputs or few inputs). At inference on CUDA in half
-    precision, where they are plain layers, up to three of them take one Triton launch (kimi_linear_kernels.products,
-    kernels/gemm.py): at these shapes cuBLAS's choice of kernel for a number of rows it has not run costs 2-4 ms of
-    host time nearly every time, 10-15 ms at every prompt of a new length."""
+    """[m(x) for m in modules], for the low-rank projections of a prefill (few outputs or few inputs; decode steps
+    call the modules: one row count per batch size). At inference on CUDA in half precision, where they are plain
+    layers, up to three of them take one Triton launch (kimi_linear_kernels.products, kernels/gemm.py): at these
+    shapes cuBLAS's choice of kernel for a number of rows it has not run costs 2-4 ms of host time nearly every time,
+    10-15 ms at every prompt of a new length."""
     fast = _triton_kernels(x)
     if fast is not None and x.dtype in (torch.float16, torch.bfloat16) and _plain_linears(x, *modules):
         return fast.products(x, *(m.weight for m in modules))
@@ -475,11 +476,10 @@ class KimiDeltaAttention(nn.Module):
         return self._output(x, o, ga)
 
     def _output(self, x, o, ga=None):
-        """o_proj of the gated output norm; ga = g_a_proj(x), where _raw made it."""
+        """o_proj of the gated output norm; ga = g_a_proj(x), where _raw made it (a prefill), else None (a decode
+        step, whose few rows, one count per batch size, stay with the modules)."""
         *lead, _ = x.shape
-        if ga is None:
-            (ga,) = _products(x, self.g_a_proj)
-        (gate,) = _products(ga, self.g_b_proj)
+        gate = self.g_b_proj(self.g_a_proj(x)) if ga is None else _products(ga, self.g_b_proj)[0]
         gate = gate.view(*lead, self.num_heads, self.head_dim)
         return self.o_proj(self.o_norm(o.to(x.dtype), gate).reshape(*lead, -1))
 
@@ -658,12 +658,15 @@ class KimiMLAAttention(nn.Module):
 
     def _input_projections(self, x):
         """q (heads not yet split) and kv_a_proj_with_mqa(x). A one-token step of at most FUSED_PROJECTION_ROWS rows
-        takes both in one Triton launch (kimi_linear_kernels.projections) where they are plain layers."""
+        takes both in one Triton launch (kimi_linear_kernels.projections) where they are plain layers; a prefill
+        takes kv_a through _products."""
         B, T, _ = x.shape
         fast = _triton_kernels(x) if T == 1 and B <= FUSED_PROJECTION_ROWS and hasattr(self, "q_proj") else None
         if fast is not None and _plain_linears(x, self.q_proj, self.kv_a_proj_with_mqa):
             q, kv_a = fast.projections(x[:, 0], self.q_proj.weight, self.kv_a_proj_with_mqa.weight)
             return q[:, None], kv_a[:, None]
+        if T == 1:  # a decode step: one row count per batch size, cuBLAS chooses once for each
+            return self.query(x), self.kv_a_proj_with_mqa(x)
         return self.query(x), *_products(x, self.kv_a_proj_with_mqa)
 
     def forward(self, x, state=None, mask=None):
