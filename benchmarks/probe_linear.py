@@ -20,11 +20,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from probe_first_shapes import SHAPES  # the bench model's 13 projection shapes (in, out), beside this script
 
-# (in, out) of the bench model's projections (bench_1b_hybrid: hidden 2304, 32 heads x 128, MLA 192 / 128 per head,
-# dense MLP 9216, expert 1024); the router (2304 -> 16) multiplies in float32
-SHAPES = [(2304, 4096), (4096, 2304), (2304, 128), (128, 4096), (2304, 32), (2304, 18432), (9216, 2304),
-          (2304, 6144), (2304, 576), (512, 8192), (2304, 2048), (1024, 2304), (2304, 16)]  # fmt: skip
+# the router (2304 -> 16) multiplies in float32, as the model runs it
 ROUTER = (2304, 16)
 ROWS = [7, 100, 300, 2048, 8000, 12001, 32768, 50001, 131072]
 SWEEP_ROWS = [8000, 32768]
