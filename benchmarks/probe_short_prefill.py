@@ -1,0 +1,224 @@
+"""Probe: where a prefill of a few thousand tokens spends its time, and what its first call at a new length adds.
+
+The bench model's warm prefill takes about 45-50 ms at every length from 2k to 11k tokens (results/new_lengths_*),
+so the host sets the pace there, and a first call at a new length still costs 5-15 ms more at 2k-7k tokens. This
+probe, on the bench model (bench_1b_hybrid, random weights, bf16, after a first prefill at 32768 and 8192 tokens):
+
+  hooks     per new length, the host time of each part of the model (attention, MoE or MLP, norms; forward hooks
+            with no synchronisation, so a part that waits for the GPU shows it) in the first call and in a warm one,
+            and each call's wall time and GPU kernel time
+  profile   per new length, the first and a warm call under torch.profiler: the operators (with their input shapes)
+            whose host time grew, and the warm call's operators by host time
+  launch    the host time of one launch of kernels/gemm.py's product (M = 16 rows: the GPU waits for the host) as
+            `products` calls it, as a bare JIT launch, and as a launch of the compiled kernel, against F.linear
+
+    python benchmarks/probe_short_prefill.py --out-dir /tmp/probe
+
+Writes probe_short_prefill.json to --out-dir and prints tables.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def bench_model():
+    import torch
+
+    from kimi_linear.configuration_kimi_linear import KimiLinearConfig
+    from kimi_linear.modeling_kimi_linear import KimiLinearForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = KimiLinearForCausalLM(KimiLinearConfig(**json.loads((HERE / "configs" / "bench_1b_hybrid.json")
+                                                                     .read_text()))).bfloat16().eval()  # fmt: skip
+    return model
+
+
+def hooked_parts(model):
+    """Forward hooks on every decoder layer's parts; returns a dict part -> list of host seconds, filled per call."""
+    times = defaultdict(float)
+    started = {}
+
+    def pre(name):
+        def hook(module, args):
+            started[name] = time.perf_counter()
+
+        return hook
+
+    def post(name):
+        def hook(module, args, output):
+            times[name] += time.perf_counter() - started.pop(name)
+
+        return hook
+
+    for i, layer in enumerate(model.model.layers):
+        for part, module in layer.named_children():
+            name = f"{type(module).__name__}" if "norm" in part else f"{i}:{type(module).__name__}"
+            module.register_forward_pre_hook(pre(name))
+            module.register_forward_hook(post(name))
+    return times
+
+
+def gpu_kernel_ms(prof):
+    return sum(e.self_device_time_total for e in prof.key_averages() if e.device_type.name == "CUDA") / 1e3
+
+
+def call(model, ids, times):
+    import torch
+
+    times.clear()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.no_grad():
+        model(ids, logits_to_keep=1)
+    host = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return {"wall_ms": (time.perf_counter() - t) * 1e3, "host_ms": host * 1e3,
+            "parts_ms": {k: v * 1e3 for k, v in times.items()}}  # fmt: skip
+
+
+def probe_hooks(model, lengths, ids):
+    times = hooked_parts(model)
+    rows = {}
+    for T in lengths:
+        x = ids(T)
+        first = call(model, x, times)
+        warm = [call(model, x, times) for _ in range(5)]
+        med = {key: statistics.median(w[key] for w in warm) for key in ("wall_ms", "host_ms")}
+        parts = {k: (v, statistics.median(w["parts_ms"][k] for w in warm)) for k, v in first["parts_ms"].items()}
+        rows[T] = {"first_wall_ms": first["wall_ms"], "warm_wall_ms": med["wall_ms"], "first_host_ms": first["host_ms"],
+                   "warm_host_ms": med["host_ms"], "parts_first_warm_ms": parts}  # fmt: skip
+        grew = sorted(parts.items(), key=lambda kv: -(kv[1][0] - kv[1][1]))[:6]
+        print(f"[hooks] T={T}: wall first {first['wall_ms']:.1f} warm {med['wall_ms']:.1f} ms; host until return "
+              f"first {first['host_ms']:.1f} warm {med['host_ms']:.1f}; grew most: "
+              + ", ".join(f"{k} {a:.2f}/{b:.2f}" for k, (a, b) in grew), flush=True)  # fmt: skip
+    warm_parts = defaultdict(float)
+    for k, (_, w) in rows[lengths[-1]]["parts_first_warm_ms"].items():
+        warm_parts[k.split(":")[-1]] += w
+    kinds = sorted(warm_parts.items(), key=lambda kv: -kv[1])
+    print(f"[hooks] warm host time by kind of part at T={lengths[-1]} (ms): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in kinds), flush=True)  # fmt: skip
+    return rows
+
+
+def probe_profile(model, lengths, ids, top=15):
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    def profiled(x):
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+            with torch.no_grad():
+                model(x, logits_to_keep=1)
+            torch.cuda.synchronize()
+        ops = {(e.key, str(e.input_shapes)[:120]): e.self_cpu_time_total
+               for e in prof.key_averages(group_by_input_shape=True) if e.device_type.name == "CPU"}  # fmt: skip
+        return ops, gpu_kernel_ms(prof)
+
+    rows = {}
+    for T in lengths:
+        x = ids(T)
+        first, first_gpu = profiled(x)
+        profiled(x)
+        warm, warm_gpu = profiled(x)
+        grew = sorted(((k, first[k] - warm.get(k, 0.0)) for k in first), key=lambda kv: -kv[1])[:top]
+        heavy = sorted(warm.items(), key=lambda kv: -kv[1])[:top]
+        rows[T] = {"first_host_us": sum(first.values()), "warm_host_us": sum(warm.values()), "first_gpu_ms": first_gpu,
+                   "warm_gpu_ms": warm_gpu,
+                   "grew": [{"op": k[0], "shapes": k[1], "first_us": first[k], "warm_us": warm.get(k, 0.0)}
+                            for k, _ in grew],
+                   "warm_heaviest": [{"op": k[0], "shapes": k[1], "us": v} for k, v in heavy]}  # fmt: skip
+        print(f"[profile] T={T}: GPU kernels first {first_gpu:.1f} warm {warm_gpu:.1f} ms; operators by host time "
+              f"grown (first us, warm us):", flush=True)  # fmt: skip
+        for r in rows[T]["grew"]:
+            print(f"   {r['first_us']:9.0f} {r['warm_us']:9.0f}  {r['op'][:60]} {r['shapes'][:90]}", flush=True)
+        print(f"[profile] T={T}: warm call's heaviest operators by host time (us):", flush=True)
+        for r in rows[T]["warm_heaviest"]:
+            print(f"   {r['us']:9.0f}  {r['op'][:60]} {r['shapes'][:90]}", flush=True)
+    return rows
+
+
+def probe_launch(reps=2000):
+    import torch
+    import torch.nn.functional as F
+
+    from kimi_linear_kernels import gemm
+
+    x = torch.randn(16, 2304, device="cuda", dtype=torch.bfloat16)
+    ws = [torch.randn(n, 2304, device="cuda", dtype=torch.bfloat16) for n in (128, 128, 32)]
+    outs = [torch.empty(16, w.shape[0], device="cuda", dtype=torch.bfloat16) for w in ws]
+    ns = [w.shape[0] for w in ws]
+    grid = (sum(-(-n // gemm.BN) for n in ns),)
+    consts = dict(EVEN_K=True, BM=gemm.BM, BN=gemm.BN, BK=gemm.BK)
+    args = (x, *ws, *outs, 16, *ns, 2304, 2304)
+    opts = dict(num_warps=gemm.WARPS, num_stages=gemm._stages(x.device))
+    compiled = gemm._products[grid](*args, **consts, **opts)
+    launch_compiled = compiled[grid]
+    all_args = (*args, *consts.values())
+
+    def per_call_us(fn):
+        for _ in range(50):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        host = time.perf_counter() - t
+        torch.cuda.synchronize()
+        return host / reps * 1e6
+
+    with torch.no_grad():
+        rows = {
+            "F.linear x3": per_call_us(lambda: [F.linear(x, w) for w in ws]),
+            "F.linear x1": per_call_us(lambda: F.linear(x, ws[0])),
+            "products x3": per_call_us(lambda: gemm.products(x, *ws)),
+            "products x1": per_call_us(lambda: gemm.products(x, ws[0])),
+            "jit launch x3": per_call_us(lambda: gemm._products[grid](*args, **consts, **opts)),
+            "compiled launch x3": per_call_us(lambda: launch_compiled(*all_args)),
+            "torch.empty x3": per_call_us(lambda: [torch.empty(16, n, device="cuda", dtype=x.dtype) for n in ns]),
+        }
+    for o in outs:
+        o.zero_()
+    launch_compiled(*all_args)
+    ok = all(torch.allclose(o.float(), F.linear(x, w).float(), atol=0.05, rtol=0.02) for o, w in zip(outs, ws))
+    print("[launch] host us per call: " + ", ".join(f"{k} {v:.1f}" for k, v in rows.items())
+          + f"; compiled launch output matches F.linear: {ok}", flush=True)  # fmt: skip
+    return {"host_us": rows, "compiled_launch_matches": ok}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hook-lengths", type=int, nargs="+", default=[2001, 3001, 4001, 5001, 6007, 7001, 9001])
+    ap.add_argument("--profile-lengths", type=int, nargs="+", default=[2501, 4501, 6501])
+    ap.add_argument("--out-dir", type=Path, default=HERE / "results")
+    args = ap.parse_args()
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    from kda_gpu import metadata
+
+    report = {"metadata": metadata()}
+    report["launch"] = probe_launch()
+    model = bench_model()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    ids = lambda T: torch.randint(3, model.config.vocab_size, (1, T), device="cuda", generator=gen)  # noqa: E731
+    with torch.no_grad():
+        for T in (32768, 8192, 8192):  # the first prefill (compiles, precompiles) and the memory pool's peak
+            model(ids(T), logits_to_keep=1)
+    torch.cuda.synchronize()
+    report["hooks"] = probe_hooks(model, args.hook_lengths, ids)
+    report["profile"] = probe_profile(model, args.profile_lengths, ids)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "probe_short_prefill.json").write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out_dir / 'probe_short_prefill.json'}")
+
+
+if __name__ == "__main__":
+    main()
