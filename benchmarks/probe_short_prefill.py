@@ -9,6 +9,8 @@ probe, on the bench model (bench_1b_hybrid, random weights, bf16, after a first 
             and each call's wall time and GPU kernel time
   profile   per new length, the first and a warm call under torch.profiler: the operators (with their input shapes)
             whose host time grew, and the warm call's operators by host time
+  cprofile  per new length, the first and a warm call under cProfile: the Python functions whose own time grew, and
+            the warm call's functions by own and by cumulative time (where the host time goes between operators)
   launch    the host time of one launch of kernels/gemm.py's product (M = 16 rows: the GPU waits for the host) as
             `products` calls it, as a bare JIT launch, and as a launch of the compiled kernel, against F.linear
 
@@ -145,6 +147,49 @@ def probe_profile(model, lengths, ids, top=15):
     return rows
 
 
+def probe_cprofile(model, lengths, ids, top=20):
+    import cProfile
+    import pstats
+
+    import torch
+
+    def profiled(x):
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        with torch.no_grad():
+            prof.enable()
+            model(x, logits_to_keep=1)
+            prof.disable()
+        torch.cuda.synchronize()
+        stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, primitive calls, own s, cumulative s, ...)
+        return {f"{Path(k[0]).name}:{k[1]}({k[2]})": (v[1], v[2] * 1e3, v[3] * 1e3) for k, v in stats.items()}
+
+    rows = {}
+    for T in lengths:
+        x = ids(T)
+        first = profiled(x)
+        profiled(x)
+        warm = profiled(x)
+        grew = sorted(first, key=lambda k: -(first[k][1] - warm.get(k, (0, 0.0, 0.0))[1]))[:top]
+        own = sorted(warm, key=lambda k: -warm[k][1])[:top]
+        cum = sorted(warm, key=lambda k: -warm[k][2])[: 2 * top]
+        rows[T] = {"first_ms": sum(v[1] for v in first.values()), "warm_ms": sum(v[1] for v in warm.values()),
+                   "grew": [[k, *first[k], *warm.get(k, (0, 0.0, 0.0))] for k in grew],
+                   "warm_own": [[k, *warm[k]] for k in own],
+                   "warm_cumulative": [[k, *warm[k]] for k in cum]}  # fmt: skip
+        print(f"[cprofile] T={T}: own time in all functions first {rows[T]['first_ms']:.1f} warm "
+              f"{rows[T]['warm_ms']:.1f} ms; grew most (calls, own ms first / warm):", flush=True)  # fmt: skip
+        for k in grew:
+            print(f"   {first[k][0]:6d} {first[k][1]:8.2f} {warm.get(k, (0, 0.0))[1]:8.2f}  {k[:110]}", flush=True)
+        print(f"[cprofile] T={T}: warm call by own time (calls, own ms, cumulative ms):", flush=True)
+        for k in own:
+            print(f"   {warm[k][0]:6d} {warm[k][1]:8.2f} {warm[k][2]:8.2f}  {k[:110]}", flush=True)
+        print(f"[cprofile] T={T}: warm call by cumulative time (calls, own ms, cumulative ms):", flush=True)
+        for k in cum:
+            print(f"   {warm[k][0]:6d} {warm[k][1]:8.2f} {warm[k][2]:8.2f}  {k[:110]}", flush=True)
+    return rows
+
+
 def probe_launch(reps=2000):
     import torch
     import torch.nn.functional as F
@@ -197,6 +242,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hook-lengths", type=int, nargs="+", default=[2001, 3001, 4001, 5001, 6007, 7001, 9001])
     ap.add_argument("--profile-lengths", type=int, nargs="+", default=[2501, 4501, 6501])
+    ap.add_argument("--cprofile-lengths", type=int, nargs="+", default=[3501, 5501])
+    ap.add_argument("--parts", nargs="+", default=["launch", "hooks", "profile", "cprofile"])
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
     args = ap.parse_args()
     import torch
@@ -205,7 +252,8 @@ def main():
     from kda_gpu import metadata
 
     report = {"metadata": metadata()}
-    report["launch"] = probe_launch()
+    if "launch" in args.parts:
+        report["launch"] = probe_launch()
     model = bench_model()
     gen = torch.Generator(device="cuda").manual_seed(0)
     ids = lambda T: torch.randint(3, model.config.vocab_size, (1, T), device="cuda", generator=gen)  # noqa: E731
@@ -213,8 +261,12 @@ def main():
         for T in (32768, 8192, 8192):  # the first prefill (compiles, precompiles) and the memory pool's peak
             model(ids(T), logits_to_keep=1)
     torch.cuda.synchronize()
-    report["hooks"] = probe_hooks(model, args.hook_lengths, ids)
-    report["profile"] = probe_profile(model, args.profile_lengths, ids)
+    if "cprofile" in args.parts:  # before the hooks, which it would count
+        report["cprofile"] = probe_cprofile(model, args.cprofile_lengths, ids)
+    if "hooks" in args.parts:
+        report["hooks"] = probe_hooks(model, args.hook_lengths, ids)
+    if "profile" in args.parts:
+        report["profile"] = probe_profile(model, args.profile_lengths, ids)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "probe_short_prefill.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out_dir / 'probe_short_prefill.json'}")
