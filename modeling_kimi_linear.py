@@ -410,14 +410,28 @@ def _plain_linears(x, *modules):
     return plain and _no_autograd(x, *(m.weight for m in modules))
 
 
-def _products(x, *modules):
-    """[m(x) for m in modules], for the low-rank projections of a prefill (few outputs or few inputs; decode steps
-    call the modules: one row count per batch size). At inference on CUDA in half precision, where they are plain
-    layers, up to three of them take one Triton launch (kimi_linear_kernels.products, kernels/gemm.py): at these
-    shapes cuBLAS's choice of kernel for a number of rows it has not run costs 2-4 ms of host time nearly every time,
-    10-15 ms at every prompt of a new length."""
+# A prefill of at most this many tokens runs its wide projections through the Triton product as well (KDA's q, k, v
+# and o_proj, MLA's q_proj and o_proj, the MLPs). There the host sets the pace (the bench model's warm prefill takes
+# 42 ms of host time at 2k-9k tokens on an H200 host, its GPU 12-30 ms), so the product's longer GPU time at these
+# shapes (1.2-1.6x cuBLAS's) costs nothing, while cuBLAS's choice of kernel for a new number of rows cost 12-13 ms
+# of host time at each prompt of a new length (benchmarks/probe_short_prefill.py). Longer prompts keep cuBLAS.
+SHAPE_FREE_ROWS = 8192
+
+
+def _products(x, *modules, wide=False):
+    """[m(x) for m in modules], for up to three projections of a prefill (decode steps call the modules: one row
+    count per batch size). At inference on CUDA in half precision, where they are plain layers, they take one Triton
+    launch (kimi_linear_kernels.products, kernels/gemm.py), which chooses nothing per number of rows: cuBLAS's choice
+    for a number of rows it has not run costs 2-4 ms of host time nearly every time at the low-rank shapes (few
+    outputs or few inputs). wide: projections cuBLAS runs faster, which take the product only up to SHAPE_FREE_ROWS
+    rows."""
     fast = _triton_kernels(x)
-    if fast is not None and x.dtype in (torch.float16, torch.bfloat16) and _plain_linears(x, *modules):
+    if (
+        fast is not None
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and (not wide or x.numel() <= SHAPE_FREE_ROWS * x.shape[-1])
+        and _plain_linears(x, *modules)
+    ):
         return fast.products(x, *(m.weight for m in modules))
     return [m(x) for m in modules]
 
@@ -480,8 +494,8 @@ class KimiDeltaAttention(nn.Module):
         step, whose few rows, one count per batch size, stay with the modules)."""
         *lead, _ = x.shape
         gate = self.g_b_proj(self.g_a_proj(x)) if ga is None else _products(ga, self.g_b_proj)[0]
-        gate = gate.view(*lead, self.num_heads, self.head_dim)
-        return self.o_proj(self.o_norm(o.to(x.dtype), gate).reshape(*lead, -1))
+        normed = self.o_norm(o.to(x.dtype), gate.view(*lead, self.num_heads, self.head_dim)).reshape(*lead, -1)
+        return self.o_proj(normed) if ga is None else _products(normed, self.o_proj, wide=True)[0]
 
     def _raw(self, x):
         """The pre-kernel projections: q, k, v before the conv [.., H*D]; g before the gate [.., H, D]; beta logits;
@@ -489,7 +503,7 @@ class KimiDeltaAttention(nn.Module):
         fa, ga, b_raw = _products(x, self.f_a_proj, self.g_a_proj, self.b_proj)
         (g,) = _products(fa, self.f_b_proj)
         g = g.unflatten(-1, (self.num_heads, self.head_dim))
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x), g, b_raw, ga
+        return *_products(x, self.q_proj, self.k_proj, self.v_proj, wide=True), g, b_raw, ga
 
     def _chunk(self, x):
         fast = _kda_backend(x)
@@ -659,7 +673,7 @@ class KimiMLAAttention(nn.Module):
     def _input_projections(self, x):
         """q (heads not yet split) and kv_a_proj_with_mqa(x). A one-token step of at most FUSED_PROJECTION_ROWS rows
         takes both in one Triton launch (kimi_linear_kernels.projections) where they are plain layers; a prefill
-        takes kv_a through _products."""
+        takes q_proj and kv_a through _products."""
         B, T, _ = x.shape
         fast = _triton_kernels(x) if T == 1 and B <= FUSED_PROJECTION_ROWS and hasattr(self, "q_proj") else None
         if fast is not None and _plain_linears(x, self.q_proj, self.kv_a_proj_with_mqa):
@@ -667,7 +681,8 @@ class KimiMLAAttention(nn.Module):
             return q[:, None], kv_a[:, None]
         if T == 1:  # a decode step: one row count per batch size, cuBLAS chooses once for each
             return self.query(x), self.kv_a_proj_with_mqa(x)
-        return self.query(x), *_products(x, self.kv_a_proj_with_mqa)
+        q = _products(x, self.q_proj, wide=True)[0] if hasattr(self, "q_proj") else self.query(x)
+        return q, *_products(x, self.kv_a_proj_with_mqa)
 
     def forward(self, x, state=None, mask=None):
         """x [B, T, hidden]; state: this layer's MLALayerState or None; mask: boolean [B, 1, T, cached + T]
@@ -689,7 +704,8 @@ class KimiMLAAttention(nn.Module):
             out = self._attend_latent(q, latent, mask)
         else:
             out = self._attend_expanded(q, latent, mask)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, h * self.v_dim))
+        out = out.transpose(1, 2).reshape(B, T, h * self.v_dim)
+        return self.o_proj(out) if T == 1 else _products(out, self.o_proj, wide=True)[0]
 
     # Inference past this many keys attends block by block (key_block keys per call, queries in pieces of as many),
     # merged by log-sum-exp: one call over a 512k-token cache of 32 heads indexes past 2^31 elements (an illegal
@@ -968,7 +984,11 @@ class KimiLinearMLP(nn.Module):
             extra = add.reshape(flat.shape).contiguous() if add is not None else None
             out = fast.moe_experts(flat, *(m.weight for m in mods), add=extra)
             return out.view(x.shape)
-        out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if x.dim() == 3 and x.shape[1] > 1:  # a prefill's [B, T, hidden] (a decode step's T is 1)
+            gate, up = _products(x, self.gate_proj, self.up_proj, wide=True)
+            out = _products(F.silu(gate) * up, self.down_proj, wide=True)[0]
+        else:
+            out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         return out if add is None else add + out
 
 
@@ -1236,7 +1256,7 @@ class KimiLinearMoE(nn.Module):
         if out is None:
             out = self._routed(flat, stacked, lora)
         if self.shared_experts is not None:
-            out = self.shared_experts(flat, add=out)
+            return self.shared_experts(x, add=out.view(shape))
         return out.view(shape)
 
     def _routed(self, flat, stacked, lora):

@@ -106,9 +106,46 @@ def products(x, *weights, tiles=None):
         bm, bn, bk, warps, stages = tiles or (BM, BN, BK, WARPS, _stages(x.device))
         pad = MAX_WEIGHTS - len(weights)
         ns = [w.shape[0] for w in weights] + [0] * pad
-        grid = (triton.cdiv(M, bm) * sum(triton.cdiv(n, bn) for n in ns),)
-        _products[grid](
-            x2, *weights, *(weights[0],) * pad, *outs, *(outs[0],) * pad, M, *ns, K, x2.stride(0),
-            EVEN_K=K % bk == 0, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages,
-        )  # fmt: skip
+        grid = triton.cdiv(M, bm) * sum(triton.cdiv(n, bn) for n in ns)
+        args = (x2, *weights, *(weights[0],) * pad, *outs, *(outs[0],) * pad, M, *ns, K, x2.stride(0))
+        _launch(grid, args, (K % bk == 0, bm, bn, bk), (warps, stages))
     return [y.view(*x.shape[:-1], y.shape[1]) for y in outs]
+
+
+# Compiled kernels by everything Triton specializes _products on (each pointer's dtype and 16-byte alignment, each
+# integer's value but M's, M's width), the constexprs and the launch options. Triton's own launch binds and
+# specializes the 17 arguments again at every call: about 9 us of host time of the 18 a launch takes
+# (benchmarks/probe_short_prefill.py, H200), where a prefill of a few thousand tokens is paced by the host. None:
+# launches of that key go through Triton, as do all under a launch hook (a profiler's).
+_compiled = {}
+_I32_MAX = 2**31 - 1
+
+
+def _hooked():
+    """Whether a launch hook is installed (a profiler's): those launches go through Triton, which calls it."""
+    rt = triton.knobs.runtime
+    return any(h is not None and getattr(h, "calls", True) for h in (rt.launch_enter_hook, rt.launch_exit_hook))
+
+
+def _launch(grid, args, constexprs, options):
+    """_products[grid](*args, EVEN_K, BM, BN, BK, num_warps, num_stages): the first launch of a specialization
+    through Triton, later ones straight to its compiled kernel (not under Triton's interpreter)."""
+    key = None
+    if isinstance(_products, triton.runtime.JITFunction):
+        device = triton.runtime.driver.active.get_current_device()  # where Triton's own launch would run it
+        key = (device, args[0].dtype, *(p.data_ptr() % 16 == 0 for p in args[:7]), args[7] > _I32_MAX, *args[8:],
+               *constexprs, *options)  # fmt: skip
+        kernel = _compiled.get(key)
+        if kernel is not None and not _hooked():
+            stream = triton.runtime.driver.active.get_current_stream(device)
+            try:
+                kernel.run(grid, 1, 1, stream, kernel.function, kernel.packed_metadata, None, None, None, *args,
+                           *constexprs)  # fmt: skip
+                return
+            except (TypeError, AttributeError):  # a Triton whose launcher takes other arguments: its own launch
+                _compiled[key] = None
+    even_k, bm, bn, bk = constexprs
+    warps, stages = options
+    kernel = _products[(grid,)](*args, EVEN_K=even_k, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    if key is not None and key not in _compiled:
+        _compiled[key] = kernel if isinstance(kernel, triton.compiler.CompiledKernel) else None

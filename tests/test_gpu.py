@@ -890,12 +890,47 @@ def test_low_rank_products_near_float64_and_compile_once():
                     assert rel_rms(y, exact) < 1.5 * floor + 1e-4, (M, K, w.shape, rel_rms(y, exact), floor)
             if M != 1000:
                 assert len(events) == before, (M, events[before:])
+    # from the second launch of a specialization on, the compiled kernel is launched directly (gemm._launch): inputs
+    # 16-byte aligned and not (a view one element in) keep apart, in either order
+    from kimi_linear_kernels import gemm
+
+    flat = torch.randn(4001 * 2304 + 1, device="cuda", generator=gen).bfloat16()
+    ws = [(torch.randn(n, 2304, device="cuda", generator=gen) / 48).bfloat16() for n in (128, 4096)]
+    for x in [flat[:-1].view(4001, 2304), flat[1:].view(4001, 2304)] * 2 + [flat[:-1].view(4001, 2304)]:
+        for y, w in zip(kernels.products(x, *ws), ws):
+            exact = x.double() @ w.double().T
+            assert rel_rms(y, exact) < 1.5 * rel_rms(F.linear(x, w), exact) + 1e-4, (x.data_ptr() % 16, w.shape)
+    assert sum(k is not None for k in gemm._compiled.values()) >= 2, gemm._compiled
 
 
-def test_low_rank_projections_take_the_triton_product_at_inference_only(monkeypatch):
-    # At inference on the GPU every KDA layer runs f_a, g_a and b_proj in one kernels.products launch and f_b, g_b in
-    # one each, every MLA layer its kv_a; the logits are as close to float64 as the plain path's (cuBLAS). A layer
-    # with a forward hook keeps its module call (the hook runs), and under autograd nothing takes the product.
+def _expected_products(model, wide):
+    """The kernels.products launches of one inference prefill, as tuples of output widths: per KDA layer f_a, g_a
+    and b_proj in one launch, f_b, (q, k, v), g_b, o_proj; per MLA layer q_proj, kv_a, o_proj; per MLP (the dense one,
+    each MoE's shared expert) (gate, up) and down. wide=False: only the low-rank ones (longer prompts)."""
+    want = []
+    for layer in model.model.layers:
+        a = layer.self_attn
+        if hasattr(a, "f_a_proj"):
+            want += [(a.f_a_proj.out_features, a.g_a_proj.out_features, a.b_proj.out_features),
+                     (a.f_b_proj.out_features,)]  # fmt: skip
+            want += [(a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features)] if wide else []
+            want += [(a.g_b_proj.out_features,)] + ([(a.o_proj.out_features,)] if wide else [])
+        else:
+            want += ([(a.q_proj.out_features,)] if wide else []) + [(a.kv_a_proj_with_mqa.out_features,)]
+            want += [(a.o_proj.out_features,)] if wide else []
+        mlp = layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe.shared_experts
+        if mlp is not None and wide:
+            want += [(mlp.gate_proj.out_features, mlp.up_proj.out_features), (mlp.down_proj.out_features,)]
+    return want
+
+
+def test_projections_take_the_triton_product_at_inference_only(monkeypatch):
+    # At inference on the GPU every projection of a prefill of at most SHAPE_FREE_ROWS tokens runs through
+    # kernels.products (_expected_products: both kinds of attention layer, the dense MLP and the shared experts), and
+    # the low-rank ones only beyond that; the logits are as close to float64 as the plain path's (cuBLAS) either way.
+    # A layer with a forward hook keeps its module call (the hook runs), and under autograd nothing takes the product.
+    import kimi_linear.modeling_kimi_linear as modeling
+
     model = _mla_shaped_model()
     ids = torch.randint(3, 512, (2, 300), generator=torch.Generator().manual_seed(13))
     ref = _logits(copy.deepcopy(model).double().cpu(), ids)
@@ -906,21 +941,18 @@ def test_low_rank_projections_take_the_triton_product_at_inference_only(monkeypa
         kernels.force_backend(None)
     calls, fused = [], kernels.products
     monkeypatch.setattr(kernels, "products", lambda x, *w: calls.append(tuple(t.shape[0] for t in w)) or fused(x, *w))
-    got = _logits(model, ids.cuda())
-    layers = [layer.self_attn for layer in model.model.layers]
-    kda = [a for a in layers if hasattr(a, "f_a_proj")]
-    want = []
-    for a in layers:
-        if a in kda:
-            want += [(a.f_a_proj.out_features, a.g_a_proj.out_features, a.b_proj.out_features),
-                     (a.f_b_proj.out_features,), (a.g_b_proj.out_features,)]  # fmt: skip
-        else:
-            want.append((a.kv_a_proj_with_mqa.out_features,))
-    assert len(kda) and len(kda) < len(layers) and calls == want, calls
-    assert floor < 0.1 and rel_rms(got, ref) < 1.5 * floor + 1e-3, (rel_rms(got, ref), floor)
+    for rows, wide in [(modeling.SHAPE_FREE_ROWS, True), (599, False)]:  # the test prefill has 600 rows
+        monkeypatch.setattr(modeling, "SHAPE_FREE_ROWS", rows)
+        calls.clear()
+        got = _logits(model, ids.cuda())
+        want = _expected_products(model, wide)
+        kinds = {type(layer.self_attn).__name__ for layer in model.model.layers}
+        assert len(kinds) == 2 and calls == want, (rows, calls, want)
+        assert floor < 0.1 and rel_rms(got, ref) < 1.5 * floor + 1e-3, (rows, rel_rms(got, ref), floor)
     calls.clear()
+    kda = next(layer.self_attn for layer in model.model.layers if hasattr(layer.self_attn, "f_a_proj"))
     hooked = []
-    handle = kda[0].g_a_proj.register_forward_hook(lambda *a: hooked.append(1))
+    handle = kda.g_a_proj.register_forward_hook(lambda *a: hooked.append(1))
     _logits(model, ids.cuda())
     handle.remove()
     assert hooked and calls == want[1:], calls  # the first layer's three in their modules, the rest as before
