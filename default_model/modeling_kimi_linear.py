@@ -411,10 +411,11 @@ def _plain_linears(x, *modules):
 
 
 # A prefill of at most this many tokens runs its wide projections through the Triton product as well (KDA's q, k, v
-# and o_proj, MLA's q_proj and o_proj, the MLPs). There the host sets the pace (the bench model's warm prefill takes
-# 42 ms of host time at 2k-9k tokens on an H200 host, its GPU 12-30 ms), so the product's longer GPU time at these
-# shapes (1.2-1.6x cuBLAS's) costs nothing, while cuBLAS's choice of kernel for a new number of rows cost 12-13 ms
-# of host time at each prompt of a new length (benchmarks/probe_short_prefill.py). Longer prompts keep cuBLAS.
+# and o_proj, MLA's q_proj, kv_b_proj and o_proj, the MLPs). There the host sets the pace (the bench model's warm
+# prefill took 42 ms of host time at 2k-9k tokens on an H200 host, its GPU 12-30 ms), so the product's longer GPU
+# time at these shapes (1.2-1.6x cuBLAS's) costs nothing, while cuBLAS's choice of kernel for a new number of rows
+# cost 12-13 ms of host time at each prompt of a new length (benchmarks/probe_short_prefill.py). Longer prompts keep
+# cuBLAS.
 SHAPE_FREE_ROWS = 8192
 
 
@@ -713,11 +714,13 @@ class KimiMLAAttention(nn.Module):
     key_block = 1 << 17
 
     def _expand(self, latent):
-        """Per-head keys [B, h, S, 192] and values [B, h, S, 128] from latents [B, S, 576]."""
+        """Per-head keys [B, h, S, 192] and values [B, h, S, 128] from latents [B, S, 576]; kv_b_proj as a prefill's
+        wide projection (_products; a decode step comes here only with fewer than 8 latents cached)."""
         B, S, _ = latent.shape
         h = self.num_heads
         c_kv, k_pe = latent.split([self.kv_lora_rank, self.rope], dim=-1)
-        kv = self.kv_b_proj(c_kv).view(B, S, h, self.nope + self.v_dim).transpose(1, 2)
+        (kv,) = _products(c_kv, self.kv_b_proj, wide=True)
+        kv = kv.view(B, S, h, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         return torch.cat([k_nope, k_pe[:, None].expand(B, h, S, self.rope)], dim=-1), v
 

@@ -905,8 +905,8 @@ def test_low_rank_products_near_float64_and_compile_once():
 
 def _expected_products(model, wide):
     """The kernels.products launches of one inference prefill, as tuples of output widths: per KDA layer f_a, g_a
-    and b_proj in one launch, f_b, (q, k, v), g_b, o_proj; per MLA layer q_proj, kv_a, o_proj; per MLP (the dense one,
-    each MoE's shared expert) (gate, up) and down. wide=False: only the low-rank ones (longer prompts)."""
+    and b_proj in one launch, f_b, (q, k, v), g_b, o_proj; per MLA layer q_proj, kv_a, kv_b, o_proj; per MLP (the
+    dense one, each MoE's shared expert) (gate, up) and down. wide=False: only the low-rank ones (longer prompts)."""
     want = []
     for layer in model.model.layers:
         a = layer.self_attn
@@ -917,7 +917,7 @@ def _expected_products(model, wide):
             want += [(a.g_b_proj.out_features,)] + ([(a.o_proj.out_features,)] if wide else [])
         else:
             want += ([(a.q_proj.out_features,)] if wide else []) + [(a.kv_a_proj_with_mqa.out_features,)]
-            want += [(a.o_proj.out_features,)] if wide else []
+            want += [(a.kv_b_proj.out_features,), (a.o_proj.out_features,)] if wide else []
         mlp = layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe.shared_experts
         if mlp is not None and wide:
             want += [(mlp.gate_proj.out_features, mlp.up_proj.out_features), (mlp.down_proj.out_features,)]
