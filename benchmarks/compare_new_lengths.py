@@ -58,7 +58,7 @@ def main():
 
     fig, ax = plt.subplots(figsize=(9, 5))
     for name, r in runs.items():
-        xs = [int(L) for L in lengths if L in r["new_lengths"]]
+        xs = sorted(int(L) for L in lengths if L in r["new_lengths"])  # in length order, not run order
         ax.plot(xs, [100 * r["new_lengths"][str(x)]["over_warm"] for x in xs], marker="o", label=name)
     ax.axhline(5, color="k", lw=0.8, ls="--")
     ax.set_xscale("log")
