@@ -208,16 +208,12 @@ def probe_launch(reps=2000):
     launch_compiled = compiled[(*grid, 1, 1)]  # a CompiledKernel takes all three grid sizes
     all_args = (*args, *consts.values())
 
+    from probe_linear import host_us  # beside this script
+
     def per_call_us(fn):
         for _ in range(50):
             fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        host = time.perf_counter() - t
-        torch.cuda.synchronize()
-        return host / reps * 1e6
+        return host_us(fn, reps)
 
     with torch.no_grad():
         rows = {
