@@ -5,8 +5,9 @@ model's 13 projection shapes and row counts from a short prompt to 128k tokens.
 Per shape and row count: GPU time of a warm call (CUDA events around 10 calls enqueued back to back, median of 5),
 host time per call, the host time of the first call at a row count the process has not run (cuBLAS chooses its
 kernel then; the others have nothing to choose), and the error against float64. Then a sweep of tile settings at the
-low-rank shapes (at most 576 inputs or outputs), 8000 and 32768 rows, for gemm's fixed tiles. Prints tables, writes
-probe_linear.json and a PNG (GPU time over cuBLAS's per shape and row count).
+low-rank shapes (at most 576 inputs or outputs), 8000 and 32768 rows, for gemm's fixed tiles; with --sweep-shapes
+wide, at the wide shapes, 2001-32768 rows, with larger tiles too (can fixed tiles per shape come near cuBLAS there?).
+Prints tables, writes probe_linear.json and a PNG (GPU time over cuBLAS's per shape and row count).
 
     python benchmarks/probe_linear.py --out-dir /tmp/probe
 """
@@ -29,6 +30,10 @@ SWEEP_ROWS = [8000, 32768]
 # (BM, BN, BK, warps, stages)
 SETTINGS = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
             (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (128, 32, 128, 4, 3), (64, 64, 64, 4, 4)]  # fmt: skip
+# more for the wide shapes (--sweep-shapes wide): larger tiles, deeper pipelines
+WIDE_SETTINGS = [(128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 256, 32, 8, 5),
+                 (64, 256, 64, 4, 4), (128, 128, 32, 4, 5)]  # fmt: skip
+WIDE_SWEEP_ROWS = [2001, 8000, 12001, 32768]
 
 
 def gpu_ms(fn, reps=10, runs=5):
@@ -93,6 +98,9 @@ def main():
     ap.add_argument("--out-dir", type=Path, required=True)
     ap.add_argument("--rows", type=int, nargs="*", default=ROWS)
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--sweep-shapes", choices=["low-rank", "wide"], default="low-rank",
+                    help="the tile sweep over the low-rank shapes (at most 576 inputs or outputs; SWEEP_ROWS) or the "
+                    "wide ones (WIDE_SWEEP_ROWS, SETTINGS and WIDE_SETTINGS) (default: %(default)s)")  # fmt: skip
     args = ap.parse_args()
     import triton
 
@@ -144,15 +152,17 @@ def main():
               f"{row('gpu_us', '>8.1f', tot)} | {'':>12} {row('host_us', '>8.1f', tot)} |", flush=True)  # fmt: skip
     if not args.no_sweep:
         fixed = (gemm.BM, gemm.BN, gemm.BK, gemm.WARPS, gemm.STAGES)
-        print(f"\nsweep at the low-rank shapes: GPU us per setting (BM, BN, BK, warps, stages); * = the fixed {fixed}",
-              flush=True)  # fmt: skip
-        for M in SWEEP_ROWS:
+        wide = args.sweep_shapes == "wide"
+        settings = [fixed] + [s for s in SETTINGS + (WIDE_SETTINGS if wide else []) if s != fixed]
+        print(f"\nsweep at the {args.sweep_shapes} shapes: GPU us per setting (BM, BN, BK, warps, stages); * = the "
+              f"fixed {fixed}", flush=True)  # fmt: skip
+        for M in WIDE_SWEEP_ROWS if wide else SWEEP_ROWS:
             for k, n in SHAPES:
-                if min(k, n) > 576:
+                if (min(k, n) > 576) != wide:
                     continue
                 x, w = operands(M, k, n, gen)
                 res = {"cublas": gpu_ms(functools.partial(prods["cuBLAS"], x, w)) * 1e3}
-                for s in [fixed] + [s for s in SETTINGS if s != fixed]:
+                for s in settings:
                     try:
                         prods["Triton"](x, w, tiles=s)
                         res[str(s)] = gpu_ms(functools.partial(prods["Triton"], x, w, tiles=s)) * 1e3
