@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv
+
 
 @triton.jit
 def _tap(X, ST, b, p, start, wrow, d, dm, T, D, sxb, sxt, HAS_STATE: tl.constexpr, W: tl.constexpr):
@@ -134,7 +136,7 @@ class _ShortConv(torch.autograd.Function):
         st = state.to(x.dtype).contiguous() if state is not None else None
         y = torch.empty(B, T, D, dtype=x.dtype, device=x.device)
         varlen = starts is not None
-        _fwd_kernel[(triton.cdiv(T, BT), triton.cdiv(D, BD), B)](
+        _fwd_kernel[(cdiv(T, BT), cdiv(D, BD), B)](
             x, w, st if st is not None else x, starts if varlen else x, seqs if varlen else x, y, T, D,
             x.stride(0), x.stride(1), y.stride(0), y.stride(1),
             HAS_STATE=st is not None, VARLEN=varlen, W=W, BT=BT, BD=BD, num_warps=4,
@@ -151,16 +153,16 @@ class _ShortConv(torch.autograd.Function):
         varlen = starts is not None
         off = 0 if varlen else W - 1
         dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-        nblocks = triton.cdiv(T, BT)
+        nblocks = cdiv(T, BT)
         dpre = torch.empty(B, T, D, dtype=torch.float32, device=x.device)
         dwp = torch.empty(B, nblocks, D, W, dtype=torch.float32, device=x.device)
-        _dpre_kernel[(nblocks, triton.cdiv(D, BD), B)](
+        _dpre_kernel[(nblocks, cdiv(D, BD), B)](
             x, w, st if st is not None else x, starts if varlen else x, seqs if varlen else x, dy, dpre, dwp, T, D,
             x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), nblocks,
             HAS_STATE=st is not None, VARLEN=varlen, W=W, BT=BT, BD=BD, num_warps=4,
         )  # fmt: skip
         dxe = torch.empty(B, T + off, D, dtype=x.dtype, device=x.device)
-        _dx_kernel[(triton.cdiv(T + off, BT), triton.cdiv(D, BD), B)](
+        _dx_kernel[(cdiv(T + off, BT), cdiv(D, BD), B)](
             dpre, w, starts if varlen else x, dxe, T, D, VARLEN=varlen, OFF=off, W=W, BT=BT, BD=BD, num_warps=4,
         )  # fmt: skip
         dw = dwp.sum((0, 1)).to(ctx.weight_dtype).view(ctx.weight_shape) if ctx.needs_input_grad[1] else None

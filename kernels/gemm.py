@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv
+
 MAX_WEIGHTS = 3
 BM, BN, BK, WARPS, STAGES = 128, 128, 64, 4, 4  # benchmarks/probe_linear.py's sweep at the low-rank shapes
 
@@ -106,7 +108,7 @@ def products(x, *weights, tiles=None):
         bm, bn, bk, warps, stages = tiles or (BM, BN, BK, WARPS, _stages(x.device))
         pad = MAX_WEIGHTS - len(weights)
         ns = [w.shape[0] for w in weights] + [0] * pad
-        grid = triton.cdiv(M, bm) * sum(triton.cdiv(n, bn) for n in ns)
+        grid = cdiv(M, bm) * sum(cdiv(n, bn) for n in ns)
         args = (x2, *weights, *(weights[0],) * pad, *outs, *(outs[0],) * pad, M, *ns, K, x2.stride(0))
         _launch(grid, args, (K % bk == 0, bm, bn, bk), (warps, stages))
     return [y.view(*x.shape[:-1], y.shape[1]) for y in outs]

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
+
 
 @triton.jit
 def _conv_step(x_ptr, c_ptr, w_ptr, b, ch, D, W: tl.constexpr, WP: tl.constexpr):
@@ -104,7 +106,7 @@ def kda_decode_fused(
     _kda_decode_kernel[(B * H,)](
         xq, xk, xv, conv_q, conv_k, conv_v, wq, wk, wv, g_raw, A_log, dt_bias, b_raw, state, o,
         K**-0.5 if scale is None else scale,
-        H=H, K=K, V=V, W=W, WP=triton.next_power_of_2(max(W - 1, 2)), BV=block_v or min(V, 64),
+        H=H, K=K, V=V, W=W, WP=next_power_of_2(max(W - 1, 2)), BV=block_v or min(V, 64),
         num_warps=num_warps or 4,
     )  # fmt: skip
     return o
@@ -160,7 +162,7 @@ def projections(x, *weights, block_r=2, block_h=512):
     x = x.contiguous()
     outs = [torch.empty(B, w.shape[0], dtype=x.dtype, device=x.device) for w in weights]
     pad = 6 - len(weights)
-    blocks = sum(triton.cdiv(w.shape[0], block_r) for w in weights)
+    blocks = sum(cdiv(w.shape[0], block_r) for w in weights)
     _proj_kernel[(B, blocks)](
         x, *weights, *(x,) * pad, *outs, *(x,) * pad, H, *(w.shape[0] for w in weights), *(0,) * pad,
         BR=block_r, BH=block_h, num_warps=4,
@@ -227,7 +229,7 @@ def kda_decode_layer(
     _kda_layer_decode_kernel[(B * H,)](
         xq, xk, xv, conv_q, conv_k, conv_v, wq, wk, wv, fa, f_b, A_log, dt_bias, b_raw, state, ga, g_b, norm_weight,
         scratch, out, K**-0.5 if scale is None else scale, eps, R,
-        H=H, K=K, V=V, W=W, WP=triton.next_power_of_2(max(W - 1, 2)), RP=triton.next_power_of_2(R),
+        H=H, K=K, V=V, W=W, WP=next_power_of_2(max(W - 1, 2)), RP=next_power_of_2(R),
         BV=block_v or min(V, 64), num_warps=num_warps or 4,
     )  # fmt: skip
     return out

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
+
 MAX_RANK = 128  # larger ranks keep PEFT's path (the [rows, rank] float32 tiles would crowd the registers)
 
 
@@ -99,20 +101,20 @@ PRECISION = "tf32x3"
 
 
 def _rank_tile(r):
-    return max(16, triton.next_power_of_2(r))
+    return max(16, next_power_of_2(r))
 
 
 def _down_call(x, v, svr, svk, r, scale):
     M, K = x.shape
     z = torch.empty(M, r, dtype=torch.float32, device=x.device)
-    _down[(triton.cdiv(M, DOWN["BM"]),)](x, v, z, M, K, r, x.stride(0), svr, svk, float(scale), BR=_rank_tile(r),
+    _down[(cdiv(M, DOWN["BM"]),)](x, v, z, M, K, r, x.stride(0), svr, svk, float(scale), BR=_rank_tile(r),
                                          PREC=PRECISION, **DOWN)  # fmt: skip
     return z
 
 
 def _up_call(y, z, v, svr, svn, scale):
     M, N = y.shape
-    grid = (triton.cdiv(M, UP["BM"]), triton.cdiv(N, UP["BN"]))
+    grid = (cdiv(M, UP["BM"]), cdiv(N, UP["BN"]))
     _up[grid](y, z, v, M, N, z.shape[1], y.stride(0), svr, svn, float(scale), BR=_rank_tile(z.shape[1]),
               PREC=PRECISION, **UP)  # fmt: skip
 
@@ -122,8 +124,8 @@ def _outer_call(z1, y1, p1, scale1, z2, y2, p2, scale2):
     given as a [r, N] view) in one launch; either pair may be None."""
     pairs = [(z, y, p, s) for z, y, p, s in ((z1, y1, p1, scale1), (z2, y2, p2, scale2)) if z is not None]
     (z1, y1, p1, scale1), (z2, y2, p2, scale2) = (pairs * 2)[:2]
-    blocks1 = triton.cdiv(y1.shape[1], OUTER["BN"])
-    blocks2 = triton.cdiv(y2.shape[1], OUTER["BN"]) if len(pairs) == 2 else 0
+    blocks1 = cdiv(y1.shape[1], OUTER["BN"])
+    blocks2 = cdiv(y2.shape[1], OUTER["BN"]) if len(pairs) == 2 else 0
     M, r = z1.shape
     _outer2[(blocks1 + blocks2,)](z1, y1, p1, y1.shape[1], y1.stride(0), p1.stride(0), p1.stride(1), float(scale1),
                                   blocks1, z2, y2, p2, y2.shape[1], y2.stride(0), p2.stride(0), p2.stride(1),

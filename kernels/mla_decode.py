@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
+
 
 @triton.jit(do_not_specialize=["S", "chunk", "iters", "stride_mb", "splits"])
 def _split_kernel(Q, L, MASK, M_OUT, L_OUT, ACC, S, chunk, iters, scale, NH, DV, DPE,
@@ -105,9 +107,9 @@ def mla_decode(q_lat, latent, mask, scale, kv_rank, splits=None, block_s=32, num
         raise ValueError("mla_decode needs the last dimension of q_lat and the latents contiguous")
     if splits is None:
         sms = torch.cuda.get_device_properties(latent.device).multi_processor_count if latent.is_cuda else 4
-        splits = max(1, min(triton.cdiv(S, MIN_CHUNK), 2 * sms // B))
-    chunk = triton.cdiv(triton.cdiv(S, splits), block_s) * block_s
-    splits = triton.cdiv(S, chunk)
+        splits = max(1, min(cdiv(S, MIN_CHUNK), 2 * sms // B))
+    chunk = cdiv(cdiv(S, splits), block_s) * block_s
+    splits = cdiv(S, chunk)
     dev = latent.device
     m = torch.empty(B, splits, NH, dtype=torch.float32, device=dev)
     total = torch.empty_like(m)
@@ -118,12 +120,12 @@ def mla_decode(q_lat, latent, mask, scale, kv_rank, splits=None, block_s=32, num
         q_lat, latent, mask if mask is not None else latent, m, total, acc, S, chunk, chunk // block_s, float(scale),
         NH, kv_rank, D - kv_rank, q_lat.stride(0), q_lat.stride(1), latent.stride(0), latent.stride(1),
         mask.stride(0) if mask is not None else 0, splits,
-        HAS_MASK=mask is not None, HP=max(16, triton.next_power_of_2(NH)), DVP=max(16, triton.next_power_of_2(kv_rank)),
-        DPEP=max(16, triton.next_power_of_2(D - kv_rank)), BS=block_s, num_warps=num_warps, num_stages=num_stages,
+        HAS_MASK=mask is not None, HP=max(16, next_power_of_2(NH)), DVP=max(16, next_power_of_2(kv_rank)),
+        DPEP=max(16, next_power_of_2(D - kv_rank)), BS=block_s, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     out = torch.empty(B, NH, kv_rank, dtype=latent.dtype, device=dev)
-    bdv = min(128, triton.next_power_of_2(kv_rank))
-    _merge_kernel[(B, NH, triton.cdiv(kv_rank, bdv))](
-        m, total, acc, out, NH, kv_rank, splits, SP=triton.next_power_of_2(splits), BDV=bdv, BSP=16, num_warps=4,
+    bdv = min(128, next_power_of_2(kv_rank))
+    _merge_kernel[(B, NH, cdiv(kv_rank, bdv))](
+        m, total, acc, out, NH, kv_rank, splits, SP=next_power_of_2(splits), BDV=bdv, BSP=16, num_warps=4,
     )  # fmt: skip
     return out

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from . import _capability
+from .host import cdiv
 
 
 @triton.jit
@@ -182,7 +183,7 @@ def mla_prefill(q, k, v, scale, block_m=128, block_n=64, num_warps=8, num_stages
     out = torch.empty(B, T, H, DV, dtype=q.dtype, device=q.device).transpose(1, 2)
     if T == 0:
         return out
-    grid = (triton.cdiv(T, block_m), B * H)
+    grid = (cdiv(T, block_m), B * H)
     qk_scale = float(scale) * 1.4426950408889634  # base 2
     mats = [_matrix(x) for x in (q, k, v)] if tma is not False else None
     if tma is None:

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
+
 
 @triton.jit
 def _router_logits(X, W, PART, H, E, C, EP: tl.constexpr, BH: tl.constexpr):
@@ -119,14 +121,14 @@ def route(x, weight, bias, top_k, scaling, sigmoid=True, renormalize=True, bias_
     E = weight.shape[0]
     ids = torch.empty(N, top_k, dtype=torch.int64, device=x.device)
     wts = torch.empty(N, top_k, dtype=torch.float32, device=x.device)
-    EP = triton.next_power_of_2(E)
+    EP = next_power_of_2(E)
     BH = max(16, min(256, 8192 // EP))
-    C = triton.cdiv(H, BH)
+    C = cdiv(H, BH)
     part = torch.empty(N, C, EP, dtype=torch.float32, device=x.device)
     _router_logits[(N, C)](x, weight, part, H, E, C, EP=EP, BH=BH, num_warps=4)
     _router_pick[(N,)](
         part, bias, ids, wts, E, C, float(scaling),
-        K=top_k, KP=triton.next_power_of_2(top_k), EP=EP, CP=triton.next_power_of_2(C),
+        K=top_k, KP=next_power_of_2(top_k), EP=EP, CP=next_power_of_2(C),
         SIGMOID=sigmoid, RENORM=renormalize and top_k > 1, BIAS_IN_WEIGHTS=bias_in_weights, num_warps=4,
     )  # fmt: skip
     return ids, wts
@@ -164,7 +166,7 @@ def up(x, w1, w3, ids=None, block_i=None, block_h=None, num_warps=None):
     K = ids.shape[1] if ids is not None else 1
     block_i, block_h = block_i or UP["block_i"], block_h or UP["block_h"]
     hid = torch.empty(N * K, I, dtype=x.dtype, device=x.device)
-    _up[(N * K, triton.cdiv(I, block_i))](
+    _up[(N * K, cdiv(I, block_i))](
         x, w1, w3, ids if ids is not None else x, hid, H, I, w1.stride(0) if ids is not None else 0,
         K=K, ROUTED=ids is not None, BI=block_i, BH=block_h, num_warps=num_warps or UP["num_warps"],
     )  # fmt: skip
@@ -180,7 +182,7 @@ def down(hid, w2, ids=None, weights=None, add=None, block_o=None, block_r=None, 
     block_o, block_r = block_o or DOWN["block_o"], block_r or DOWN["block_r"]
     out = torch.empty(N, H, dtype=hid.dtype, device=hid.device)
     routed = ids is not None
-    _down[(N, triton.cdiv(H, block_o))](
+    _down[(N, cdiv(H, block_o))](
         hid, w2, ids if routed else hid, weights if routed else hid, add if add is not None else out, out, H, I,
         w2.stride(0) if routed else 0, K=K, ROUTED=routed, HAS_ADD=add is not None, BO=block_o, BI=block_r,
         num_warps=num_warps or DOWN["num_warps"],

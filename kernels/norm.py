@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
+
 
 @triton.jit(do_not_specialize=["M"])
 def _fwd(X, R, W, G, Y, S, RSTD, M, D, eps,
@@ -93,7 +95,7 @@ def _multiprocessors(device):
 
 
 def _tile(D):
-    BD = triton.next_power_of_2(D)
+    BD = next_power_of_2(D)
     return BD, max(1, min(64, 4096 // BD))
 
 
@@ -114,7 +116,7 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.empty(M, dtype=torch.float32, device=x.device) if train else None
         g2 = gate.reshape(-1, D) if gated else None
         BD, BM = _tile(D)
-        _fwd[(triton.cdiv(M, BM),)](
+        _fwd[(cdiv(M, BM),)](
             x2, residual.reshape(-1, D) if residual is not None else x2, x2 if l2 else weight, g2 if gated else x2, y,
             s if s is not None else y, rstd if train else y, M, D, eps,
             HAS_RES=residual is not None, GATED=gated, L2=l2, SAVE=train, BM=BM, BD=BD, num_warps=4 if BD < 2048 else 8,
@@ -131,7 +133,7 @@ class _RMSNorm(torch.autograd.Function):
         l2 = ctx.l2
         M, D = x2.shape
         BD, BM = _tile(D)
-        programs = min(triton.cdiv(M, BM), 4 * _multiprocessors(x2.device))
+        programs = min(cdiv(M, BM), 4 * _multiprocessors(x2.device))
         dx = torch.empty_like(x2)
         dg = torch.empty_like(g2) if g2 is not None else None
         dw = torch.empty(programs, D, dtype=torch.float32, device=x2.device)
@@ -139,7 +141,7 @@ class _RMSNorm(torch.autograd.Function):
         ds = ds.reshape(-1, D).contiguous() if ds is not None else None
         _bwd[(programs,)](
             x2, x2 if l2 else weight, g2 if g2 is not None else x2, dy, ds if ds is not None else dy, rstd, dx,
-            dg if dg is not None else dx, dw, M, D, programs, triton.cdiv(triton.cdiv(M, BM), programs),
+            dg if dg is not None else dx, dw, M, D, programs, cdiv(cdiv(M, BM), programs),
             HAS_DS=ds is not None, GATED=g2 is not None, L2=l2, BM=BM, BD=BD, num_warps=4 if BD < 2048 else 8,
         )  # fmt: skip
         dx = dx.view(ctx.shape)

@@ -361,3 +361,18 @@ def test_low_rank_product_kernel_matches_float64(errors):
     assert len(gemm) == 3 + 1 + 2 + 1 + 1, sorted(gemm)
     bad = {k: v for k, v in gemm.items() if not v < 1e-6}
     assert not bad, bad
+
+
+def test_host_grid_helpers_equal_tritons():
+    # kernels/host.py's cdiv and next_power_of_2 (plain ints, for launch grids and tile sizes) against Triton's own
+    check = textwrap.dedent("""
+        import sys
+        sys.path.insert(0, sys.argv[1])
+        import triton
+        from kimi_linear_kernels.host import cdiv, next_power_of_2
+        bad = [(a, b) for a in range(0, 700) for b in range(1, 80) if cdiv(a, b) != triton.cdiv(a, b)]
+        bad += [n for n in range(1, 70000) if next_power_of_2(n) != triton.next_power_of_2(n)]
+        print(len(bad), bad[:5])
+    """)
+    run = subprocess.run([sys.executable, "-c", check, FLA_SITE], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.split()[0] == "0", (run.stdout, run.stderr[-2000:])
