@@ -10,7 +10,7 @@ configurations (kernels/tuned.py) and the variants the model uses compile side b
 (kernels/norm.py: RMSNorm with the residual add, the gated output norm, the q/k L2 norm; forward and backward) and
 the decode step's MoE (kernels/moe_decode.py: router, chosen and shared experts as matrix-vector products), KDA's
 short convolution (kernels/conv.py, forward and backward), MLA's decode attention (kernels/mla_decode.py), MLA's
-prefill attention where cuDNN has no plan yet for a prompt's shape (kernels/mla_prefill.py), the low-rank
+prefill attention where cuDNN has no plan yet for a prompt's shape (kernels/mla_prefill.py), a prefill's
 projections at inference without cuBLAS's per-row-count choice (kernels/gemm.py), and a LoRA-adapted
 linear layer's training step (kernels/lora.py; kimi_linear_finetune puts it under PEFT's layers).
 Everything else (CPU tensors above all, whatever is installed) stays on the plain PyTorch path in
@@ -328,7 +328,7 @@ def short_conv_varlen(*args, **kwargs):
 
 def products(x, *weights):
     """[x @ w.T for w in weights] for up to three nn.Linear weights of one half-precision input in one Triton launch
-    that chooses nothing per number of rows (the model's low-rank projections at inference); see kernels/gemm.py."""
+    that chooses nothing per number of rows (the projections of an inference prefill); see kernels/gemm.py."""
     from .gemm import products as fused
 
     return fused(x, *weights)

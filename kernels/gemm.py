@@ -1,5 +1,5 @@
-"""The model's low-rank projections at inference, [x W_i^T for each W_i] for up to three weights of one input, in one
-Triton launch compiled once for every number of rows.
+"""The projections of an inference prefill, [x W_i^T for each W_i] for up to three weights of one input, in one Triton
+launch compiled once for every number of rows.
 
 PyTorch twin: `[F.linear(x, w) for w in weights]`, which runs cuBLAS. cuBLAS chooses its kernel per exact problem
 shape and keeps the choice for the process. At a number of rows it has not run, that choice costs 0.1-0.3 ms of host
@@ -9,8 +9,9 @@ probe_linear.py): 10-20 ms at every prompt of a new length, paid in the first la
 product has nothing to choose: the number of rows is not specialized on (do_not_specialize) and the tile sizes are
 fixed, so a new length compiles and chooses nothing. At these shapes a call takes 1.2-3.2x cuBLAS's time: 40-70 us
 at 2k-8k rows, where its launch's host time sets the pace, 0.2-1 ms at 128k; its one launch for KDA's three
-projections of the layer input reads the input once where cuBLAS reads it three times. The model keeps the wide
-projections on cuBLAS, which is 1.2-2.0x faster there.
+projections of the layer input reads the input once where cuBLAS reads it three times. On the wide projections cuBLAS
+is 1.2-2.0x faster on the GPU, so the model sends them here only for prompts of up to SHAPE_FREE_ROWS tokens, where the
+host sets the pace and cuBLAS's choices cost 12-13 ms per new length (benchmarks/probe_short_prefill.py).
 
 The column blocks of the weights are numbered one after another (W1's, then W2's, ...); each program computes one
 BM x BN tile of one output, walking K in steps of BK with float32 accumulation, the programs of one row block next to
@@ -121,6 +122,7 @@ def products(x, *weights, tiles=None):
 # launches of that key go through Triton, as do all under a launch hook (a profiler's).
 _compiled = {}
 _I32_MAX = 2**31 - 1
+_COMPILED_LAUNCHES = isinstance(_products, triton.runtime.JITFunction)  # not under Triton's interpreter
 
 
 def _hooked():
@@ -133,7 +135,7 @@ def _launch(grid, args, constexprs, options):
     """_products[grid](*args, EVEN_K, BM, BN, BK, num_warps, num_stages): the first launch of a specialization
     through Triton, later ones straight to its compiled kernel (not under Triton's interpreter)."""
     key = None
-    if isinstance(_products, triton.runtime.JITFunction):
+    if _COMPILED_LAUNCHES:
         device = triton.runtime.driver.active.get_current_device()  # where Triton's own launch would run it
         key = (device, args[0].dtype, *(p.data_ptr() % 16 == 0 for p in args[:7]), args[7] > _I32_MAX, *args[8:],
                *constexprs, *options)  # fmt: skip
