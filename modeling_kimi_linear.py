@@ -416,9 +416,10 @@ def _plain_linears(x, *modules):
 # and o_proj, MLA's q_proj, kv_b_proj and o_proj, the MLPs). There the host sets the pace (the bench model's warm
 # prefill took 42 ms of host time at 2k-9k tokens on an H200 host, its GPU 12-30 ms), so the product's longer GPU
 # time at these shapes (1.2-1.6x cuBLAS's) costs nothing, while cuBLAS's choice of kernel for a new number of rows
-# cost 12-13 ms of host time at each prompt of a new length (benchmarks/probe_short_prefill.py). Longer prompts keep
-# cuBLAS.
-SHAPE_FREE_ROWS = 8192
+# cost 12-13 ms of host time at each prompt of a new length (benchmarks/probe_short_prefill.py). Longer prompts run
+# them through cuBLAS in blocks of exactly this many rows (one shape each, chosen for once per process) and the rows
+# left over through the product.
+CUBLAS_ROWS = 8192
 
 
 def _products(x, *modules, wide=False):
@@ -426,16 +427,11 @@ def _products(x, *modules, wide=False):
     count per batch size). At inference on CUDA in half precision, where they are plain layers, they take one Triton
     launch (kimi_linear_kernels.products, kernels/gemm.py), which chooses nothing per number of rows: cuBLAS's choice
     for a number of rows it has not run costs 2-4 ms of host time nearly every time at the low-rank shapes (few
-    outputs or few inputs). wide: projections cuBLAS runs faster, which take the product only up to SHAPE_FREE_ROWS
-    rows."""
+    outputs or few inputs). wide: projections cuBLAS runs faster, which beyond CUBLAS_ROWS rows take cuBLAS in blocks
+    of that many rows."""
     fast = _triton_kernels(x)
-    if (
-        fast is not None
-        and x.dtype in (torch.float16, torch.bfloat16)
-        and (not wide or x.numel() <= SHAPE_FREE_ROWS * x.shape[-1])
-        and _plain_linears(x, *modules)
-    ):
-        return fast.products(x, *(m.weight for m in modules))
+    if fast is not None and x.dtype in (torch.float16, torch.bfloat16) and _plain_linears(x, *modules):
+        return fast.products(x, *(m.weight for m in modules), cublas_rows=CUBLAS_ROWS if wide else None)
     return [m(x) for m in modules]
 
 

@@ -326,12 +326,13 @@ def short_conv_varlen(*args, **kwargs):
     return fused(*args, **kwargs)
 
 
-def products(x, *weights):
+def products(x, *weights, cublas_rows=None):
     """[x @ w.T for w in weights] for up to three nn.Linear weights of one half-precision input in one Triton launch
-    that chooses nothing per number of rows (the projections of an inference prefill); see kernels/gemm.py."""
+    that chooses nothing per number of rows (the projections of an inference prefill); cublas_rows: beyond that many
+    rows, cuBLAS in blocks of exactly that many. See kernels/gemm.py."""
     from .gemm import products as fused
 
-    return fused(x, *weights)
+    return fused(x, *weights, cublas_rows=cublas_rows)
 
 
 def lora_serves(x, weight, bias, lora_a, lora_b):

@@ -10,8 +10,10 @@ product has nothing to choose: the number of rows is not specialized on (do_not_
 fixed, so a new length compiles and chooses nothing. At these shapes a call takes 1.2-3.2x cuBLAS's time: 40-70 us
 at 2k-8k rows, where its launch's host time sets the pace, 0.2-1 ms at 128k; its one launch for KDA's three
 projections of the layer input reads the input once where cuBLAS reads it three times. On the wide projections cuBLAS
-is 1.2-2.0x faster on the GPU, so the model sends them here only for prompts of up to SHAPE_FREE_ROWS tokens, where the
-host sets the pace and cuBLAS's choices cost 12-13 ms per new length (benchmarks/probe_short_prefill.py).
+is 1.2-2.0x faster on the GPU, so the model sends them here whole only for prompts of up to CUBLAS_ROWS tokens, where
+the host sets the pace and cuBLAS's choices cost 12-13 ms per new length (benchmarks/probe_short_prefill.py). Longer
+prompts run them through cuBLAS in blocks of exactly CUBLAS_ROWS rows (`cublas_rows`), one shape per projection for
+cuBLAS to choose for, and the rows left over here.
 
 The column blocks of the weights are numbered one after another (W1's, then W2's, ...); each program computes one
 BM x BN tile of one output, walking K in steps of BK with float32 accumulation, the programs of one row block next to
@@ -87,14 +89,22 @@ def _products(X, W1, W2, W3, Y1, Y2, Y3, M, N1, N2, N3, K, sxm, EVEN_K: tl.const
     _tile(X, w, y, rm, n0, M, n, K, sxm, EVEN_K, BM, BN, BK)
 
 
-def products(x, *weights, tiles=None):
-    """[x @ w.T for w in weights] for x [..., K] and one to three weights [N_i, K] of x's dtype (nn.Linear's
-    layout), without autograd; each output [..., N_i] in x's dtype, as nn.Linear's. tiles: (BM, BN, BK, warps,
-    stages) instead of the fixed ones (benchmarks/probe_linear.py's sweep)."""
+def products(x, *weights, tiles=None, cublas_rows=None):
+    """[x @ w.T for w in weights] for x [..., K] and one to three weights [N, K] of x's dtype (nn.Linear's layout),
+    without autograd; each output [..., N] in x's dtype, as nn.Linear's. tiles: (BM, BN, BK, warps, stages) instead of
+    the fixed ones (benchmarks/probe_linear.py's sweep).
+
+    cublas_rows: for the wide projections, where cuBLAS is faster on the GPU. When x has more rows than this, blocks
+    of exactly this many rows go to cuBLAS (torch.mm into the output's rows), which then chooses a kernel for one
+    number of rows only, once per process and shape; the rows left over take the product, or one more block, ending
+    at the last row and recomputing rows already done, when they are more than two thirds of a block (the product's
+    GPU time at these shapes is up to 1.5x cuBLAS's). Fewer rows: all take the product."""
     if not 1 <= len(weights) <= MAX_WEIGHTS:
         raise ValueError(f"products takes one to {MAX_WEIGHTS} weights, got {len(weights)}")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights)):
         raise RuntimeError("products has no backward: call it under torch.no_grad() (or use F.linear, which has one)")
+    if cublas_rows is not None and cublas_rows < 1:
+        raise ValueError(f"cublas_rows must be a positive number of rows or None, got {cublas_rows}")
     K = x.shape[-1]
     for w in weights:
         if w.dim() != 2 or w.shape[1] != K or w.dtype != x.dtype or not w.is_contiguous():
@@ -105,14 +115,31 @@ def products(x, *weights, tiles=None):
         x2 = x2.contiguous()
     M = x2.shape[0]
     outs = [torch.empty(M, w.shape[0], dtype=x.dtype, device=x.device) for w in weights]
-    if M:
-        bm, bn, bk, warps, stages = tiles or (BM, BN, BK, WARPS, _stages(x.device))
-        pad = MAX_WEIGHTS - len(weights)
-        ns = [w.shape[0] for w in weights] + [0] * pad
-        grid = cdiv(M, bm) * sum(cdiv(n, bn) for n in ns)
-        args = (x2, *weights, *(weights[0],) * pad, *outs, *(outs[0],) * pad, M, *ns, K, x2.stride(0))
-        _launch(grid, args, (K % bk == 0, bm, bn, bk), (warps, stages))
+    done = 0
+    if cublas_rows is not None and M > cublas_rows:
+        C = cublas_rows
+        ends = list(range(C, M + 1, C))
+        if 3 * (M - ends[-1]) > 2 * C:
+            ends.append(M)
+        for end in ends:
+            for w, y in zip(weights, outs):
+                torch.mm(x2[end - C : end], w.T, out=y[end - C : end])
+        done = ends[-1]
+    if done < M:
+        _product(x2[done:], weights, [y[done:] for y in outs], tiles)
     return [y.view(*x.shape[:-1], y.shape[1]) for y in outs]
+
+
+def _product(x2, weights, outs, tiles):
+    """outs[i][:] = x2 @ weights[i].T in one launch: x2 [M > 0, K] with unit column stride, outs [M, N_i]
+    contiguous."""
+    M, K = x2.shape
+    bm, bn, bk, warps, stages = tiles or (BM, BN, BK, WARPS, _stages(x2.device))
+    pad = MAX_WEIGHTS - len(weights)
+    ns = [w.shape[0] for w in weights] + [0] * pad
+    grid = cdiv(M, bm) * sum(cdiv(n, bn) for n in ns)
+    args = (x2, *weights, *(weights[0],) * pad, *outs, *(outs[0],) * pad, M, *ns, K, x2.stride(0))
+    _launch(grid, args, (K % bk == 0, bm, bn, bk), (warps, stages))
 
 
 # Compiled kernels by everything Triton specializes _products on (each pointer's dtype and 16-byte alignment, each

@@ -276,6 +276,24 @@ SCRIPT = textwrap.dedent("""
             case = f"gemm {tuple(shape)}x{K}->{ns} #{i}" + (" view" if view else "")
             assert y.shape == (*shape, w.shape[0]) and y.dtype == x.dtype, (case, y.shape, y.dtype)
             out[case] = rel(y, x.double() @ w.double().T) if y.numel() else 0.0
+    # cublas_rows: blocks of exactly that many rows through torch.mm, the rest through the product (its one launch's
+    # rows recorded), or one more block ending at the last row where more than two thirds of a block are left
+    launches, launch = [], gemm._launch
+    gemm._launch = lambda grid, args, *rest: launches.append(args[7]) or launch(grid, args, *rest)
+    x = torch.randn(2, 150, 72)[..., :64]
+    ws = [torch.randn(n, 64) / 8 for n in (16, 130, 40)]
+    for rows, left in [(100, []), (128, [44]), (70, [20]), (110, []), (300, [300]), (1000, [300])]:
+        launches.clear()
+        for i, (y, w) in enumerate(zip(gemm.products(x, *ws, cublas_rows=rows), ws)):
+            assert y.shape == (2, 150, w.shape[0]), y.shape
+            out[f"gemm cublas_rows={rows} #{i}"] = rel(y, x.double() @ w.double().T)
+        out[f"gemm cublas_rows={rows} rows left to the product"] = float(launches != left)
+    gemm._launch = launch
+    try:
+        gemm.products(x, *ws, cublas_rows=0)
+        out["gemm cublas_rows=0 refused"] = 1.0
+    except ValueError as err:
+        out["gemm cublas_rows=0 refused"] = 0.0 if "cublas_rows" in str(err) else 1.0
     try:  # no backward: a call that autograd would need refuses instead of returning detached outputs
         gemm.products(torch.randn(3, 8, requires_grad=True), torch.randn(4, 8))
         out["gemm under autograd refused"] = 1.0
@@ -354,11 +372,13 @@ def test_lora_kernels_forward_and_backward_match_float64(errors):
     assert not bad, bad
 
 
-def test_low_rank_product_kernel_matches_float64(errors):
+def test_product_kernel_matches_float64(errors):
     # one to three weights of one input, widths off the tiles, a masked last K step, a view of wider rows, no rows;
-    # a call under autograd refused (0.0: refused with the fix named)
+    # cuBLAS blocks (cublas_rows) with the rows left over in the product, none left, one more block recomputing rows,
+    # too few rows for a block (1.0 in a "rows left" entry: the product's launch took other rows than expected); a
+    # call under autograd and a block of no rows refused (0.0: refused with the fix named)
     gemm = {k: v for k, v in errors.items() if k.startswith("gemm")}
-    assert len(gemm) == 3 + 1 + 2 + 1 + 1, sorted(gemm)
+    assert len(gemm) == 3 + 1 + 2 + 1 + 6 * 4 + 1 + 1, sorted(gemm)
     bad = {k: v for k, v in gemm.items() if not v < 1e-6}
     assert not bad, bad
 

@@ -903,32 +903,51 @@ def test_low_rank_products_near_float64_and_compile_once():
     assert sum(k is not None for k in gemm._compiled.values()) >= 2, gemm._compiled
 
 
-def _expected_products(model, wide):
-    """The kernels.products launches of one inference prefill, as tuples of output widths: per KDA layer f_a, g_a
-    and b_proj in one launch, f_b, (q, k, v), g_b, o_proj; per MLA layer q_proj, kv_a, kv_b, o_proj; per MLP (the
-    dense one, each MoE's shared expert) (gate, up) and down. wide=False: only the low-rank ones (longer prompts)."""
+def test_wide_products_in_cublas_blocks_near_float64():
+    # The wide projections beyond cublas_rows rows (kernels/gemm.py): cuBLAS blocks of exactly that many rows, the rows
+    # left over through the product (12001 = 8192 + 3809) or one more block ending at the last row (14000 = 8192 +
+    # 5808, more than two thirds of a block), at the bench model's q/k/v (one call) and o_proj shapes, in bf16 against
+    # float64 within 1.5x of cuBLAS's own error; an input whose rows are a view of wider ones.
+    import torch.nn.functional as F
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    for M, K, ns in [(12001, 2304, (4096, 4096, 4096)), (14000, 4096, (2304,)), (12001, 2304, (9216,))]:
+        x = torch.randn(M, K + 64, device="cuda", generator=gen).bfloat16()[:, :K]
+        ws = [(torch.randn(n, K, device="cuda", generator=gen) / K**0.5).bfloat16() for n in ns]
+        for y, w in zip(kernels.products(x, *ws, cublas_rows=8192), ws):
+            exact = x.double() @ w.double().T
+            floor = rel_rms(F.linear(x, w), exact)
+            assert y.shape == exact.shape and rel_rms(y, exact) < 1.5 * floor + 1e-4, (M, K, w.shape, floor)
+
+
+def _expected_products(model, cublas_rows):
+    """The kernels.products calls of one inference prefill in order, as (output widths, cublas_rows): per KDA layer
+    f_a, g_a and b_proj in one call, f_b, (q, k, v), g_b, o_proj; per MLA layer q_proj, kv_a, kv_b, o_proj; per MLP
+    (the dense one, each MoE's shared expert) (gate, up) and down. The wide ones carry cublas_rows, the low-rank ones
+    None."""
     want = []
+    low = lambda *ms: want.append((tuple(m.out_features for m in ms), None))  # noqa: E731
+    wide = lambda *ms: want.append((tuple(m.out_features for m in ms), cublas_rows))  # noqa: E731
     for layer in model.model.layers:
         a = layer.self_attn
         if hasattr(a, "f_a_proj"):
-            want += [(a.f_a_proj.out_features, a.g_a_proj.out_features, a.b_proj.out_features),
-                     (a.f_b_proj.out_features,)]  # fmt: skip
-            want += [(a.q_proj.out_features, a.k_proj.out_features, a.v_proj.out_features)] if wide else []
-            want += [(a.g_b_proj.out_features,)] + ([(a.o_proj.out_features,)] if wide else [])
+            low(a.f_a_proj, a.g_a_proj, a.b_proj), low(a.f_b_proj), wide(a.q_proj, a.k_proj, a.v_proj)
+            low(a.g_b_proj), wide(a.o_proj)
         else:
-            want += ([(a.q_proj.out_features,)] if wide else []) + [(a.kv_a_proj_with_mqa.out_features,)]
-            want += [(a.kv_b_proj.out_features,), (a.o_proj.out_features,)] if wide else []
+            wide(a.q_proj), low(a.kv_a_proj_with_mqa), wide(a.kv_b_proj), wide(a.o_proj)
         mlp = layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe.shared_experts
-        if mlp is not None and wide:
-            want += [(mlp.gate_proj.out_features, mlp.up_proj.out_features), (mlp.down_proj.out_features,)]
+        if mlp is not None:
+            wide(mlp.gate_proj, mlp.up_proj), wide(mlp.down_proj)
     return want
 
 
 def test_projections_take_the_triton_product_at_inference_only(monkeypatch):
-    # At inference on the GPU every projection of a prefill of at most SHAPE_FREE_ROWS tokens runs through
-    # kernels.products (_expected_products: both kinds of attention layer, the dense MLP and the shared experts), and
-    # the low-rank ones only beyond that; the logits are as close to float64 as the plain path's (cuBLAS) either way.
-    # A layer with a forward hook keeps its module call (the hook runs), and under autograd nothing takes the product.
+    # At inference on the GPU every projection of a prefill goes through kernels.products (_expected_products: both
+    # kinds of attention layer, the dense MLP and the shared experts); the wide ones with cublas_rows, so that rows
+    # beyond CUBLAS_ROWS run on cuBLAS in blocks of that many. The logits are as close to float64 as the plain path's
+    # (cuBLAS) with the 600 rows all in the product, with one block and one row left to the product, and with a
+    # second block recomputing rows. A layer with a forward hook keeps its module call (the hook runs), and under
+    # autograd nothing takes the product.
     import kimi_linear.modeling_kimi_linear as modeling
 
     model = _mla_shaped_model()
@@ -940,12 +959,18 @@ def test_projections_take_the_triton_product_at_inference_only(monkeypatch):
     finally:
         kernels.force_backend(None)
     calls, fused = [], kernels.products
-    monkeypatch.setattr(kernels, "products", lambda x, *w: calls.append(tuple(t.shape[0] for t in w)) or fused(x, *w))
-    for rows, wide in [(modeling.SHAPE_FREE_ROWS, True), (599, False)]:  # the test prefill has 600 rows
-        monkeypatch.setattr(modeling, "SHAPE_FREE_ROWS", rows)
+
+    def products(x, *w, cublas_rows=None):
+        calls.append((tuple(t.shape[0] for t in w), cublas_rows))
+        return fused(x, *w, cublas_rows=cublas_rows)
+
+    monkeypatch.setattr(kernels, "products", products)
+    assert modeling.CUBLAS_ROWS >= 600
+    for rows in [modeling.CUBLAS_ROWS, 599, 350]:  # the test prefill has 600 rows
+        monkeypatch.setattr(modeling, "CUBLAS_ROWS", rows)
         calls.clear()
         got = _logits(model, ids.cuda())
-        want = _expected_products(model, wide)
+        want = _expected_products(model, rows)
         kinds = {type(layer.self_attn).__name__ for layer in model.model.layers}
         assert len(kinds) == 2 and calls == want, (rows, calls, want)
         assert floor < 0.1 and rel_rms(got, ref) < 1.5 * floor + 1e-3, (rows, rel_rms(got, ref), floor)
