@@ -125,7 +125,9 @@ def products(x, *weights, tiles=None, cublas_rows=None):
             for w, y in zip(weights, outs):
                 torch.mm(x2[end - C : end], w.T, out=y[end - C : end])
         done = ends[-1]
-    if done < M:
+    if done == 0 and M:  # no views to make: a short prefill's launches are paced by the host
+        _product(x2, weights, outs, tiles)
+    elif done < M:
         _product(x2[done:], weights, [y[done:] for y in outs], tiles)
     return [y.view(*x.shape[:-1], y.shape[1]) for y in outs]
 
