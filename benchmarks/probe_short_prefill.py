@@ -11,6 +11,10 @@ probe, on the bench model (bench_1b_hybrid, random weights, bf16, after a first 
             whose host time grew, and the warm call's operators by host time
   cprofile  per new length, the first and a warm call under cProfile: the Python functions whose own time grew, and
             the warm call's functions by own and by cumulative time (where the host time goes between operators)
+  paths     in one process, rounds that alternate the wide projections of prompts over CUBLAS_ROWS tokens between
+            cuBLAS blocks and the rows left to the product (the model's path) and whole on cuBLAS (F.linear, as before
+            the blocks): a 32768-token prompt on one path, then warm calls at short lengths (the same path either
+            way: does the long prompt's path change them?) and at long ones (what the rows left to the product cost)
   launch    the host time of one launch of kernels/gemm.py's product (M = 16 rows: the GPU waits for the host) as
             `products` calls it, as a bare JIT launch, and as a launch of the compiled kernel, against F.linear
 
@@ -190,6 +194,52 @@ def probe_cprofile(model, lengths, ids, top=20):
     return rows
 
 
+def probe_paths(model, ids, short, long, rounds=3, reps=7):
+    import torch
+    import torch.nn.functional as F
+
+    import kimi_linear_kernels as kernels
+
+    blocks = kernels.products
+
+    def whole(x, *weights, cublas_rows=None):
+        if cublas_rows is not None and x.numel() > cublas_rows * x.shape[-1]:
+            return [F.linear(x, w) for w in weights]
+        return blocks(x, *weights, cublas_rows=cublas_rows)
+
+    def wall_ms(x):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad():
+            model(x, logits_to_keep=1)
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) * 1e3
+
+    x_long, xs = ids(32768), {T: ids(T) for T in (*short, *long)}
+    rows = {"blocks": defaultdict(list), "whole": defaultdict(list)}
+    try:
+        for path in (blocks, whole):  # every length seen once on both paths: no first calls below
+            kernels.products = path
+            for x in (x_long, *xs.values()):
+                wall_ms(x)
+        for _ in range(rounds):
+            for name, path in (("blocks", blocks), ("whole", whole)):
+                kernels.products = path
+                wall_ms(x_long)
+                for T, x in xs.items():
+                    rows[name][T].append(statistics.median(wall_ms(x) for _ in range(reps)))
+    finally:
+        kernels.products = blocks
+    print(f"[paths] warm wall ms, median of {reps} calls per round, {rounds} rounds; blocks / whole on cuBLAS:")
+    out = {}
+    for T in xs:
+        b, w = rows["blocks"][T], rows["whole"][T]
+        out[T] = {"blocks_ms": b, "whole_ms": w}
+        print(f"[paths] T={T:6d}: blocks {' '.join(f'{v:6.1f}' for v in b)} | whole {' '.join(f'{v:6.1f}' for v in w)}"
+              f" | ratio of medians {statistics.median(b) / statistics.median(w):.3f}", flush=True)  # fmt: skip
+    return out
+
+
 def probe_launch(reps=2000):
     import torch
     import torch.nn.functional as F
@@ -239,7 +289,14 @@ def main():
     ap.add_argument("--hook-lengths", type=int, nargs="+", default=[2001, 3001, 4001, 5001, 6007, 7001, 9001])
     ap.add_argument("--profile-lengths", type=int, nargs="+", default=[2501, 4501, 6501])
     ap.add_argument("--cprofile-lengths", type=int, nargs="+", default=[3501, 5501])
-    ap.add_argument("--parts", nargs="+", default=["launch", "hooks", "profile", "cprofile"])
+    ap.add_argument("--paths-short", type=int, nargs="+", default=[2001, 3001, 4001, 5001])
+    ap.add_argument("--paths-long", type=int, nargs="+", default=[9001, 10007, 12001, 16001])
+    ap.add_argument(
+        "--parts",
+        nargs="+",
+        default=["launch", "hooks", "profile", "cprofile"],
+        choices=["launch", "hooks", "profile", "cprofile", "paths"],
+    )
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
     args = ap.parse_args()
     import torch
@@ -257,6 +314,8 @@ def main():
         for T in (32768, 8192, 8192):  # the first prefill (compiles, precompiles) and the memory pool's peak
             model(ids(T), logits_to_keep=1)
     torch.cuda.synchronize()
+    if "paths" in args.parts:
+        report["paths"] = probe_paths(model, ids, args.paths_short, args.paths_long)
     if "cprofile" in args.parts:  # before the hooks, which it would count
         report["cprofile"] = probe_cprofile(model, args.cprofile_lengths, ids)
     if "hooks" in args.parts:
