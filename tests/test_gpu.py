@@ -906,8 +906,8 @@ def test_low_rank_products_near_float64_and_compile_once():
 def test_wide_products_in_cublas_blocks_near_float64():
     # The wide projections beyond cublas_rows rows (kernels/gemm.py): cuBLAS blocks of exactly that many rows, the rows
     # left over through the product (12001 = 8192 + 3809) or one more block ending at the last row (14000 = 8192 +
-    # 5808, more than two thirds of a block), at the bench model's q/k/v (one call) and o_proj shapes, in bf16 against
-    # float64 within 1.5x of cuBLAS's own error; an input whose rows are a view of wider ones.
+    # 5808, more than two thirds of a block), at the bench model's q/k/v (one call), o_proj and dense-MLP gate shapes,
+    # in bf16 against float64 within 1.5x of cuBLAS's own error; an input whose rows are a view of wider ones.
     import torch.nn.functional as F
 
     gen = torch.Generator(device="cuda").manual_seed(7)
