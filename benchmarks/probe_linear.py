@@ -6,7 +6,8 @@ Per shape and row count: GPU time of a warm call (CUDA events around 10 calls en
 host time per call, the host time of the first call at a row count the process has not run (cuBLAS chooses its
 kernel then; the others have nothing to choose), and the error against float64. Then a sweep of tile settings at the
 low-rank shapes (at most 576 inputs or outputs), 8000 and 32768 rows, for gemm's fixed tiles; with --sweep-shapes
-wide, at the wide shapes, 2001-32768 rows, with larger tiles too (can fixed tiles per shape come near cuBLAS there?).
+wide, at the wide shapes, 2001-32768 rows, with larger tiles and grouped program orders too (can fixed tiles per
+shape come near cuBLAS there?).
 Prints tables, writes probe_linear.json and a PNG (GPU time over cuBLAS's per shape and row count).
 
     python benchmarks/probe_linear.py --out-dir /tmp/probe
@@ -30,9 +31,12 @@ SWEEP_ROWS = [8000, 32768]
 # (BM, BN, BK, warps, stages)
 SETTINGS = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
             (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (128, 32, 128, 4, 3), (64, 64, 64, 4, 4)]  # fmt: skip
-# more for the wide shapes (--sweep-shapes wide): larger tiles, deeper pipelines
+# more for the wide shapes (--sweep-shapes wide): larger tiles, deeper pipelines, and programs in groups of 8 row
+# blocks (a sixth entry, gemm's GROUP_M: each weight tile read from memory once per group, where the weights are
+# larger than L2)
 WIDE_SETTINGS = [(128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 256, 32, 8, 5),
-                 (64, 256, 64, 4, 4), (128, 128, 32, 4, 5)]  # fmt: skip
+                 (64, 256, 64, 4, 4), (128, 128, 32, 4, 5), (128, 128, 64, 4, 4, 8), (128, 128, 64, 8, 4, 8),
+                 (128, 256, 64, 8, 3, 8), (256, 128, 64, 8, 3, 8), (128, 256, 64, 8, 4, 8)]  # fmt: skip
 WIDE_SWEEP_ROWS = [2001, 8000, 12001, 32768]
 
 
@@ -154,8 +158,8 @@ def main():
         fixed = (gemm.BM, gemm.BN, gemm.BK, gemm.WARPS, gemm.STAGES)
         wide = args.sweep_shapes == "wide"
         settings = [fixed] + [s for s in SETTINGS + (WIDE_SETTINGS if wide else []) if s != fixed]
-        print(f"\nsweep at the {args.sweep_shapes} shapes: GPU us per setting (BM, BN, BK, warps, stages); * = the "
-              f"fixed {fixed}", flush=True)  # fmt: skip
+        print(f"\nsweep at the {args.sweep_shapes} shapes: GPU us per setting (BM, BN, BK, warps, stages[, GROUP_M]); "
+              f"* = the fixed {fixed}", flush=True)  # fmt: skip
         for M in WIDE_SWEEP_ROWS if wide else SWEEP_ROWS:
             for k, n in SHAPES:
                 if (min(k, n) > 576) != wide:

@@ -17,9 +17,11 @@ cuBLAS to choose for, and the rows left over here.
 
 The column blocks of the weights are numbered one after another (W1's, then W2's, ...); each program computes one
 BM x BN tile of one output, walking K in steps of BK with float32 accumulation, the programs of one row block next to
-each other so that they read x from L2. Rows past M are read as row `rows % M` (real numbers, never stored) so that
-the loads need no mask; K not a multiple of BK is masked. Half-precision inputs multiply in their dtype, float32 in
-full float32 (ieee).
+each other so that they read x from L2 (GROUP_M > 1: of GROUP_M row blocks, column by column, so that a weight tile
+too is read from memory once per group, where the weights are larger than L2: KDA's q/k/v, the MLP's gate/up; a
+setting for probe_linear.py's wide sweep, not yet measured). Rows past M are read as row `rows % M` (real numbers,
+never stored) so that the loads need no mask; K not a multiple of BK is masked. Half-precision inputs multiply in
+their dtype, float32 in full float32 (ieee).
 """
 
 import functools
@@ -32,6 +34,7 @@ from .host import cdiv
 
 MAX_WEIGHTS = 3
 BM, BN, BK, WARPS, STAGES = 128, 128, 64, 4, 4  # benchmarks/probe_linear.py's sweep at the low-rank shapes
+GROUP_M = 1  # row blocks per group in the programs' order (tiles' optional sixth entry; 1: one row block at a time)
 
 
 @functools.cache
@@ -72,13 +75,21 @@ def _tile(X, W, Y, rm, n0, M, N, K, sxm, EVEN_K: tl.constexpr, BM: tl.constexpr,
 
 @triton.jit(do_not_specialize=["M"])
 def _products(X, W1, W2, W3, Y1, Y2, Y3, M, N1, N2, N3, K, sxm, EVEN_K: tl.constexpr, BM: tl.constexpr,
-              BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+              BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
     e1 = tl.cdiv(N1, BN)
     e2 = e1 + tl.cdiv(N2, BN)
     blocks = e2 + tl.cdiv(N3, BN)
     pid = tl.program_id(0)
-    rm = (pid // blocks) * BM + tl.arange(0, BM)
-    j = pid % blocks
+    if GROUP_M == 1:  # the programs of one row block next to each other
+        pm = pid // blocks
+        j = pid % blocks
+    else:  # GROUP_M row blocks at a time, column by column: each weight tile read once per group from memory
+        width = GROUP_M * blocks
+        first = (pid // width) * GROUP_M
+        size = tl.minimum(tl.cdiv(M, BM) - first, GROUP_M)
+        pm = first + (pid % width) % size
+        j = (pid % width) // size
+    rm = pm * BM + tl.arange(0, BM)
     # one tile loop for whichever weight the block is of (a loop per branch would hold three pipelines' buffers)
     if j < e1:
         w, y, n, n0 = W1, Y1, N1, j * BN
@@ -91,8 +102,8 @@ def _products(X, W1, W2, W3, Y1, Y2, Y3, M, N1, N2, N3, K, sxm, EVEN_K: tl.const
 
 def products(x, *weights, tiles=None, cublas_rows=None):
     """[x @ w.T for w in weights] for x [..., K] and one to three weights [N, K] of x's dtype (nn.Linear's layout),
-    without autograd; each output [..., N] in x's dtype, as nn.Linear's. tiles: (BM, BN, BK, warps, stages) instead of
-    the fixed ones (benchmarks/probe_linear.py's sweep).
+    without autograd; each output [..., N] in x's dtype, as nn.Linear's. tiles: (BM, BN, BK, warps, stages[, GROUP_M])
+    instead of the fixed ones (benchmarks/probe_linear.py's sweep).
 
     cublas_rows: for the wide projections, where cuBLAS is faster on the GPU. When x has more rows than this, blocks
     of exactly this many rows go to cuBLAS (torch.mm into the output's rows), which then chooses a kernel for one
@@ -136,12 +147,12 @@ def _product(x2, weights, outs, tiles):
     """outs[i][:] = x2 @ weights[i].T in one launch: x2 [M > 0, K] with unit column stride, outs [M, N_i]
     contiguous."""
     M, K = x2.shape
-    bm, bn, bk, warps, stages = tiles or (BM, BN, BK, WARPS, _stages(x2.device))
+    bm, bn, bk, warps, stages, *group = tiles or (BM, BN, BK, WARPS, _stages(x2.device), GROUP_M)
     pad = MAX_WEIGHTS - len(weights)
     ns = [w.shape[0] for w in weights] + [0] * pad
     grid = cdiv(M, bm) * sum(cdiv(n, bn) for n in ns)
     args = (x2, *weights, *(weights[0],) * pad, *outs, *(outs[0],) * pad, M, *ns, K, x2.stride(0))
-    _launch(grid, args, (K % bk == 0, bm, bn, bk), (warps, stages))
+    _launch(grid, args, (K % bk == 0, bm, bn, bk, group[0] if group else GROUP_M), (warps, stages))
 
 
 # Compiled kernels by everything Triton specializes _products on (each pointer's dtype and 16-byte alignment, each
@@ -161,7 +172,7 @@ def _hooked():
 
 
 def _launch(grid, args, constexprs, options):
-    """_products[grid](*args, EVEN_K, BM, BN, BK, num_warps, num_stages): the first launch of a specialization
+    """_products[grid](*args, EVEN_K, BM, BN, BK, GROUP_M, num_warps, num_stages): the first launch of a specialization
     through Triton, later ones straight to its compiled kernel (not under Triton's interpreter)."""
     key = None
     if _COMPILED_LAUNCHES:
@@ -177,8 +188,9 @@ def _launch(grid, args, constexprs, options):
                 return
             except (TypeError, AttributeError):  # a Triton whose launcher takes other arguments: its own launch
                 _compiled[key] = None
-    even_k, bm, bn, bk = constexprs
+    even_k, bm, bn, bk, group_m = constexprs
     warps, stages = options
-    kernel = _products[(grid,)](*args, EVEN_K=even_k, BM=bm, BN=bn, BK=bk, num_warps=warps, num_stages=stages)
+    kernel = _products[(grid,)](*args, EVEN_K=even_k, BM=bm, BN=bn, BK=bk, GROUP_M=group_m, num_warps=warps,
+                                num_stages=stages)  # fmt: skip
     if key is not None and key not in _compiled:
         _compiled[key] = kernel if isinstance(kernel, triton.compiler.CompiledKernel) else None

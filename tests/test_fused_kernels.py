@@ -289,6 +289,11 @@ SCRIPT = textwrap.dedent("""
             out[f"gemm cublas_rows={rows} #{i}"] = rel(y, x.double() @ w.double().T)
         out[f"gemm cublas_rows={rows} rows left to the product"] = float(launches != left)
     gemm._launch = launch
+    # programs ordered in groups of row blocks (tiles' sixth entry): 19 row blocks in groups of 4 (the last of 3), and
+    # 5 in one group of 8
+    for tiles in [(16, 16, 32, 4, 1, 4), (64, 32, 64, 4, 1, 8)]:
+        for i, (y, w) in enumerate(zip(gemm.products(x, *ws, tiles=tiles), ws)):
+            out[f"gemm tiles={tiles} #{i}"] = rel(y, x.double() @ w.double().T)
     try:
         gemm.products(x, *ws, cublas_rows=0)
         out["gemm cublas_rows=0 refused"] = 1.0
@@ -375,10 +380,11 @@ def test_lora_kernels_forward_and_backward_match_float64(errors):
 def test_product_kernel_matches_float64(errors):
     # one to three weights of one input, widths off the tiles, a masked last K step, a view of wider rows, no rows;
     # cuBLAS blocks (cublas_rows) with the rows left over in the product, none left, one more block recomputing rows,
-    # too few rows for a block (1.0 in a "rows left" entry: the product's launch took other rows than expected); a
+    # too few rows for a block (1.0 in a "rows left" entry: the product's launch took other rows than expected);
+    # programs in groups of row blocks, the last group partial; a
     # call under autograd and a block of no rows refused (0.0: refused with the fix named)
     gemm = {k: v for k, v in errors.items() if k.startswith("gemm")}
-    assert len(gemm) == 3 + 1 + 2 + 1 + 6 * 4 + 1 + 1, sorted(gemm)
+    assert len(gemm) == 3 + 1 + 2 + 1 + 6 * 4 + 2 * 3 + 1 + 1, sorted(gemm)
     bad = {k: v for k, v in gemm.items() if not v < 1e-6}
     assert not bad, bad
 
