@@ -195,7 +195,6 @@ def probe_cprofile(model, lengths, ids, top=20):
 
 
 def probe_paths(model, ids, short, long, rounds=3, reps=7):
-    import torch
     import torch.nn.functional as F
 
     import kimi_linear_kernels as kernels
@@ -207,13 +206,7 @@ def probe_paths(model, ids, short, long, rounds=3, reps=7):
             return [F.linear(x, w) for w in weights]
         return blocks(x, *weights, cublas_rows=cublas_rows)
 
-    def wall_ms(x):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.no_grad():
-            model(x, logits_to_keep=1)
-        torch.cuda.synchronize()
-        return (time.perf_counter() - t) * 1e3
+    wall_ms = lambda x: call(model, x, {})["wall_ms"]  # noqa: E731
 
     x_long, xs = ids(32768), {T: ids(T) for T in (*short, *long)}
     rows = {"blocks": defaultdict(list), "whole": defaultdict(list)}
@@ -250,8 +243,8 @@ def probe_launch(reps=2000):
     ws = [torch.randn(n, 2304, device="cuda", dtype=torch.bfloat16) for n in (128, 128, 32)]
     outs = [torch.empty(16, w.shape[0], device="cuda", dtype=torch.bfloat16) for w in ws]
     ns = [w.shape[0] for w in ws]
-    grid = (sum(-(-n // gemm.BN) for n in ns),)
-    consts = dict(EVEN_K=True, BM=gemm.BM, BN=gemm.BN, BK=gemm.BK)
+    grid = (sum(gemm.cdiv(n, gemm.BN) for n in ns),)
+    consts = dict(EVEN_K=True, BM=gemm.BM, BN=gemm.BN, BK=gemm.BK, GROUP_M=gemm.GROUP_M)
     args = (x, *ws, *outs, 16, *ns, 2304, 2304)
     opts = dict(num_warps=gemm.WARPS, num_stages=gemm._stages(x.device))
     compiled = gemm._products[grid](*args, **consts, **opts)
