@@ -423,14 +423,15 @@ CUBLAS_ROWS = 8192
 
 
 def _products(x, *modules, wide=False):
-    """[m(x) for m in modules], for up to three projections of a prefill (decode steps call the modules: one row
-    count per batch size). At inference on CUDA in half precision, where they are plain layers, they take one Triton
-    launch (kimi_linear_kernels.products, kernels/gemm.py), which chooses nothing per number of rows: cuBLAS's choice
-    for a number of rows it has not run costs 2-4 ms of host time nearly every time at the low-rank shapes (few
-    outputs or few inputs). wide: projections cuBLAS runs faster, which beyond CUBLAS_ROWS rows take cuBLAS in blocks
-    of that many rows."""
+    """[m(x) for m in modules], for up to three projections of one input. At inference on CUDA in half precision,
+    where they are plain layers, a prefill's rows take one Triton launch (kimi_linear_kernels.products,
+    kernels/gemm.py), which chooses nothing per number of rows: cuBLAS's choice for a number of rows it has not run
+    costs 2-4 ms of host time nearly every time at the low-rank shapes (few outputs or few inputs). A decode step's
+    (x [B, 1, ...]: one row count per batch size, chosen for once) call the modules. wide: projections cuBLAS runs
+    faster, which beyond CUBLAS_ROWS rows take cuBLAS in blocks of that many rows."""
     fast = _triton_kernels(x)
-    if fast is not None and x.dtype in (torch.float16, torch.bfloat16) and _plain_linears(x, *modules):
+    step = x.dim() == 3 and x.shape[1] == 1
+    if fast is not None and not step and x.dtype in (torch.float16, torch.bfloat16) and _plain_linears(x, *modules):
         return fast.products(x, *(m.weight for m in modules), cublas_rows=CUBLAS_ROWS if wide else None)
     return [m(x) for m in modules]
 
@@ -489,12 +490,12 @@ class KimiDeltaAttention(nn.Module):
         return self._output(x, o, ga)
 
     def _output(self, x, o, ga=None):
-        """o_proj of the gated output norm; ga = g_a_proj(x), where _raw made it (a prefill), else None (a decode
-        step, whose few rows, one count per batch size, stay with the modules)."""
+        """o_proj of the gated output norm; ga = g_a_proj(x) where _raw made it (a prefill), else None (a decode
+        step)."""
         *lead, _ = x.shape
-        gate = self.g_b_proj(self.g_a_proj(x)) if ga is None else _products(ga, self.g_b_proj)[0]
+        (gate,) = _products(self.g_a_proj(x) if ga is None else ga, self.g_b_proj)
         normed = self.o_norm(o.to(x.dtype), gate.view(*lead, self.num_heads, self.head_dim)).reshape(*lead, -1)
-        return self.o_proj(normed) if ga is None else _products(normed, self.o_proj, wide=True)[0]
+        return _products(normed, self.o_proj, wide=True)[0]
 
     def _raw(self, x):
         """The pre-kernel projections: q, k, v before the conv [.., H*D]; g before the gate [.., H, D]; beta logits;
@@ -671,15 +672,13 @@ class KimiMLAAttention(nn.Module):
 
     def _input_projections(self, x):
         """q (heads not yet split) and kv_a_proj_with_mqa(x). A one-token step of at most FUSED_PROJECTION_ROWS rows
-        takes both in one Triton launch (kimi_linear_kernels.projections) where they are plain layers; a prefill
-        takes q_proj and kv_a through _products."""
+        takes both in one Triton launch (kimi_linear_kernels.projections) where they are plain layers; otherwise q_proj
+        and kv_a go through _products."""
         B, T, _ = x.shape
         fast = _triton_kernels(x) if T == 1 and B <= FUSED_PROJECTION_ROWS and hasattr(self, "q_proj") else None
         if fast is not None and _plain_linears(x, self.q_proj, self.kv_a_proj_with_mqa):
             q, kv_a = fast.projections(x[:, 0], self.q_proj.weight, self.kv_a_proj_with_mqa.weight)
             return q[:, None], kv_a[:, None]
-        if T == 1:  # a decode step: one row count per batch size, cuBLAS chooses once for each
-            return self.query(x), self.kv_a_proj_with_mqa(x)
         q = _products(x, self.q_proj, wide=True)[0] if hasattr(self, "q_proj") else self.query(x)
         return q, *_products(x, self.kv_a_proj_with_mqa)
 
@@ -704,7 +703,7 @@ class KimiMLAAttention(nn.Module):
         else:
             out = self._attend_expanded(q, latent, mask)
         out = out.transpose(1, 2).reshape(B, T, h * self.v_dim)
-        return self.o_proj(out) if T == 1 else _products(out, self.o_proj, wide=True)[0]
+        return _products(out, self.o_proj, wide=True)[0]
 
     # Inference past this many keys attends block by block (key_block keys per call, queries in pieces of as many),
     # merged by log-sum-exp: one call over a 512k-token cache of 32 heads indexes past 2^31 elements (an illegal
@@ -985,11 +984,8 @@ class KimiLinearMLP(nn.Module):
             extra = add.reshape(flat.shape).contiguous() if add is not None else None
             out = fast.moe_experts(flat, *(m.weight for m in mods), add=extra)
             return out.view(x.shape)
-        if x.dim() == 3 and x.shape[1] > 1:  # a prefill's [B, T, hidden] (a decode step's T is 1)
-            gate, up = _products(x, self.gate_proj, self.up_proj, wide=True)
-            out = _products(F.silu(gate) * up, self.down_proj, wide=True)[0]
-        else:
-            out = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = _products(x, self.gate_proj, self.up_proj, wide=True)
+        out = _products(F.silu(gate) * up, self.down_proj, wide=True)[0]
         return out if add is None else add + out
 
 
