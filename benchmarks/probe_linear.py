@@ -7,7 +7,8 @@ host time per call, the host time of the first call at a row count the process h
 kernel then; the others have nothing to choose), and the error against float64. Then a sweep of tile settings at the
 low-rank shapes (at most 576 inputs or outputs), 8000 and 32768 rows, for gemm's fixed tiles; with --sweep-shapes
 wide, at the wide shapes, 2001-32768 rows, with larger tiles and grouped program orders too (can fixed tiles per
-shape come near cuBLAS there?).
+shape come near cuBLAS there?). With --model-calls, the model's wide calls as it makes them (up to three weights in
+one launch), cuBLAS against gemm's fixed tiles and the ones it picks (WIDE where the weights are larger than L2).
 Prints tables, writes probe_linear.json and a PNG (GPU time over cuBLAS's per shape and row count).
 
     python benchmarks/probe_linear.py --out-dir /tmp/probe
@@ -38,6 +39,11 @@ WIDE_SETTINGS = [(128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 128, 64, 8, 3
                  (64, 256, 64, 4, 4), (128, 128, 32, 4, 5), (128, 128, 64, 4, 4, 8), (128, 128, 64, 8, 4, 8),
                  (128, 256, 64, 8, 3, 8), (256, 128, 64, 8, 3, 8), (128, 256, 64, 8, 4, 8)]  # fmt: skip
 WIDE_SWEEP_ROWS = [2001, 8000, 12001, 32768]
+# --model-calls: the model's wide calls as it makes them (several weights in one launch), (name, in, outs)
+MODEL_CALLS = [("KDA q/k/v", 2304, (4096, 4096, 4096)), ("dense MLP gate/up", 2304, (9216, 9216)),
+               ("MLA q_proj", 2304, (6144,)), ("KDA o_proj", 4096, (2304,)), ("dense MLP down", 9216, (2304,)),
+               ("shared expert gate/up", 2304, (1024, 1024))]  # fmt: skip
+MODEL_CALL_ROWS = [2001, 3809, 5001, 8000]  # 3809: the rows a 12001-token prompt leaves to the product
 
 
 def gpu_ms(fn, reps=10, runs=5):
@@ -97,6 +103,38 @@ def products(gemm):
     return {"cuBLAS": cublas, "grouped": grouped, "Triton": triton}
 
 
+def each_linear(x, ws):
+    return [F.linear(x, w) for w in ws]
+
+
+def model_calls(gemm, gen):
+    """GPU us of each MODEL_CALLS call at MODEL_CALL_ROWS: cuBLAS (F.linear per weight), gemm's fixed tiles, and the
+    tiles it picks for that call on this GPU (gemm.tiles_for); printed and returned."""
+    fixed = (gemm.BM, gemm.BN, gemm.BK, gemm.WARPS, gemm.STAGES, gemm.GROUP_M)
+    props = torch.cuda.get_device_properties(0)
+    print(f"\nthe model's wide calls, GPU us (L2 {props.L2_cache_size / 2**20:.0f} MiB); fixed {fixed}, "
+          f"WIDE {gemm.WIDE}")  # fmt: skip
+    print(f"{'rows':>6} {'call':>22} {'weights MB':>10} {'cuBLAS':>8} {'fixed':>8} {'picked':>8} {'fixed/cuBLAS':>12} "
+          f"{'picked/cuBLAS':>13} picked tiles")  # fmt: skip
+    out = {}
+    for M in MODEL_CALL_ROWS:
+        for name, K, ns in MODEL_CALLS:
+            x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
+            ws = [(torch.randn(n, K, device="cuda", generator=gen) / K**0.5).bfloat16() for n in ns]
+            nbytes = sum(ns) * K * 2
+            picked = gemm.tiles_for(nbytes, props.L2_cache_size, props.shared_memory_per_block_optin)
+            c = {"weights_mb": nbytes / 1e6, "picked": list(picked),
+                 "cublas_us": gpu_ms(functools.partial(each_linear, x, ws)) * 1e3,
+                 "fixed_us": gpu_ms(functools.partial(gemm.products, x, *ws, tiles=fixed)) * 1e3,
+                 "picked_us": gpu_ms(functools.partial(gemm.products, x, *ws)) * 1e3}  # fmt: skip
+            out[f"{M} {name}"] = c
+            print(f"{M:>6} {name:>22} {c['weights_mb']:>10.1f} {c['cublas_us']:>8.1f} {c['fixed_us']:>8.1f} "
+                  f"{c['picked_us']:>8.1f} {c['fixed_us'] / c['cublas_us']:>12.2f} "
+                  f"{c['picked_us'] / c['cublas_us']:>13.2f} {picked}", flush=True)  # fmt: skip
+            del x, ws
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", type=Path, required=True)
@@ -105,6 +143,9 @@ def main():
     ap.add_argument("--sweep-shapes", choices=["low-rank", "wide"], default="low-rank",
                     help="the tile sweep over the low-rank shapes (at most 576 inputs or outputs; SWEEP_ROWS) or the "
                     "wide ones (WIDE_SWEEP_ROWS, SETTINGS and WIDE_SETTINGS) (default: %(default)s)")  # fmt: skip
+    ap.add_argument("--model-calls", action="store_true",
+                    help="time the model's wide calls (MODEL_CALLS, several weights in one launch) at MODEL_CALL_ROWS: "
+                    "cuBLAS (one F.linear per weight), the fixed tiles and the tiles gemm.py picks")  # fmt: skip
     args = ap.parse_args()
     import triton
 
@@ -179,6 +220,8 @@ def main():
                 print(f"{M:>7} {f'{k}x{n}':>12} cuBLAS {res['cublas']:8.1f} | best {best} {ok[best]:8.1f} | fixed "
                       f"{ok.get(str(fixed), float('nan')):8.1f} | {each}", flush=True)  # fmt: skip
                 del x, w
+    if args.model_calls:
+        report["model_calls"] = model_calls(gemm, gen)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "probe_linear.json").write_text(json.dumps(report, indent=1))
     import matplotlib

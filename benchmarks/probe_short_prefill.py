@@ -15,6 +15,8 @@ probe, on the bench model (bench_1b_hybrid, random weights, bf16, after a first 
             cuBLAS blocks and the rows left to the product (the model's path) and whole on cuBLAS (F.linear, as before
             the blocks): a 32768-token prompt on one path, then warm calls at short lengths (the same path either
             way: does the long prompt's path change them?) and at long ones (what the rows left to the product cost)
+  tiles     in one process, rounds that alternate kernels/gemm.py's tile choice (WIDE where a call's weights are
+            larger than L2) with its fixed tiles for every call: warm calls from 2k to 32k tokens
   launch    the host time of one launch of kernels/gemm.py's product (M = 16 rows: the GPU waits for the host) as
             `products` calls it, as a bare JIT launch, and as a launch of the compiled kernel, against F.linear
 
@@ -194,7 +196,36 @@ def probe_cprofile(model, lengths, ids, top=20):
     return rows
 
 
-def probe_paths(model, ids, short, long, rounds=3, reps=7):
+def alternate(model, ids, lengths, sides, tag, rounds=3, reps=7):
+    """Warm wall ms per length on each side, in one process: sides {name: a function that puts that side in place},
+    every length run once on every side first (no first calls below), then rounds that run each side in turn over the
+    lengths in order (median of reps calls each); printed as [tag] lines and returned."""
+    xs = {T: ids(T) for T in lengths}
+    rows = {name: defaultdict(list) for name in sides}
+    wall_ms = lambda x: call(model, x, {})["wall_ms"]  # noqa: E731
+    for put in sides.values():
+        put()
+        for x in xs.values():
+            wall_ms(x)
+    for _ in range(rounds):
+        for name, put in sides.items():
+            put()
+            for T, x in xs.items():
+                rows[name][T].append(statistics.median(wall_ms(x) for _ in range(reps)))
+    a, b = sides
+    print(f"[{tag}] warm wall ms, median of {reps} calls per round, {rounds} rounds; {a} / {b}:")
+    out = {}
+    for T in xs:
+        ra, rb = rows[a][T], rows[b][T]
+        out[T] = {f"{a}_ms": ra, f"{b}_ms": rb}
+        print(f"[{tag}] T={T:6d}: {a} {' '.join(f'{v:6.1f}' for v in ra)} | {b} {' '.join(f'{v:6.1f}' for v in rb)}"
+              f" | ratio of medians {statistics.median(ra) / statistics.median(rb):.3f}", flush=True)  # fmt: skip
+    return out
+
+
+def probe_paths(model, ids, short, long):
+    """The model's path for prompts over CUBLAS_ROWS (cuBLAS blocks, the rest to the product) against whole on cuBLAS;
+    each round starts with a 32768-token prompt on its path."""
     import torch.nn.functional as F
 
     import kimi_linear_kernels as kernels
@@ -206,31 +237,33 @@ def probe_paths(model, ids, short, long, rounds=3, reps=7):
             return [F.linear(x, w) for w in weights]
         return blocks(x, *weights, cublas_rows=cublas_rows)
 
-    wall_ms = lambda x: call(model, x, {})["wall_ms"]  # noqa: E731
+    def put(path):
+        return lambda: setattr(kernels, "products", path)
 
-    x_long, xs = ids(32768), {T: ids(T) for T in (*short, *long)}
-    rows = {"blocks": defaultdict(list), "whole": defaultdict(list)}
     try:
-        for path in (blocks, whole):  # every length seen once on both paths: no first calls below
-            kernels.products = path
-            for x in (x_long, *xs.values()):
-                wall_ms(x)
-        for _ in range(rounds):
-            for name, path in (("blocks", blocks), ("whole", whole)):
-                kernels.products = path
-                wall_ms(x_long)
-                for T, x in xs.items():
-                    rows[name][T].append(statistics.median(wall_ms(x) for _ in range(reps)))
+        return alternate(model, ids, [32768, *short, *long], {"blocks": put(blocks), "whole": put(whole)}, "paths")
     finally:
         kernels.products = blocks
-    print(f"[paths] warm wall ms, median of {reps} calls per round, {rounds} rounds; blocks / whole on cuBLAS:")
-    out = {}
-    for T in xs:
-        b, w = rows["blocks"][T], rows["whole"][T]
-        out[T] = {"blocks_ms": b, "whole_ms": w}
-        print(f"[paths] T={T:6d}: blocks {' '.join(f'{v:6.1f}' for v in b)} | whole {' '.join(f'{v:6.1f}' for v in w)}"
-              f" | ratio of medians {statistics.median(b) / statistics.median(w):.3f}", flush=True)  # fmt: skip
-    return out
+
+
+def probe_tiles(model, ids, lengths):
+    """gemm's tile choice (WIDE where a call's weights are larger than L2) against its fixed tiles for every call."""
+    from kimi_linear_kernels import gemm
+
+    wide = gemm.WIDE
+
+    def put(tiles):
+        def side():
+            gemm.WIDE = tiles
+            gemm._tiles.cache_clear()
+
+        return side
+
+    fixed = (gemm.BM, gemm.BN, gemm.BK, gemm.WARPS, gemm.STAGES, gemm.GROUP_M)
+    try:
+        return alternate(model, ids, lengths, {"picked": put(wide), "fixed": put(fixed)}, "tiles")
+    finally:
+        put(wide)()
 
 
 def probe_launch(reps=2000):
@@ -284,11 +317,12 @@ def main():
     ap.add_argument("--cprofile-lengths", type=int, nargs="+", default=[3501, 5501])
     ap.add_argument("--paths-short", type=int, nargs="+", default=[2001, 3001, 4001, 5001])
     ap.add_argument("--paths-long", type=int, nargs="+", default=[9001, 10007, 12001, 16001])
+    ap.add_argument("--tiles-lengths", type=int, nargs="+", default=[2001, 4001, 8000, 12001, 16001, 32768])
     ap.add_argument(
         "--parts",
         nargs="+",
         default=["launch", "hooks", "profile", "cprofile"],
-        choices=["launch", "hooks", "profile", "cprofile", "paths"],
+        choices=["launch", "hooks", "profile", "cprofile", "paths", "tiles"],
     )
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
     args = ap.parse_args()
@@ -309,6 +343,8 @@ def main():
     torch.cuda.synchronize()
     if "paths" in args.parts:
         report["paths"] = probe_paths(model, ids, args.paths_short, args.paths_long)
+    if "tiles" in args.parts:
+        report["tiles"] = probe_tiles(model, ids, args.tiles_lengths)
     if "cprofile" in args.parts:  # before the hooks, which it would count
         report["cprofile"] = probe_cprofile(model, args.cprofile_lengths, ids)
     if "hooks" in args.parts:

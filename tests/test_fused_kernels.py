@@ -289,11 +289,20 @@ SCRIPT = textwrap.dedent("""
             out[f"gemm cublas_rows={rows} #{i}"] = rel(y, x.double() @ w.double().T)
         out[f"gemm cublas_rows={rows} rows left to the product"] = float(launches != left)
     gemm._launch = launch
-    # programs ordered in groups of row blocks (tiles' sixth entry): 19 row blocks in groups of 4 (the last of 3), and
-    # 5 in one group of 8
-    for tiles in [(16, 16, 32, 4, 1, 4), (64, 32, 64, 4, 1, 8)]:
+    # programs ordered in groups of row blocks (tiles' sixth entry): 19 row blocks in groups of 4 (the last of 3), 5 in
+    # one group of 8, and the WIDE tiles' 2 in one group of 8
+    for tiles in [(16, 16, 32, 4, 1, 4), (64, 32, 64, 4, 1, 8), gemm.WIDE]:
         for i, (y, w) in enumerate(zip(gemm.products(x, *ws, tiles=tiles), ws)):
             out[f"gemm tiles={tiles} #{i}"] = rel(y, x.double() @ w.double().T)
+    # the tile rule: WIDE only where the weights do not fit in L2 (50 MiB: KDA's q/k/v, 57 MB, does not; MLA's q_proj,
+    # 28 MB, does), the fixed tiles with 2 stages where shared memory holds about 100 KiB
+    fixed = (gemm.BM, gemm.BN, gemm.BK, gemm.WARPS, gemm.STAGES, gemm.GROUP_M)
+    l2, hopper, small = 50 * 2**20, 228 * 1024, 99 * 1024
+    rule = [gemm.tiles_for(3 * 4096 * 2304 * 2, l2, hopper) == gemm.WIDE,
+            gemm.tiles_for(6144 * 2304 * 2, l2, hopper) == fixed,
+            gemm.tiles_for(2 * 9216 * 2304 * 2, l2, small) == (*fixed[:4], 2, fixed[5]),
+            gemm.WIDE != fixed and len(gemm.WIDE) == 6]  # fmt: skip
+    out["gemm tile rule"] = 0.0 if all(rule) else 1.0
     try:
         gemm.products(x, *ws, cublas_rows=0)
         out["gemm cublas_rows=0 refused"] = 1.0
@@ -381,10 +390,10 @@ def test_product_kernel_matches_float64(errors):
     # one to three weights of one input, widths off the tiles, a masked last K step, a view of wider rows, no rows;
     # cuBLAS blocks (cublas_rows) with the rows left over in the product, none left, one more block recomputing rows,
     # too few rows for a block (1.0 in a "rows left" entry: the product's launch took other rows than expected);
-    # programs in groups of row blocks, the last group partial; a
-    # call under autograd and a block of no rows refused (0.0: refused with the fix named)
+    # programs in groups of row blocks, the last group partial, and the WIDE tiles; the tile rule (1.0: it picked
+    # other tiles than expected); a call under autograd and a block of no rows refused (0.0: refused with the fix named)
     gemm = {k: v for k, v in errors.items() if k.startswith("gemm")}
-    assert len(gemm) == 3 + 1 + 2 + 1 + 6 * 4 + 2 * 3 + 1 + 1, sorted(gemm)
+    assert len(gemm) == 3 + 1 + 2 + 1 + 6 * 4 + 3 * 3 + 1 + 1 + 1, sorted(gemm)
     bad = {k: v for k, v in gemm.items() if not v < 1e-6}
     assert not bad, bad
 

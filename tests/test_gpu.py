@@ -903,21 +903,40 @@ def test_low_rank_products_near_float64_and_compile_once():
     assert sum(k is not None for k in gemm._compiled.values()) >= 2, gemm._compiled
 
 
-def test_wide_products_in_cublas_blocks_near_float64():
+def test_wide_products_in_cublas_blocks_near_float64(monkeypatch):
     # The wide projections beyond cublas_rows rows (kernels/gemm.py): cuBLAS blocks of exactly that many rows, the rows
     # left over through the product (12001 = 8192 + 3809) or one more block ending at the last row (14000 = 8192 +
-    # 5808, more than two thirds of a block), at the bench model's q/k/v (one call), o_proj and dense-MLP gate shapes,
-    # in bf16 against float64 within 1.5x of cuBLAS's own error; an input whose rows are a view of wider ones.
+    # 5808, more than two thirds of a block), at the bench model's q/k/v (one call), o_proj, dense-MLP gate and
+    # gate/up (one call) shapes, in bf16 against float64 within 1.5x of cuBLAS's own error; an input whose rows are a
+    # view of wider ones; and whole, 5001 rows in the product. Each launch takes the tiles of gemm's rule for its
+    # weights on this card: on one with 50 MiB of L2 (H100, H200), WIDE for q/k/v (57 MB) and gate/up (85 MB).
     import torch.nn.functional as F
 
+    from kimi_linear_kernels import gemm
+
+    props = torch.cuda.get_device_properties(0)
+    tiles, launch = [], gemm._launch
+
+    def recorded(grid, args, constexprs, options):  # (BM, BN, BK, GROUP_M, warps, stages)
+        tiles.append((*constexprs[1:], *options))
+        return launch(grid, args, constexprs, options)
+
+    monkeypatch.setattr(gemm, "_launch", recorded)
     gen = torch.Generator(device="cuda").manual_seed(7)
-    for M, K, ns in [(12001, 2304, (4096, 4096, 4096)), (14000, 4096, (2304,)), (12001, 2304, (9216,))]:
+    for M, K, ns, cublas_rows in [(12001, 2304, (4096, 4096, 4096), 8192), (14000, 4096, (2304,), 8192),
+                                  (12001, 2304, (9216,), 8192), (12001, 2304, (9216, 9216), 8192),
+                                  (5001, 2304, (4096, 4096, 4096), None)]:  # fmt: skip
         x = torch.randn(M, K + 64, device="cuda", generator=gen).bfloat16()[:, :K]
         ws = [(torch.randn(n, K, device="cuda", generator=gen) / K**0.5).bfloat16() for n in ns]
-        for y, w in zip(kernels.products(x, *ws, cublas_rows=8192), ws):
+        tiles.clear()
+        for y, w in zip(kernels.products(x, *ws, cublas_rows=cublas_rows), ws):
             exact = x.double() @ w.double().T
             floor = rel_rms(F.linear(x, w), exact)
             assert y.shape == exact.shape and rel_rms(y, exact) < 1.5 * floor + 1e-4, (M, K, w.shape, floor)
+        want = gemm.tiles_for(sum(ns) * K * 2, props.L2_cache_size, props.shared_memory_per_block_optin)
+        assert tiles == ([] if M == 14000 else [(*want[:3], want[5], *want[3:5])]), (M, ns, tiles, want)
+        if props.L2_cache_size <= 50 * 2**20 and props.shared_memory_per_block_optin >= gemm.BIG_SMEM:
+            assert (want == gemm.WIDE) == (sum(ns) >= 3 * 4096), (ns, want)
 
 
 def _expected_products(model, cublas_rows):
