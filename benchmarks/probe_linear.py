@@ -43,7 +43,7 @@ WIDE_SWEEP_ROWS = [2001, 8000, 12001, 32768]
 MODEL_CALLS = [("KDA q/k/v", 2304, (4096, 4096, 4096)), ("dense MLP gate/up", 2304, (9216, 9216)),
                ("MLA q_proj", 2304, (6144,)), ("KDA o_proj", 4096, (2304,)), ("dense MLP down", 9216, (2304,)),
                ("shared expert gate/up", 2304, (1024, 1024))]  # fmt: skip
-MODEL_CALL_ROWS = [2001, 3809, 5001, 8000]  # 3809: the rows a 12001-token prompt leaves to the product
+MODEL_CALL_ROWS = [2001, 3809, 5001, 8000, 32768]  # 3809: the rows a 12001-token prompt leaves to the product
 
 
 def gpu_ms(fn, reps=10, runs=5):
@@ -108,14 +108,14 @@ def each_linear(x, ws):
 
 
 def model_calls(gemm, gen):
-    """GPU us of each MODEL_CALLS call at MODEL_CALL_ROWS: cuBLAS (F.linear per weight), gemm's fixed tiles, and the
-    tiles it picks for that call on this GPU (gemm.tiles_for); printed and returned."""
+    """GPU us of each MODEL_CALLS call at MODEL_CALL_ROWS: cuBLAS (F.linear per weight), gemm's fixed tiles, its WIDE
+    ones, and the tiles it picks for that call on this GPU (gemm.tiles_for); printed and returned."""
     fixed = (gemm.BM, gemm.BN, gemm.BK, gemm.WARPS, gemm.STAGES, gemm.GROUP_M)
     props = torch.cuda.get_device_properties(0)
     print(f"\nthe model's wide calls, GPU us (L2 {props.L2_cache_size / 2**20:.0f} MiB); fixed {fixed}, "
           f"WIDE {gemm.WIDE}")  # fmt: skip
-    print(f"{'rows':>6} {'call':>22} {'weights MB':>10} {'cuBLAS':>8} {'fixed':>8} {'picked':>8} {'fixed/cuBLAS':>12} "
-          f"{'picked/cuBLAS':>13} picked tiles")  # fmt: skip
+    print(f"{'rows':>6} {'call':>22} {'weights MB':>10} {'cuBLAS':>8} {'fixed':>8} {'WIDE':>8} {'picked':>8} "
+          f"{'fixed/cuBLAS':>12} {'WIDE/cuBLAS':>11} {'picked/cuBLAS':>13} picked tiles")  # fmt: skip
     out = {}
     for M in MODEL_CALL_ROWS:
         for name, K, ns in MODEL_CALLS:
@@ -126,11 +126,13 @@ def model_calls(gemm, gen):
             c = {"weights_mb": nbytes / 1e6, "picked": list(picked),
                  "cublas_us": gpu_ms(functools.partial(each_linear, x, ws)) * 1e3,
                  "fixed_us": gpu_ms(functools.partial(gemm.products, x, *ws, tiles=fixed)) * 1e3,
+                 "wide_us": gpu_ms(functools.partial(gemm.products, x, *ws, tiles=gemm.WIDE)) * 1e3,
                  "picked_us": gpu_ms(functools.partial(gemm.products, x, *ws)) * 1e3}  # fmt: skip
             out[f"{M} {name}"] = c
             print(f"{M:>6} {name:>22} {c['weights_mb']:>10.1f} {c['cublas_us']:>8.1f} {c['fixed_us']:>8.1f} "
-                  f"{c['picked_us']:>8.1f} {c['fixed_us'] / c['cublas_us']:>12.2f} "
-                  f"{c['picked_us'] / c['cublas_us']:>13.2f} {picked}", flush=True)  # fmt: skip
+                  f"{c['wide_us']:>8.1f} {c['picked_us']:>8.1f} {c['fixed_us'] / c['cublas_us']:>12.2f} "
+                  f"{c['wide_us'] / c['cublas_us']:>11.2f} {c['picked_us'] / c['cublas_us']:>13.2f} {picked}",
+                  flush=True)  # fmt: skip
             del x, ws
     return out
 
