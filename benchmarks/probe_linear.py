@@ -8,7 +8,7 @@ kernel then; the others have nothing to choose), and the error against float64. 
 low-rank shapes (at most 576 inputs or outputs), 8000 and 32768 rows, for gemm's fixed tiles; with --sweep-shapes
 wide, at the wide shapes, 2001-32768 rows, with larger tiles and grouped program orders too (can fixed tiles per
 shape come near cuBLAS there?). With --model-calls, the model's wide calls as it makes them (up to three weights in
-one launch), cuBLAS against gemm's fixed tiles and the ones it picks (WIDE where the weights are larger than L2).
+one launch), cuBLAS against gemm's fixed tiles, its WIDE ones and the ones it picks.
 Prints tables, writes probe_linear.json and a PNG (GPU time over cuBLAS's per shape and row count).
 
     python benchmarks/probe_linear.py --out-dir /tmp/probe
@@ -122,7 +122,7 @@ def model_calls(gemm, gen):
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=gen)
             ws = [(torch.randn(n, K, device="cuda", generator=gen) / K**0.5).bfloat16() for n in ns]
             nbytes = sum(ns) * K * 2
-            picked = gemm.tiles_for(nbytes, props.L2_cache_size, props.shared_memory_per_block_optin)
+            picked = gemm.tiles_for(sum(ns), props.shared_memory_per_block_optin)
             c = {"weights_mb": nbytes / 1e6, "picked": list(picked),
                  "cublas_us": gpu_ms(functools.partial(each_linear, x, ws)) * 1e3,
                  "fixed_us": gpu_ms(functools.partial(gemm.products, x, *ws, tiles=fixed)) * 1e3,

@@ -15,8 +15,8 @@ probe, on the bench model (bench_1b_hybrid, random weights, bf16, after a first 
             cuBLAS blocks and the rows left to the product (the model's path) and whole on cuBLAS (F.linear, as before
             the blocks): a 32768-token prompt on one path, then warm calls at short lengths (the same path either
             way: does the long prompt's path change them?) and at long ones (what the rows left to the product cost)
-  tiles     in one process, rounds that alternate kernels/gemm.py's tile choice (WIDE where a call's weights are
-            larger than L2) with its fixed tiles for every call: warm calls from 2k to 32k tokens
+  tiles     in one process, rounds that alternate kernels/gemm.py's tile choice (WIDE for calls of many output
+            columns) with its fixed tiles for every call: warm calls from 2k to 32k tokens
   launch    the host time of one launch of kernels/gemm.py's product (M = 16 rows: the GPU waits for the host) as
             `products` calls it, as a bare JIT launch, and as a launch of the compiled kernel, against F.linear
 
@@ -247,7 +247,7 @@ def probe_paths(model, ids, short, long):
 
 
 def probe_tiles(model, ids, lengths):
-    """gemm's tile choice (WIDE where a call's weights are larger than L2) against its fixed tiles for every call."""
+    """gemm's tile choice (WIDE for calls of many output columns) against its fixed tiles for every call."""
     from kimi_linear_kernels import gemm
 
     wide = gemm.WIDE

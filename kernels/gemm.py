@@ -17,10 +17,9 @@ cuBLAS to choose for, and the rows left over here.
 
 The column blocks of the weights are numbered one after another (W1's, then W2's, ...); each program computes one
 BM x BN tile of one output, walking K in steps of BK with float32 accumulation, the programs of one row block next to
-each other so that they read x from L2. Where one call's weights are larger than the GPU's L2 (KDA's q/k/v, 57 MB;
-the dense MLP's gate/up, 85 MB; an H100's or H200's L2 holds 50 MB) that order reads every weight tile from memory
-again for each row block: those calls take the WIDE tiles instead, 256 rows by 128 in groups of GROUP_M = 8 row
-blocks, column by column, so that a weight tile comes from memory once per 2048 rows. Rows past M are read as row
+each other so that they read x from L2. Calls with many output columns (KDA's q/k/v in one call, 12288; the dense
+MLP's gate/up, 18432) take the WIDE tiles instead: 256 rows by 128, in groups of GROUP_M = 8 row blocks, column by
+column, so that a weight tile is read once per 2048 rows rather than once per 128. Rows past M are read as row
 `rows % M` (real numbers, never stored) so that the loads need no mask; K not a multiple of BK is masked.
 Half-precision inputs multiply in their dtype, float32 in full float32 (ieee).
 """
@@ -36,28 +35,30 @@ from .host import cdiv
 MAX_WEIGHTS = 3
 BM, BN, BK, WARPS, STAGES = 128, 128, 64, 4, 4  # benchmarks/probe_linear.py's sweep at the low-rank shapes
 GROUP_M = 1  # row blocks per group in the programs' order (tiles' optional sixth entry; 1: one row block at a time)
-# (BM, BN, BK, warps, stages, GROUP_M) for weights larger than L2 (tiles_for). probe_linear.py's wide sweep on an H200,
-# 2001-32768 rows: at 2304 x 18432 (one weight) 1.25-1.42x cuBLAS's GPU time, against 1.69-1.99x with the fixed
-# tiles; at shapes whose weights fit in L2 no better than those, and at 2001 rows of K = 4096 or 9216 worse.
+# (BM, BN, BK, warps, stages, GROUP_M) for calls of at least WIDE_COLUMNS output columns (tiles_for). On an H200,
+# 2001-32768 rows (benchmarks/probe_linear.py --model-calls): KDA's q/k/v (12288 columns) in 1.24-1.60x cuBLAS's GPU
+# time against 1.56-1.69x with the fixed tiles, the dense MLP's gate/up (18432) in 1.23-1.50x against 1.55-1.79x.
+# Narrower calls gain nothing, and those of 2304 columns with K = 4096 or 9216 lose up to 1.3x at 2001-8000 rows
+# (a 256-row tile leaves too few programs for the GPU's 132 SMs).
 WIDE = (256, 128, 64, 8, 3, 8)
+WIDE_COLUMNS = 8192
 BIG_SMEM = 160 * 1024  # shared memory per block that holds the fixed tiles' 4 stages and WIDE's 3 (Hopper, A100)
 
 
-def tiles_for(weight_bytes, l2_bytes, smem_bytes):
-    """The tiles of a call whose weights take weight_bytes, on a GPU with l2_bytes of L2 and smem_bytes of shared
-    memory per block: WIDE where the weights do not fit in L2 and WIDE's stages fit; else the fixed tiles, with 2
+def tiles_for(columns, smem_bytes):
+    """The tiles of a call with `columns` output columns (all its weights' together) on a GPU with smem_bytes of
+    shared memory per block: WIDE from WIDE_COLUMNS columns on where its stages fit; else the fixed tiles, with 2
     stages where 4 do not fit (GPUs with about 100 KiB)."""
     if smem_bytes < BIG_SMEM:
         return BM, BN, BK, WARPS, 2, GROUP_M
-    return WIDE if weight_bytes > l2_bytes else (BM, BN, BK, WARPS, STAGES, GROUP_M)
+    return WIDE if columns >= WIDE_COLUMNS else (BM, BN, BK, WARPS, STAGES, GROUP_M)
 
 
 @functools.cache
-def _tiles(device, weight_bytes):
+def _tiles(device, columns):
     if device.type != "cuda":  # Triton's interpreter
         return BM, BN, BK, WARPS, STAGES, GROUP_M
-    props = torch.cuda.get_device_properties(device)
-    return tiles_for(weight_bytes, props.L2_cache_size, props.shared_memory_per_block_optin)
+    return tiles_for(columns, torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
 
 
 @triton.jit
@@ -163,7 +164,7 @@ def _product(x2, weights, outs, tiles):
     M, K = x2.shape
     pad = MAX_WEIGHTS - len(weights)
     ns = [w.shape[0] for w in weights] + [0] * pad
-    bm, bn, bk, warps, stages, *group = tiles or _tiles(x2.device, sum(ns) * K * x2.element_size())
+    bm, bn, bk, warps, stages, *group = tiles or _tiles(x2.device, sum(ns))
     grid = cdiv(M, bm) * sum(cdiv(n, bn) for n in ns)
     args = (x2, *weights, *(weights[0],) * pad, *outs, *(outs[0],) * pad, M, *ns, K, x2.stride(0))
     _launch(grid, args, (K % bk == 0, bm, bn, bk, group[0] if group else GROUP_M), (warps, stages))

@@ -294,14 +294,12 @@ SCRIPT = textwrap.dedent("""
     for tiles in [(16, 16, 32, 4, 1, 4), (64, 32, 64, 4, 1, 8), gemm.WIDE]:
         for i, (y, w) in enumerate(zip(gemm.products(x, *ws, tiles=tiles), ws)):
             out[f"gemm tiles={tiles} #{i}"] = rel(y, x.double() @ w.double().T)
-    # the tile rule: WIDE only where the weights do not fit in L2 (50 MiB: KDA's q/k/v, 57 MB, does not; MLA's q_proj,
-    # 28 MB, does), the fixed tiles with 2 stages where shared memory holds about 100 KiB
+    # the tile rule: WIDE from WIDE_COLUMNS output columns on (KDA's q/k/v in one call, 12288; not MLA's q_proj, 6144),
+    # the fixed tiles with 2 stages where shared memory holds about 100 KiB
     fixed = (gemm.BM, gemm.BN, gemm.BK, gemm.WARPS, gemm.STAGES, gemm.GROUP_M)
-    l2, hopper, small = 50 * 2**20, 228 * 1024, 99 * 1024
-    rule = [gemm.tiles_for(3 * 4096 * 2304 * 2, l2, hopper) == gemm.WIDE,
-            gemm.tiles_for(6144 * 2304 * 2, l2, hopper) == fixed,
-            gemm.tiles_for(2 * 9216 * 2304 * 2, l2, small) == (*fixed[:4], 2, fixed[5]),
-            gemm.WIDE != fixed and len(gemm.WIDE) == 6]  # fmt: skip
+    hopper, small = 228 * 1024, 99 * 1024
+    rule = [gemm.tiles_for(3 * 4096, hopper) == gemm.WIDE, gemm.tiles_for(6144, hopper) == fixed,
+            gemm.tiles_for(2 * 9216, small) == (*fixed[:4], 2, fixed[5]), gemm.WIDE != fixed and len(gemm.WIDE) == 6]
     out["gemm tile rule"] = 0.0 if all(rule) else 1.0
     try:
         gemm.products(x, *ws, cublas_rows=0)
