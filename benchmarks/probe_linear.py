@@ -33,8 +33,8 @@ SWEEP_ROWS = [8000, 32768]
 SETTINGS = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
             (128, 128, 128, 8, 3), (256, 128, 64, 8, 3), (128, 32, 128, 4, 3), (64, 64, 64, 4, 4)]  # fmt: skip
 # more for the wide shapes (--sweep-shapes wide): larger tiles, deeper pipelines, and programs in groups of 8 row
-# blocks (a sixth entry, gemm's GROUP_M: each weight tile read from memory once per group, where the weights are
-# larger than L2)
+# blocks (a sixth entry, gemm's GROUP_M: each weight tile read once per group of row blocks; gemm.WIDE is the last
+# but one)
 WIDE_SETTINGS = [(128, 256, 64, 8, 4), (256, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 256, 32, 8, 5),
                  (64, 256, 64, 4, 4), (128, 128, 32, 4, 5), (128, 128, 64, 4, 4, 8), (128, 128, 64, 8, 4, 8),
                  (128, 256, 64, 8, 3, 8), (256, 128, 64, 8, 3, 8), (128, 256, 64, 8, 4, 8)]  # fmt: skip
