@@ -17,6 +17,10 @@ probe, on the bench model (bench_1b_hybrid, random weights, bf16, after a first 
             way: does the long prompt's path change them?) and at long ones (what the rows left to the product cost)
   tiles     in one process, rounds that alternate kernels/gemm.py's tile choice (WIDE for calls of many output
             columns) with its fixed tiles for every call: warm calls from 2k to 32k tokens
+  first     what a first call at a new length pays for: a new length after a 32768-token prompt, against a seen
+            length after one, a seen length after an idle pause, a new length after a warm call, and a new length
+            after a long prompt with Python's garbage collector off, one in a new attention bucket (each call's excess
+            over its length's next calls; run it alone)
   launch    the host time of one launch of kernels/gemm.py's product (M = 16 rows: the GPU waits for the host) as
             `products` calls it, as a bare JIT launch, and as a launch of the compiled kernel, against F.linear
 
@@ -266,6 +270,77 @@ def probe_tiles(model, ids, lengths):
         put(wide)()
 
 
+def probe_first(model, ids, seen=2001, reps=4, pause_s=0.3):
+    """What a first call at a new length pays for: conditions run in turn, reps times each, every "new" length one
+    not run before (seen + 3 * k tokens, so that its warm time is seen's); per call its wall ms, its excess over the
+    median of 3 calls at the same length right after it, and the host ms until the call returned.
+      long>new      a 32768-token prompt, then a new length (as cold_start.py's first short prompt)
+      long>seen     a 32768-token prompt, then `seen` (warm): the long prompt's wake, no new length
+      pause>seen    a 32768-token prompt and a call at `seen`, pause_s idle, then `seen` again: a wait alone
+      seen>new      a warm call at `seen`, then a new length: a new length alone
+      long>new gc   as long>new with Python's garbage collector off for both calls
+      long>bucket   a 32768-token prompt, then a new length in a new 1024-token bucket of MLA's prefill attention (a
+                    shape without a cuDNN plan: 3100 + 1024 k tokens); the other new lengths share seen's bucket
+    Run it alone (--parts first): other parts would have run those buckets. Printed as [first] lines and returned."""
+    import gc
+
+    x_long, x_seen = ids(32768), ids(seen)
+    fresh = iter(range(seen + 3, seen + 3 * 10_000, 3))
+
+    def measured(x):
+        first = call(model, x, {})
+        again = statistics.median(call(model, x, {})["wall_ms"] for _ in range(3))
+        return {"wall_ms": first["wall_ms"], "host_ms": first["host_ms"], "excess_ms": first["wall_ms"] - again}
+
+    def long_new():
+        call(model, x_long, {})
+        return measured(ids(next(fresh)))
+
+    def long_seen():
+        call(model, x_long, {})
+        return measured(x_seen)
+
+    def pause_seen():
+        call(model, x_long, {})
+        call(model, x_seen, {})
+        time.sleep(pause_s)
+        return measured(x_seen)
+
+    def seen_new():
+        call(model, x_seen, {})
+        return measured(ids(next(fresh)))
+
+    buckets = iter(range(3100, 3100 + 1024 * reps, 1024))
+
+    def long_bucket():
+        call(model, x_long, {})
+        return measured(ids(next(buckets)))
+
+    def long_new_gc():
+        gc.disable()
+        try:
+            return long_new()
+        finally:
+            gc.enable()
+
+    conditions = {"long>new": long_new, "long>seen": long_seen, "pause>seen": pause_seen, "seen>new": seen_new,
+                  "long>new gc": long_new_gc, "long>bucket": long_bucket}  # fmt: skip
+    for _ in range(3):  # x_long, x_seen and the 3-token steps warm
+        call(model, x_long, {}), call(model, x_seen, {})
+    rows = {name: [] for name in conditions}
+    for _ in range(reps):
+        for name, run in conditions.items():
+            rows[name].append(run())
+    warm = statistics.median(call(model, x_seen, {})["wall_ms"] for _ in range(7))
+    print(f"[first] seen {seen} tokens, warm {warm:.1f} ms (new lengths {seen} + 3 k); per condition, {reps} runs: "
+          f"excess over the same length's next calls (ms), wall ms", flush=True)  # fmt: skip
+    for name, rs in rows.items():
+        excess = " ".join(f"{r['excess_ms']:6.2f}" for r in rs)
+        wall = " ".join(f"{r['wall_ms']:6.1f}" for r in rs)
+        print(f"[first] {name:>12}: excess {excess} | wall {wall}", flush=True)
+    return {"seen": seen, "warm_ms": warm, "pause_s": pause_s, "conditions": rows}
+
+
 def probe_launch(reps=2000):
     import torch
     import torch.nn.functional as F
@@ -322,7 +397,7 @@ def main():
         "--parts",
         nargs="+",
         default=["launch", "hooks", "profile", "cprofile"],
-        choices=["launch", "hooks", "profile", "cprofile", "paths", "tiles"],
+        choices=["launch", "hooks", "profile", "cprofile", "paths", "tiles", "first"],
     )
     ap.add_argument("--out-dir", type=Path, default=HERE / "results")
     args = ap.parse_args()
@@ -345,6 +420,8 @@ def main():
         report["paths"] = probe_paths(model, ids, args.paths_short, args.paths_long)
     if "tiles" in args.parts:
         report["tiles"] = probe_tiles(model, ids, args.tiles_lengths)
+    if "first" in args.parts:
+        report["first"] = probe_first(model, ids)
     if "cprofile" in args.parts:  # before the hooks, which it would count
         report["cprofile"] = probe_cprofile(model, args.cprofile_lengths, ids)
     if "hooks" in args.parts:
