@@ -39,7 +39,7 @@ GROUP_M = 1  # row blocks per group in the programs' order (tiles' optional sixt
 # 2001-32768 rows (benchmarks/probe_linear.py --model-calls): KDA's q/k/v (12288 columns) in 1.24-1.60x cuBLAS's GPU
 # time against 1.56-1.69x with the fixed tiles, the dense MLP's gate/up (18432) in 1.23-1.50x against 1.55-1.79x.
 # Narrower calls gain nothing, and those of 2304 columns with K = 4096 or 9216 lose up to 1.3x at 2001-8000 rows
-# (a 256-row tile leaves too few programs for the GPU's 132 SMs).
+# (likely because 256-row tiles leave too few programs there: 144 at 2001 rows, for the H200's 132 SMs).
 WIDE = (256, 128, 64, 8, 3, 8)
 WIDE_COLUMNS = 8192
 BIG_SMEM = 160 * 1024  # shared memory per block that holds the fixed tiles' 4 stages and WIDE's 3 (Hopper, A100)
