@@ -110,7 +110,7 @@ def each_linear(x, ws):
 def model_calls(gemm, gen):
     """GPU us of each MODEL_CALLS call at MODEL_CALL_ROWS: cuBLAS (F.linear per weight), gemm's fixed tiles, its WIDE
     ones, and the tiles it picks for that call on this GPU (gemm.tiles_for); printed and returned."""
-    fixed = (gemm.BM, gemm.BN, gemm.BK, gemm.WARPS, gemm.STAGES, gemm.GROUP_M)
+    fixed = gemm.FIXED
     props = torch.cuda.get_device_properties(0)
     print(f"\nthe model's wide calls, GPU us (L2 {props.L2_cache_size / 2**20:.0f} MiB); fixed {fixed}, "
           f"WIDE {gemm.WIDE}")  # fmt: skip

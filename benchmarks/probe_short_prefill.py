@@ -263,9 +263,8 @@ def probe_tiles(model, ids, lengths):
 
         return side
 
-    fixed = (gemm.BM, gemm.BN, gemm.BK, gemm.WARPS, gemm.STAGES, gemm.GROUP_M)
     try:
-        return alternate(model, ids, lengths, {"picked": put(wide), "fixed": put(fixed)}, "tiles")
+        return alternate(model, ids, lengths, {"picked": put(wide), "fixed": put(gemm.FIXED)}, "tiles")
     finally:
         put(wide)()
 

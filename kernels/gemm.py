@@ -35,6 +35,7 @@ from .host import cdiv
 MAX_WEIGHTS = 3
 BM, BN, BK, WARPS, STAGES = 128, 128, 64, 4, 4  # benchmarks/probe_linear.py's sweep at the low-rank shapes
 GROUP_M = 1  # row blocks per group in the programs' order (tiles' optional sixth entry; 1: one row block at a time)
+FIXED = (BM, BN, BK, WARPS, STAGES, GROUP_M)  # (BM, BN, BK, warps, stages, GROUP_M) of every call but the widest
 # (BM, BN, BK, warps, stages, GROUP_M) for calls of at least WIDE_COLUMNS output columns (tiles_for). On an H200,
 # 2001-32768 rows (benchmarks/probe_linear.py --model-calls): KDA's q/k/v (12288 columns) in 1.24-1.60x cuBLAS's GPU
 # time against 1.56-1.69x with the fixed tiles, the dense MLP's gate/up (18432) in 1.23-1.50x against 1.55-1.79x.
@@ -51,13 +52,13 @@ def tiles_for(columns, smem_bytes):
     stages where 4 do not fit (GPUs with about 100 KiB)."""
     if smem_bytes < BIG_SMEM:
         return BM, BN, BK, WARPS, 2, GROUP_M
-    return WIDE if columns >= WIDE_COLUMNS else (BM, BN, BK, WARPS, STAGES, GROUP_M)
+    return WIDE if columns >= WIDE_COLUMNS else FIXED
 
 
 @functools.cache
 def _tiles(device, columns):
     if device.type != "cuda":  # Triton's interpreter
-        return BM, BN, BK, WARPS, STAGES, GROUP_M
+        return FIXED
     return tiles_for(columns, torch.cuda.get_device_properties(device).shared_memory_per_block_optin)
 
 

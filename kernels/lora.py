@@ -108,7 +108,7 @@ def _down_call(x, v, svr, svk, r, scale):
     M, K = x.shape
     z = torch.empty(M, r, dtype=torch.float32, device=x.device)
     _down[(cdiv(M, DOWN["BM"]),)](x, v, z, M, K, r, x.stride(0), svr, svk, float(scale), BR=_rank_tile(r),
-                                         PREC=PRECISION, **DOWN)  # fmt: skip
+                                  PREC=PRECISION, **DOWN)  # fmt: skip
     return z
 
 
