@@ -12,7 +12,10 @@ on the bench_1b_hybrid model (benchmarks/configs/, random weights, bf16):
              (kernels/precompile.py; the default)
 Per mode: first prefill of --prefill-len tokens and its warm median; first training step (forward + backward,
 --train-len tokens, loss over all positions) and its warm median; then, for each --new-lengths, the first prefill at
-that length against the warm median at the same length. "Compile + tune" = first call - warm call.
+that length against the warm median at the same length. "Compile + tune" = first call - warm call. Then
+--control-passes more passes over the new lengths in the same order: each length's first call, now at a seen length,
+after the same calls as before; their median is the control, which isolates what the length's novelty costs from
+what any call pays after another length's calls (a short prompt paced by the host pays a few ms after a long one).
 Every Triton kernel variant compiled at a launch is listed per call (fla's and this repo's own); then one more new
 length (--profile-new) runs first and warm under torch.profiler, listing the operators whose host time grew.
 With --record PATH, the autotune mode then runs every other path the model takes and writes the configurations it
@@ -104,6 +107,19 @@ def child(args):
         for T in args.new_lengths:
             out["new_lengths"][T] = r = measured(f"new length {T}", prefill(T))
             r["over_warm"] = r["overhead_s"] / r["warm_s"]
+        # the same sequence again, each length now seen: its first call comes after the same calls as the new one
+        # did (the previous length's warm calls, a fresh input), so first - control is what the length's novelty
+        # cost, apart from the wake of whatever ran before it
+        controls = {T: [] for T in args.new_lengths}
+        for _ in range(args.control_passes):
+            for T in args.new_lengths:
+                controls[T].append(first_and_warm(prefill(T))["first_s"])
+        for T, seen in controls.items():
+            if seen:
+                r = out["new_lengths"][T]
+                r["control_s"] = sorted(seen)[len(seen) // 2]
+                r["over_control"] = (r["first_s"] - r["control_s"]) / r["control_s"]
+                r["control_runs_s"] = seen
         if args.profile_new:
             out["profile_new"] = profile_new_length(prefill(args.profile_new), args.profile_new)
     out["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -147,7 +163,7 @@ def run_mode(mode, args):
         env["KIMI_FLA_TUNED"] = str(args.record)  # the choices the autotune run just made
     cmd = [sys.executable, __file__, "--child", mode, "--prefill-len", str(args.prefill_len),
            "--train-len", str(args.train_len), "--new-lengths", *map(str, args.new_lengths),
-           "--profile-new", str(args.profile_new)]  # fmt: skip
+           "--profile-new", str(args.profile_new), "--control-passes", str(args.control_passes)]  # fmt: skip
     if mode == "autotune" and args.record:
         cmd += ["--record", str(args.record)]
     result_file = Path(env["TRITON_CACHE_DIR"]) / "result.json"
@@ -214,6 +230,14 @@ def main():
         "what a first call still pays; 0: off (default: %(default)s)",
     )
     ap.add_argument(
+        "--control-passes",
+        type=int,
+        default=3,
+        help="after the new lengths, passes over the same lengths in the same order, each length's first call then "
+        "seen: their median is its control, the call a new length is compared with beside its warm median "
+        "(default: %(default)s)",
+    )
+    ap.add_argument(
         "--modes",
         nargs="+",
         default=["autotune", "pinned", "precompiled"],
@@ -235,10 +259,12 @@ def main():
     for mode in args.modes:
         report["modes"].append(run_mode(mode, args))
     (args.out_dir / "cold_start.json").write_text(json.dumps(report, indent=1))
-    print(f"\n{'mode':12s} {'prefill first/warm s':>22s} {'train first/warm s':>22s}  new lengths (first/warm s)")
+    head = f"{'mode':12s} {'prefill first/warm s':>22s} {'train first/warm s':>22s}"
+    print(f"\n{head}  new lengths (first/warm/control s)")
     for m in report["modes"]:
         p, t = m["first_prefill"], m["first_train_step"]
-        new = "  ".join(f"{T}: {r['first_s']:.2f}/{r['warm_s']:.2f}" for T, r in m["new_lengths"].items())
+        new = "  ".join(f"{T}: {r['first_s']:.3f}/{r['warm_s']:.3f}" + (f"/{r['control_s']:.3f}" * ("control_s" in r))
+                        for T, r in m["new_lengths"].items())  # fmt: skip
         cells = f"{p['first_s']:10.1f}/{p['warm_s']:<10.3f} {t['first_s']:10.1f}/{t['warm_s']:<10.3f}"
         print(
             f"{m['mode']:12s} {cells}  {new}  (importing fla's KDA ops: {m['fla_import_s']:.1f} s of the first "

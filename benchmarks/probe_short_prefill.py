@@ -276,6 +276,10 @@ def probe_first(model, ids, seen=2001, reps=4, pause_s=0.3):
       long>new      a 32768-token prompt, then a new length (as cold_start.py's first short prompt)
       long>seen     a 32768-token prompt, then `seen` (warm): the long prompt's wake, no new length
       pause>seen    a 32768-token prompt and a call at `seen`, pause_s idle, then `seen` again: a wait alone
+      spin>seen     as pause>seen with the host busy in a Python loop for pause_s instead of asleep: the GPU idles,
+                    the host does not
+      gpu>seen      as pause>seen with the GPU busy for pause_s (a sleep kernel) while the host waits for it in a
+                    synchronize, as it waits for a long prompt
       seen>new      a warm call at `seen`, then a new length: a new length alone
       long>new gc   as long>new with Python's garbage collector off for both calls
       long>bucket   a 32768-token prompt, then a new length in a new 1024-token bucket of MLA's prefill attention (a
@@ -283,7 +287,14 @@ def probe_first(model, ids, seen=2001, reps=4, pause_s=0.3):
     Run it alone (--parts first): other parts would have run those buckets. Printed as [first] lines and returned."""
     import gc
 
+    import torch
+
     x_long, x_seen = ids(32768), ids(seen)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    torch.cuda._sleep(10**8)
+    torch.cuda.synchronize()
+    cycles_per_s = 10**8 / (time.perf_counter() - start)  # the sleep kernel's clock, for gpu>seen's pause
     fresh = iter(range(seen + 3, seen + 3 * 10_000, 3))
 
     def measured(x):
@@ -305,6 +316,21 @@ def probe_first(model, ids, seen=2001, reps=4, pause_s=0.3):
         time.sleep(pause_s)
         return measured(x_seen)
 
+    def spin_seen():
+        call(model, x_long, {})
+        call(model, x_seen, {})
+        end = time.perf_counter() + pause_s
+        while time.perf_counter() < end:
+            pass
+        return measured(x_seen)
+
+    def gpu_seen():
+        call(model, x_long, {})
+        call(model, x_seen, {})
+        torch.cuda._sleep(int(pause_s * cycles_per_s))
+        torch.cuda.synchronize()
+        return measured(x_seen)
+
     def seen_new():
         call(model, x_seen, {})
         return measured(ids(next(fresh)))
@@ -322,8 +348,9 @@ def probe_first(model, ids, seen=2001, reps=4, pause_s=0.3):
         finally:
             gc.enable()
 
-    conditions = {"long>new": long_new, "long>seen": long_seen, "pause>seen": pause_seen, "seen>new": seen_new,
-                  "long>new gc": long_new_gc, "long>bucket": long_bucket}  # fmt: skip
+    conditions = {"long>new": long_new, "long>seen": long_seen, "pause>seen": pause_seen, "spin>seen": spin_seen,
+                  "gpu>seen": gpu_seen, "seen>new": seen_new, "long>new gc": long_new_gc,
+                  "long>bucket": long_bucket}  # fmt: skip
     for _ in range(3):  # x_long, x_seen and the 3-token steps warm
         call(model, x_long, {}), call(model, x_seen, {})
     rows = {name: [] for name in conditions}
@@ -337,7 +364,8 @@ def probe_first(model, ids, seen=2001, reps=4, pause_s=0.3):
         excess = " ".join(f"{r['excess_ms']:6.2f}" for r in rs)
         wall = " ".join(f"{r['wall_ms']:6.1f}" for r in rs)
         print(f"[first] {name:>12}: excess {excess} | wall {wall}", flush=True)
-    return {"seen": seen, "warm_ms": warm, "pause_s": pause_s, "conditions": rows}
+    return {"seen": seen, "warm_ms": warm, "pause_s": pause_s, "sleep_cycles_per_s": cycles_per_s,
+            "conditions": rows}  # fmt: skip
 
 
 def probe_launch(reps=2000):
