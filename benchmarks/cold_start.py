@@ -16,7 +16,8 @@ that length against the warm median at the same length. "Compile + tune" = first
 --control-passes more passes over the new lengths in the same order: each length's first call, now at a seen length,
 after the same calls as before; their median is the control, which isolates what the length's novelty costs from
 what any call pays after another length's calls (a short prompt paced by the host pays a few ms after a long one).
-Every Triton kernel variant compiled at a launch is listed per call (fla's and this repo's own); then one more new
+Every Triton kernel variant compiled at a launch is listed per call (fla's and this repo's own), and every cuDNN
+attention plan the model built (its rounded length and host ms); then one more new
 length (--profile-new) runs first and warm under torch.profiler, listing the operators whose host time grew.
 With --record PATH, the autotune mode then runs every other path the model takes and writes the configurations it
 chose to PATH (kernels/tuned.py format), and the pinned mode uses that file; without it, the pinned mode uses the
@@ -43,7 +44,7 @@ def child(args):
     import torch
 
     from kimi_linear.configuration_kimi_linear import KimiLinearConfig
-    from kimi_linear.modeling_kimi_linear import KimiLinearForCausalLM
+    from kimi_linear.modeling_kimi_linear import KimiLinearForCausalLM, KimiMLAAttention
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -91,11 +92,13 @@ def child(args):
 
     # every Triton kernel variant compiled at a launch (fla's that precompile missed, and this repo's own)
     with precompile.compile_events(only_fla=False) as events:
+        builds = getattr(KimiMLAAttention, "builds", [])  # cuDNN attention plans built, (rounded length, host ms)
 
         def measured(name, fn):
-            before = len(events)
+            before, built = len(events), len(builds)
             r = first_and_warm(fn)
             r["compiled_at_launch"] = sorted({e["name"].rpartition(".")[2] for e in events[before:] if not e["warmup"]})
+            r["plan_builds"] = [list(b) for b in builds[built:]]
             r["precompiled"] = [list(h) for h in precompile.history]
             precompile.history.clear()
             print(f"[{args.child}] {name}: {r}", flush=True)

@@ -30,17 +30,19 @@ def main():
     lengths = list(next(iter(runs.values()))["new_lengths"])
     print(
         "first/warm ms, first over warm, first over control (the same length seen, at the same place in a later "
-        "pass; cold_start.py --control-passes)"
+        "pass; cold_start.py --control-passes); C: Triton compiled, B: a cuDNN attention plan built (>= 10 ms)"
     )
-    print(f"{'length':>7} | " + " | ".join(f"{n:>30}" for n in runs))
+    print(f"{'length':>7} | " + " | ".join(f"{n:>32}" for n in runs))
     for L in lengths:
         cells = []
         for r in runs.values():
             c = r["new_lengths"].get(L)
             ms = f"{c['first_s'] * 1e3:6.1f}/{c['warm_s'] * 1e3:6.1f}" if c else ""
             ctl = f" {100 * c['over_control']:+6.1f}%" if c and "over_control" in c else " " * 8
-            cells.append(f"{ms} {100 * c['over_warm']:+6.1f}%{ctl}" if c else "")
-        print(f"{L:>7} | " + " | ".join(f"{c:>30}" for c in cells))
+            built = any(build_ms >= 10 for _, build_ms in (c or {}).get("plan_builds", []))
+            paid = "C" * bool(c and c["compiled_at_launch"]) + "B" * built
+            cells.append(f"{ms} {100 * c['over_warm']:+6.1f}%{ctl}{paid:2}" if c else "")
+        print(f"{L:>7} | " + " | ".join(f"{c:>32}" for c in cells))
     summary = {}
     for name, r in runs.items():
         commit = name.split("#")[0]

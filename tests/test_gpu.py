@@ -833,14 +833,18 @@ def test_prefill_without_a_cudnn_plan_runs_the_triton_kernel_until_one_is_hidden
     calls.clear()
     monkeypatch.setattr(KimiMLAAttention, "plan_build_ms", 0.0)
     monkeypatch.setattr(KimiMLAAttention, "_builds_timed", False)
+    monkeypatch.setattr(KimiMLAAttention, "builds", [])
     sdpa_logits = _logits(model, ids.cuda())
     assert calls == ["sdpa", "sdpa"], calls
     assert len(modeling._PLANS.keys) == 1
     assert KimiMLAAttention._builds_timed and KimiMLAAttention.plan_build_ms >= 10  # the build, timed
+    ((rows, ms),) = KimiMLAAttention.builds  # the one build, listed with its rounded length and its time
+    assert rows == -(-ids.shape[1] // 1024) * 1024 and ms == KimiMLAAttention.plan_build_ms, KimiMLAAttention.builds
     calls.clear()
     monkeypatch.setattr(KimiMLAAttention, "plan_build_ms", float("inf"))
     _logits(model, ids[:, : 1000 % 611 + 300].cuda())  # 689 tokens: the same 1024-token bucket, a plan there
     assert calls == ["sdpa", "sdpa"] and clocks[-1] is None, calls
+    assert len(KimiMLAAttention.builds) == 1  # nothing more built
     floor = rel_rms(sdpa_logits, ref)
     assert floor < 0.1 and rel_rms(triton_logits, ref) < 1.5 * floor + 1e-3, (rel_rms(triton_logits, ref), floor)
 
