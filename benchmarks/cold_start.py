@@ -17,7 +17,8 @@ that length against the warm median at the same length. "Compile + tune" = first
 after the same calls as before; their median is the control, which isolates what the length's novelty costs from
 what any call pays after another length's calls (a short prompt paced by the host pays a few ms after a long one).
 Every Triton kernel variant compiled at a launch is listed per call (fla's and this repo's own), and every cuDNN
-attention plan the model built (its rounded length and host ms); then one more new
+attention plan the model built (its rounded length and host ms); and for each first call, the Triton kernels it
+loaded onto the GPU, Python's garbage collections and the CUDA allocator's device allocations; then one more new
 length (--profile-new) runs first and warm under torch.profiler, listing the operators whose host time grew.
 With --record PATH, the autotune mode then runs every other path the model takes and writes the configurations it
 chose to PATH (kernels/tuned.py format), and the pinned mode uses that file; without it, the pinned mode uses the
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -53,12 +55,14 @@ def child(args):
     ids = lambda T: torch.randint(3, model.config.vocab_size, (1, T), device="cuda", generator=gen)  # noqa: E731
     out = {"mode": args.child, "setup_s": time.perf_counter() - t_start}
 
-    def first_and_warm(fn, reps=3):
+    def first_and_warm(fn, reps=3, after_first=None):
         torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
         torch.cuda.synchronize()
         first = time.perf_counter() - start
+        if after_first is not None:
+            after_first()
         warm = []
         for _ in range(reps):
             start = time.perf_counter()
@@ -93,12 +97,15 @@ def child(args):
     # every Triton kernel variant compiled at a launch (fla's that precompile missed, and this repo's own)
     with precompile.compile_events(only_fla=False) as events:
         builds = getattr(KimiMLAAttention, "builds", [])  # cuDNN attention plans built, (rounded length, host ms)
+        first_call = {}
 
         def measured(name, fn):
             before, built = len(events), len(builds)
-            r = first_and_warm(fn)
+            with first_call_costs() as costs:
+                r = first_and_warm(fn, after_first=lambda: first_call.update(costs()))
             r["compiled_at_launch"] = sorted({e["name"].rpartition(".")[2] for e in events[before:] if not e["warmup"]})
             r["plan_builds"] = [list(b) for b in builds[built:]]
+            r["first_call"] = dict(first_call)
             r["precompiled"] = [list(h) for h in precompile.history]
             precompile.history.clear()
             print(f"[{args.child}] {name}: {r}", flush=True)
@@ -134,6 +141,47 @@ def child(args):
         record(args.record, card=torch.cuda.get_device_name(0))
         out["recorded"] = str(args.record)
     Path(args.result).write_text(json.dumps(out))
+
+
+@contextmanager
+def first_call_costs():
+    """What else a call can pay for once, beside compiles and plan builds: within the block, Triton kernels loaded onto
+    the GPU (a compiled variant's first launch in the process: name, ms), Python garbage collections (generation,
+    ms) and the CUDA caching allocator's device allocations (cudaMalloc calls). Yields a function that returns them
+    so far."""
+    import gc
+
+    import torch
+    from triton import knobs
+
+    loads, collections, started = [], [], {}
+    allocs = lambda: torch.cuda.memory_stats().get("num_device_alloc", 0)  # noqa: E731
+    allocs_before = allocs()
+
+    def load_start(module, function, name, *_):
+        started["load"] = time.perf_counter()
+
+    def load_end(module, function, name, *_):
+        loads.append([name, (time.perf_counter() - started.pop("load", time.perf_counter())) * 1e3])
+
+    def collected(phase, info):
+        if phase == "start":
+            started["gc"] = time.perf_counter()
+        else:
+            collections.append(
+                [info["generation"], (time.perf_counter() - started.pop("gc", time.perf_counter())) * 1e3]
+            )
+
+    rt = knobs.runtime
+    rt.kernel_load_start_hook.add(load_start)
+    rt.kernel_load_end_hook.add(load_end)
+    gc.callbacks.append(collected)
+    try:
+        yield lambda: {"kernel_loads": list(loads), "gc": list(collections), "device_allocs": allocs() - allocs_before}
+    finally:
+        rt.kernel_load_start_hook.remove(load_start)
+        rt.kernel_load_end_hook.remove(load_end)
+        gc.callbacks.remove(collected)
 
 
 def profile_new_length(fn, T, top=12):

@@ -12,6 +12,18 @@ import statistics
 from pathlib import Path
 
 
+def paid(c):
+    """The letters of what a first call paid for (where its run recorded it)."""
+    first = c.get("first_call", {})
+    return "".join(letter for letter, paid in [
+        ("C", c.get("compiled_at_launch")),
+        ("B", any(ms >= 10 for _, ms in c.get("plan_builds", []))),
+        ("L", first.get("kernel_loads")),
+        ("G", any(gen == 2 for gen, _ in first.get("gc", []))),
+        ("M", first.get("device_allocs")),
+    ] if paid)  # fmt: skip
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="NAME=PATH of a cold_start.json; runs of one commit share NAME's part "
@@ -30,19 +42,18 @@ def main():
     lengths = list(next(iter(runs.values()))["new_lengths"])
     print(
         "first/warm ms, first over warm, first over control (the same length seen, at the same place in a later "
-        "pass; cold_start.py --control-passes); C: Triton compiled, B: a cuDNN attention plan built (>= 10 ms)"
+        "pass; cold_start.py --control-passes); what the first call paid for: C Triton compiled, B a cuDNN attention "
+        "plan built (>= 10 ms), L Triton kernels loaded onto the GPU, G a full garbage collection, M cudaMalloc"
     )
-    print(f"{'length':>7} | " + " | ".join(f"{n:>32}" for n in runs))
+    print(f"{'length':>7} | " + " | ".join(f"{n:>35}" for n in runs))
     for L in lengths:
         cells = []
         for r in runs.values():
             c = r["new_lengths"].get(L)
             ms = f"{c['first_s'] * 1e3:6.1f}/{c['warm_s'] * 1e3:6.1f}" if c else ""
             ctl = f" {100 * c['over_control']:+6.1f}%" if c and "over_control" in c else " " * 8
-            built = any(build_ms >= 10 for _, build_ms in (c or {}).get("plan_builds", []))
-            paid = "C" * bool(c and c["compiled_at_launch"]) + "B" * built
-            cells.append(f"{ms} {100 * c['over_warm']:+6.1f}%{ctl}{paid:2}" if c else "")
-        print(f"{L:>7} | " + " | ".join(f"{c:>32}" for c in cells))
+            cells.append(f"{ms} {100 * c['over_warm']:+6.1f}%{ctl} {paid(c):5}" if c else "")
+        print(f"{L:>7} | " + " | ".join(f"{c:>35}" for c in cells))
     summary = {}
     for name, r in runs.items():
         commit = name.split("#")[0]
