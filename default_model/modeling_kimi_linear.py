@@ -737,6 +737,9 @@ class KimiMLAAttention(nn.Module):
     # starts above both and becomes the longest build this process has timed (_note_build).
     plan_build_ms = 200.0
     _builds_timed = False
+    # (rounded length, host ms) of every SDPA call that could build a plan, in order (one per shape and thread): what
+    # a first call paid for its plans (benchmarks/cold_start.py lists them per call)
+    builds = []
 
     # A shape that keeps coming back without a plan (its builds never hidden: shorter prompts, a slow host) does not
     # stay on the Triton kernel for good: each of its Triton runs is charged the time it is estimated to cost over
@@ -761,8 +764,10 @@ class KimiMLAAttention(nn.Module):
         return True
 
     @classmethod
-    def _note_build(cls, ms):
-        """A plan build of ms milliseconds of host time: the first timed replaces plan_build_ms, later ones raise it."""
+    def _note_build(cls, ms, rows):
+        """A plan build of ms milliseconds of host time for a rounded length of rows: the first timed replaces
+        plan_build_ms, later ones raise it."""
+        cls.builds.append((rows, ms))
         if ms >= 10:  # shorter: SDPA found a plan of its own (or is not cuDNN's), nothing was built
             cls.plan_build_ms = max(cls.plan_build_ms, ms) if cls._builds_timed else ms
             cls._builds_timed = True
@@ -800,7 +805,7 @@ class KimiMLAAttention(nn.Module):
         start = time.perf_counter() if building else None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling)
         if building:
-            self._note_build((time.perf_counter() - start) * 1e3)
+            self._note_build((time.perf_counter() - start) * 1e3, q.shape[2])
         return out[:, :, :T] if pad else out
 
     def _attend_blocked(self, q, latent):
