@@ -119,7 +119,7 @@ def child(args):
             r["over_warm"] = r["overhead_s"] / r["warm_s"]
         # the same sequence again, each length now seen: its first call comes after the same calls as the new one
         # did (the previous length's warm calls, a fresh input), so first - control is what the length's novelty
-        # cost, apart from the wake of whatever ran before it
+        # cost, with the wake of the calls before it taken out
         controls = {T: [] for T in args.new_lengths}
         for _ in range(args.control_passes):
             for T in args.new_lengths:
@@ -173,14 +173,18 @@ def first_call_costs():
             )
 
     rt = knobs.runtime
-    rt.kernel_load_start_hook.add(load_start)
-    rt.kernel_load_end_hook.add(load_end)
+    chains = hasattr(rt.kernel_load_start_hook, "add")  # older Triton: plain hooks, loads not recorded
+    if chains:
+        rt.kernel_load_start_hook.add(load_start)
+        rt.kernel_load_end_hook.add(load_end)
     gc.callbacks.append(collected)
     try:
-        yield lambda: {"kernel_loads": list(loads), "gc": list(collections), "device_allocs": allocs() - allocs_before}
+        yield lambda: {"kernel_loads": list(loads) if chains else None, "gc": list(collections),
+                       "device_allocs": allocs() - allocs_before}  # fmt: skip
     finally:
-        rt.kernel_load_start_hook.remove(load_start)
-        rt.kernel_load_end_hook.remove(load_end)
+        if chains:
+            rt.kernel_load_start_hook.remove(load_start)
+            rt.kernel_load_end_hook.remove(load_end)
         gc.callbacks.remove(collected)
 
 

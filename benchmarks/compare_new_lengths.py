@@ -15,13 +15,13 @@ from pathlib import Path
 def paid(c):
     """The letters of what a first call paid for (where its run recorded it)."""
     first = c.get("first_call", {})
-    return "".join(letter for letter, paid in [
+    return "".join(letter for letter, hit in [
         ("C", c.get("compiled_at_launch")),
         ("B", any(ms >= 10 for _, ms in c.get("plan_builds", []))),
         ("L", first.get("kernel_loads")),
         ("G", any(gen == 2 for gen, _ in first.get("gc", []))),
         ("M", first.get("device_allocs")),
-    ] if paid)  # fmt: skip
+    ] if hit)  # fmt: skip
 
 
 def main():
@@ -77,7 +77,6 @@ def main():
             f"{commit}: over warm: median {100 * s['median_over_warm']:+.1f}%, within 5%: {s['within_5_percent']}"
             f"{control}; first prefill {s['first_prefill_s']} s, first training step {s['first_train_step_s']} s"
         )
-
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report = {"runs": runs, "summary": summary}
     (args.out_dir / f"{args.name}.json").write_text(json.dumps(report, indent=1))
