@@ -61,8 +61,7 @@ def child(args):
         fn()
         torch.cuda.synchronize()
         first = time.perf_counter() - start
-        if after_first is not None:
-            after_first()
+        first_call = after_first() if after_first is not None else None
         warm = []
         for _ in range(reps):
             start = time.perf_counter()
@@ -70,7 +69,7 @@ def child(args):
             torch.cuda.synchronize()
             warm.append(time.perf_counter() - start)
         warm = sorted(warm)[len(warm) // 2]
-        return {"first_s": first, "warm_s": warm, "overhead_s": first - warm}
+        return {"first_s": first, "warm_s": warm, "overhead_s": first - warm, "first_call": first_call}
 
     def prefill(T):
         x = ids(T)
@@ -97,15 +96,13 @@ def child(args):
     # every Triton kernel variant compiled at a launch (fla's that precompile missed, and this repo's own)
     with precompile.compile_events(only_fla=False) as events:
         builds = getattr(KimiMLAAttention, "builds", [])  # cuDNN attention plans built, (rounded length, host ms)
-        first_call = {}
 
         def measured(name, fn):
             before, built = len(events), len(builds)
             with first_call_costs() as costs:
-                r = first_and_warm(fn, after_first=lambda: first_call.update(costs()))
+                r = first_and_warm(fn, after_first=costs)
             r["compiled_at_launch"] = sorted({e["name"].rpartition(".")[2] for e in events[before:] if not e["warmup"]})
             r["plan_builds"] = [list(b) for b in builds[built:]]
-            r["first_call"] = dict(first_call)
             r["precompiled"] = [list(h) for h in precompile.history]
             precompile.history.clear()
             print(f"[{args.child}] {name}: {r}", flush=True)

@@ -310,26 +310,23 @@ def probe_first(model, ids, seen=2001, reps=4, pause_s=0.3):
         call(model, x_long, {})
         return measured(x_seen)
 
-    def pause_seen():
-        call(model, x_long, {})
-        call(model, x_seen, {})
-        time.sleep(pause_s)
-        return measured(x_seen)
+    def after_wait(wait):  # a long prompt and a call at `seen`, the wait, then `seen` again
+        def run():
+            call(model, x_long, {})
+            call(model, x_seen, {})
+            wait()
+            return measured(x_seen)
 
-    def spin_seen():
-        call(model, x_long, {})
-        call(model, x_seen, {})
+        return run
+
+    def spin():
         end = time.perf_counter() + pause_s
         while time.perf_counter() < end:
             pass
-        return measured(x_seen)
 
-    def gpu_seen():
-        call(model, x_long, {})
-        call(model, x_seen, {})
+    def gpu_busy():
         torch.cuda._sleep(int(pause_s * cycles_per_s))
         torch.cuda.synchronize()
-        return measured(x_seen)
 
     def seen_new():
         call(model, x_seen, {})
@@ -348,9 +345,9 @@ def probe_first(model, ids, seen=2001, reps=4, pause_s=0.3):
         finally:
             gc.enable()
 
-    conditions = {"long>new": long_new, "long>seen": long_seen, "pause>seen": pause_seen, "spin>seen": spin_seen,
-                  "gpu>seen": gpu_seen, "seen>new": seen_new, "long>new gc": long_new_gc,
-                  "long>bucket": long_bucket}  # fmt: skip
+    conditions = {"long>new": long_new, "long>seen": long_seen, "pause>seen": after_wait(lambda: time.sleep(pause_s)),
+                  "spin>seen": after_wait(spin), "gpu>seen": after_wait(gpu_busy), "seen>new": seen_new,
+                  "long>new gc": long_new_gc, "long>bucket": long_bucket}  # fmt: skip
     for _ in range(3):  # x_long, x_seen and the 3-token steps warm
         call(model, x_long, {}), call(model, x_seen, {})
     rows = {name: [] for name in conditions}

@@ -296,7 +296,7 @@ SCRIPT = textwrap.dedent("""
             out[f"gemm tiles={tiles} #{i}"] = rel(y, x.double() @ w.double().T)
     # the tile rule: WIDE from WIDE_COLUMNS output columns on (KDA's q/k/v in one call, 12288; not MLA's q_proj, 6144),
     # the fixed tiles with 2 stages where shared memory holds about 100 KiB
-    fixed = (gemm.BM, gemm.BN, gemm.BK, gemm.WARPS, gemm.STAGES, gemm.GROUP_M)
+    fixed = gemm.FIXED
     hopper, small = 228 * 1024, 99 * 1024
     rule = [gemm.tiles_for(3 * 4096, hopper) == gemm.WIDE, gemm.tiles_for(6144, hopper) == fixed,
             gemm.tiles_for(2 * 9216, small) == (*fixed[:4], 2, fixed[5]), gemm.WIDE != fixed and len(gemm.WIDE) == 6]
