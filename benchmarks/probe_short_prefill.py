@@ -280,6 +280,8 @@ def probe_first(model, ids, seen=2001, reps=4, pause_s=0.3):
                     the host does not
       gpu>seen      as pause>seen with the GPU busy for pause_s (a sleep kernel) while the host waits for it in a
                     synchronize, as it waits for a long prompt
+      both>seen     as pause>seen with the GPU busy (a sleep kernel) and the host busy in a Python loop: neither idles
+      seen>seen     a warm call at `seen`, then `seen` again: nothing new, the spread of the measure itself
       seen>new      a warm call at `seen`, then a new length: a new length alone
       long>new gc   as long>new with Python's garbage collector off for both calls
       long>bucket   a 32768-token prompt, then a new length in a new 1024-token bucket of MLA's prefill attention (a
@@ -328,6 +330,15 @@ def probe_first(model, ids, seen=2001, reps=4, pause_s=0.3):
         torch.cuda._sleep(int(pause_s * cycles_per_s))
         torch.cuda.synchronize()
 
+    def both_busy():
+        torch.cuda._sleep(int(pause_s * cycles_per_s))
+        spin()
+        torch.cuda.synchronize()
+
+    def seen_seen():
+        call(model, x_seen, {})
+        return measured(x_seen)
+
     def seen_new():
         call(model, x_seen, {})
         return measured(ids(next(fresh)))
@@ -346,8 +357,9 @@ def probe_first(model, ids, seen=2001, reps=4, pause_s=0.3):
             gc.enable()
 
     conditions = {"long>new": long_new, "long>seen": long_seen, "pause>seen": after_wait(lambda: time.sleep(pause_s)),
-                  "spin>seen": after_wait(spin), "gpu>seen": after_wait(gpu_busy), "seen>new": seen_new,
-                  "long>new gc": long_new_gc, "long>bucket": long_bucket}  # fmt: skip
+                  "spin>seen": after_wait(spin), "gpu>seen": after_wait(gpu_busy), "both>seen": after_wait(both_busy),
+                  "seen>seen": seen_seen, "seen>new": seen_new, "long>new gc": long_new_gc,
+                  "long>bucket": long_bucket}  # fmt: skip
     for _ in range(3):  # x_long, x_seen and the 3-token steps warm
         call(model, x_long, {}), call(model, x_seen, {})
     rows = {name: [] for name in conditions}
@@ -375,10 +387,11 @@ def probe_launch(reps=2000):
     ws = [torch.randn(n, 2304, device="cuda", dtype=torch.bfloat16) for n in (128, 128, 32)]
     outs = [torch.empty(16, w.shape[0], device="cuda", dtype=torch.bfloat16) for w in ws]
     ns = [w.shape[0] for w in ws]
-    grid = (sum(gemm.cdiv(n, gemm.BN) for n in ns),)
-    consts = dict(EVEN_K=True, BM=gemm.BM, BN=gemm.BN, BK=gemm.BK, GROUP_M=gemm.GROUP_M)
+    bm, bn, bk, warps, stages, group_m = gemm._tiles(x.device, sum(ns))  # the tiles products() takes
+    grid = (sum(gemm.cdiv(n, bn) for n in ns),)
+    consts = dict(EVEN_K=2304 % bk == 0, BM=bm, BN=bn, BK=bk, GROUP_M=group_m)
     args = (x, *ws, *outs, 16, *ns, 2304, 2304)
-    opts = dict(num_warps=gemm.WARPS, num_stages=gemm._stages(x.device))
+    opts = dict(num_warps=warps, num_stages=stages)
     compiled = gemm._products[grid](*args, **consts, **opts)
     launch_compiled = compiled[(*grid, 1, 1)]  # a CompiledKernel takes all three grid sizes
     all_args = (*args, *consts.values())

@@ -216,6 +216,10 @@ def test_stacked_weights_follow_every_change_of_the_parameters():
     check()
     moe.experts[0].w3.weight = torch.nn.Parameter(torch.randn(32, 64))  # a replaced parameter
     check()
+    moe.experts[3].w1 = torch.nn.Linear(64, 32, bias=False)  # a replaced projection module
+    check()
+    moe.experts[6] = make_moe(seed=9).experts[6]  # a replaced expert
+    check()
     moe.bfloat16()
     out = moe(x.bfloat16())
     assert moe._stacked[0].dtype == torch.bfloat16
