@@ -18,13 +18,17 @@ Configs (MoE dimensions only; random weights, std 0.02):
 Cases: prefill (1 x 512 tokens, no grad), decode (1 token, no grad), train (1 x 512 tokens, forward + backward
 with gradients for every parameter). Each timed call is repeated --repeats times, grouped and loop interleaved;
 the median is reported. Also reported: the first grouped call (which stacks the expert weights, one copy) and the
-per-forward check that the stacked weights are current. Outputs agree (relative error printed) before timing.
+per-forward check that the stacked weights are current (median of --repeats rounds of 200 calls), and with
+--baseline DIR (another checkout of this repo, e.g. `git archive REV | tar x -C DIR`) the same check of DIR's layer,
+same weights, rounds taken in turn with this one's. Outputs agree (relative error printed) before timing.
 
 Writes benchmarks/results/moe_layer_<device>.json (raw timings, medians, settings, versions, date).
 """
 
 import argparse
 import datetime as dt
+import importlib
+import importlib.util
 import json
 import os
 import platform
@@ -106,6 +110,30 @@ def timed(device, fn, *args):
     return time.perf_counter() - t
 
 
+def check_seconds(moe, flat, n=200):
+    """Seconds per call of the per-forward check that the stacked expert weights are current (_grouped_weights)."""
+    moe._grouped_weights(flat)
+    t = time.perf_counter()
+    for _ in range(n):
+        moe._grouped_weights(flat)
+    return (time.perf_counter() - t) / n
+
+
+def load_baseline(folder):
+    """modeling_kimi_linear of another checkout of this repo (a folder, e.g. `git archive REV | tar x -C DIR`),
+    imported as the package kimi_linear_baseline beside this one."""
+    folder = Path(folder).resolve()
+    if not (folder / "modeling_kimi_linear.py").is_file():
+        raise SystemExit(f"--baseline {folder}: no modeling_kimi_linear.py there; pass a checkout of this repo")
+    spec = importlib.util.spec_from_file_location(
+        "kimi_linear_baseline", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    package = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = package
+    spec.loader.exec_module(package)
+    return importlib.import_module("kimi_linear_baseline.modeling_kimi_linear")
+
+
 def run_config(name, args, bar):
     moe, cfg = build(name, args.device, getattr(torch, args.dtype))
     result = {"config": CONFIGS[name] or "tiny.json", "cases": {}}
@@ -142,14 +170,19 @@ def run_config(name, args, bar):
             "speedup": med["loop"] / med["grouped"],
         }
     flat = torch.randn(1, cfg.hidden_size, device=args.device, dtype=moe.gate.weight.dtype)
-    n = 200
+    sides = {"": moe}  # result key prefix -> layer
+    if args.baseline_module is not None:  # the other checkout's layer, same weights, timed in turn with this one's
+        base = args.baseline_module.KimiLinearMoE(cfg).to(device=args.device, dtype=moe.gate.weight.dtype)
+        base.load_state_dict(moe.state_dict())
+        sides["baseline_"] = base
     for grad in (False, True):  # inference; training also passes every parameter to autograd
+        runs = {key: [] for key in sides}
         with torch.set_grad_enabled(grad):
-            moe._grouped_weights(flat)
-            t = time.perf_counter()
-            for _ in range(n):
-                moe._grouped_weights(flat)
-        result["check_per_forward_s" + ("_with_grad" if grad else "")] = (time.perf_counter() - t) / n
+            for _ in range(args.repeats):
+                for key, layer in sides.items():
+                    runs[key].append(check_seconds(layer, flat))
+        for key, secs in runs.items():
+            result[f"{key}check_per_forward_s" + ("_with_grad" if grad else "")] = statistics.median(secs)
     return result
 
 
@@ -162,7 +195,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "moe_layer_{device}.json")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another checkout of this repo: its per-forward check is timed beside this one's")  # fmt: skip
     args = ap.parse_args()
+    args.baseline_module = load_baseline(args.baseline) if args.baseline else None
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -180,10 +216,13 @@ def main():
                 f"{name:<9} {case:<8} {g * 1e3:>9.3f}ms {lo * 1e3:>9.3f}ms {c['speedup']:>8.2f}x "
                 f"{c['rel_err_grouped_vs_loop']:>9.1e} {c['first_grouped_call_s'] * 1e3:>8.1f}ms"
             )
-        print(
-            f"{name:<9} per-forward bookkeeping of the stacked weights: {r['check_per_forward_s'] * 1e6:.0f} us "
-            f"({r['check_per_forward_s_with_grad'] * 1e6:.0f} us with autograd)"
-        )
+        for key, side in (("", ""), ("baseline_", " (baseline)")):
+            if f"{key}check_per_forward_s" in r:
+                print(
+                    f"{name:<9} per-forward bookkeeping of the stacked weights{side}: "
+                    f"{r[key + 'check_per_forward_s'] * 1e6:.0f} us "
+                    f"({r[key + 'check_per_forward_s_with_grad'] * 1e6:.0f} us with autograd)"
+                )
 
     meta = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
@@ -197,6 +236,7 @@ def main():
         "model_file_modified_since_commit": bool(git("status", "--porcelain", "modeling_kimi_linear.py")),
         "loadavg_at_start": load_start,
         "loadavg_at_end": os.getloadavg(),
+        "baseline": str(args.baseline) if args.baseline else None,
     }
     out = Path(str(args.out).format(device=args.device.split(":")[0]))
     out.parent.mkdir(parents=True, exist_ok=True)
