@@ -18,9 +18,10 @@ probe, on the bench model (bench_1b_hybrid, random weights, bf16, after a first 
   tiles     in one process, rounds that alternate kernels/gemm.py's tile choice (WIDE for calls of many output
             columns) with its fixed tiles for every call: warm calls from 2k to 32k tokens
   first     what a first call at a new length pays for: a new length after a 32768-token prompt, against a seen
-            length after one, a seen length after an idle pause, a new length after a warm call, and a new length
-            after a long prompt with Python's garbage collector off, one in a new attention bucket (each call's excess
-            over its length's next calls; run it alone)
+            length after one, a seen length after a pause (host asleep, host busy, GPU busy, both busy), a warm call
+            repeated (the measure's spread), a new length after a warm call, and a new length after a long prompt
+            with Python's garbage collector off, one in a new attention bucket (each call's excess over its length's
+            next calls; run it alone)
   launch    the host time of one launch of kernels/gemm.py's product (M = 16 rows: the GPU waits for the host) as
             `products` calls it, as a bare JIT launch, and as a launch of the compiled kernel, against F.linear
 
