@@ -12,7 +12,8 @@ on the bench_1b_hybrid model (benchmarks/configs/, random weights, bf16):
              (kernels/precompile.py; the default)
 Per mode: first prefill of --prefill-len tokens and its warm median; first training step (forward + backward,
 --train-len tokens, loss over all positions) and its warm median; then, for each --new-lengths, the first prefill at
-that length against the warm median at the same length. "Compile + tune" = first call - warm call. Then
+that length against the warm median at the same length (with --prefill-graphs N, after capturing prefill graphs
+for up to N tokens: the lengths they hold replay them). "Compile + tune" = first call - warm call. Then
 --control-passes more passes over the new lengths in the same order: each length's first call, now at a seen length,
 after the same calls as before; their median is the control, which isolates what the length's novelty costs from
 what any call pays after another length's calls (a short prompt paced by the host pays a few ms after a long one).
@@ -110,10 +111,19 @@ def child(args):
 
         out["first_prefill"] = measured("first prefill", prefill(args.prefill_len))
         out["first_train_step"] = measured("first training step", train_step(args.train_len))
+        if args.prefill_graphs:
+            model.eval()
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            buckets = model.capture_prefill_graphs(args.prefill_graphs)
+            out["prefill_graphs"] = {"max_tokens": args.prefill_graphs, "buckets": buckets,
+                                     "capture_s": time.perf_counter() - start}  # fmt: skip
+            print(f"[{args.child}] prefill graphs: {out['prefill_graphs']}", flush=True)
         out["new_lengths"] = {}
         for T in args.new_lengths:
             out["new_lengths"][T] = r = measured(f"new length {T}", prefill(T))
             r["over_warm"] = r["overhead_s"] / r["warm_s"]
+            r["prefill_mode"] = getattr(model, "prefill_mode", None)
         # the same sequence again, each length now seen: its first call comes after the same calls as the new one
         # did (the previous length's warm calls, a fresh input), so first - control is what the length's novelty
         # cost, with the wake of the calls before it taken out
@@ -215,7 +225,8 @@ def run_mode(mode, args):
         env["KIMI_FLA_TUNED"] = str(args.record)  # the choices the autotune run just made
     cmd = [sys.executable, __file__, "--child", mode, "--prefill-len", str(args.prefill_len),
            "--train-len", str(args.train_len), "--new-lengths", *map(str, args.new_lengths),
-           "--profile-new", str(args.profile_new), "--control-passes", str(args.control_passes)]  # fmt: skip
+           "--profile-new", str(args.profile_new), "--control-passes", str(args.control_passes),
+           "--prefill-graphs", str(args.prefill_graphs)]  # fmt: skip
     if mode == "autotune" and args.record:
         cmd += ["--record", str(args.record)]
     result_file = Path(env["TRITON_CACHE_DIR"]) / "result.json"
@@ -294,6 +305,14 @@ def main():
         nargs="+",
         default=["autotune", "pinned", "precompiled"],
         choices=["autotune", "pinned", "precompiled"],
+    )
+    ap.add_argument(
+        "--prefill-graphs",
+        type=int,
+        default=0,
+        help="after the first training step, capture prefill graphs for prompts of up to this many tokens "
+        "(KimiLinearForCausalLM.capture_prefill_graphs, timed); the new lengths they hold replay them. 0: off "
+        "(default: %(default)s)",
     )
     ap.add_argument("--record", type=Path, help="the autotune mode writes its chosen configurations here")
     ap.add_argument("--out-dir", type=Path, default=HERE / "results", help="(default: %(default)s)")

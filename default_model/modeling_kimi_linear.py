@@ -442,6 +442,31 @@ def _kda_backend(x):
     return _kernels if _kernels is not None and _kernels.kda_backend(x) != "torch" else None
 
 
+class _PaddedPrefill:
+    """A prefill of fresh sequences whose last tokens are padding (what a prefill graph captures: one fixed length,
+    the real one on the device). length: [1] int64, the real tokens per row; T: the padded length; W: the conv
+    width. KDA makes every padding token an identity step (_NO_OP_LOGIT) and takes its conv windows at the real end;
+    MLA's causal attention hides the padding from every real token; the logits are taken at position length - 1."""
+
+    def __init__(self, length, T, W):
+        steps = torch.arange(T, device=length.device)
+        self.length = length
+        self.pad = steps >= length  # [T]
+        self.window_at = length - (W - 1) + steps[: W - 1]  # [W-1] positions of the last W-1 real inputs
+
+    def window(self, x):
+        """The conv window a fresh sequence leaves behind, [B, D, W-1], from its inputs x [B, T, D]: the last W-1
+        real ones, zeros before the start."""
+        at = self.window_at
+        return x.index_select(1, at.clamp(min=0)).masked_fill((at < 0)[:, None], 0).transpose(1, 2)
+
+
+# A padding token's beta and gate logits: sigmoid and softplus of it are exactly 0 in float32, so the token writes
+# nothing into the KDA state and decays nothing (exp(0) = 1); finite in float16.
+_NO_OP_LOGIT = -1e4
+_PADDED_PREFILL = contextvars.ContextVar("kimi_linear_padded_prefill", default=None)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # KDA layer
 # ---------------------------------------------------------------------------------------------------------------
@@ -513,14 +538,21 @@ class KimiDeltaAttention(nn.Module):
     def _prefill(self, x, state):
         B, T, _ = x.shape
         H, D = self.num_heads, self.head_dim
-        conv = state.conv if state is not None and state.conv is not None else (None, None, None)
+        padded = _PADDED_PREFILL.get()  # a fresh sequence padded at its end (a prefill graph), else None
+        cached = state is not None and state.conv is not None and padded is None
+        conv = state.conv if cached else (None, None, None)
         xq, xk, xv, g, beta, ga = self._raw(x)
-        keep = state is not None
+        if padded is not None:  # padding leaves the state alone: beta 0 (writes nothing), gate 0 (decays nothing)
+            g = g.masked_fill(padded.pad[:, None, None], _NO_OP_LOGIT)
+            beta = beta.masked_fill(padded.pad[:, None], _NO_OP_LOGIT)
+        keep = state is not None and padded is None
         q, cq = short_conv(xq, self.q_conv1d.weight, conv[0], window=keep)
         k, ck = short_conv(xk, self.k_conv1d.weight, conv[1], window=keep)
         v, cv = short_conv(xv, self.v_conv1d.weight, conv[2], window=keep)
+        if padded is not None and state is not None:
+            cq, ck, cv = (padded.window(t) for t in (xq, xk, xv))
         q, k, v = (t.view(B, T, H, D) for t in (q, k, v))
-        h0 = state.recurrent if state is not None else None
+        h0 = state.recurrent if cached else None
         o, h = self._chunk(x)(q, k, v, g, beta, self.A_log, self.dt_bias, initial_state=h0,
                               output_final_state=state is not None)  # fmt: skip
         if state is not None:
@@ -782,6 +814,10 @@ class KimiMLAAttention(nn.Module):
         if S > self.key_block and causal_only and not torch.is_grad_enabled():
             return self._attend_blocked(q, latent)
         padded = mask is None and S == T > 1 and q.is_cuda and not torch.is_grad_enabled()  # causal: pads stay hidden
+        if padded and _PADDED_PREFILL.get() is not None:  # a prefill graph: the Triton kernel, no plan per shape
+            fast = _triton_kernels(q)
+            if fast is not None and fast.mla_prefill_serves(q, self.v_dim):
+                return fast.mla_prefill_attention(q, *self._expand(latent), self.scaling)
         building = False
         if padded:
             key = self._plan_key(q.device, q.dtype, q.shape[0], T)
@@ -1916,6 +1952,116 @@ class _DecodeGraph:
         return self.logits.clone()
 
 
+def prefill_buckets(max_tokens):
+    """The padded lengths prefill graphs are captured at, up to the first that holds max_tokens: every multiple of
+    64 up to 1024, then 8 per doubling (a prompt is padded by less than 1/8 of its length)."""
+    buckets = [64]
+    while buckets[-1] < max_tokens:
+        T = buckets[-1] + 1
+        step = max(64, 1 << max(0, (T - 1).bit_length() - 4))
+        buckets.append(-(-T // step) * step)
+    return buckets
+
+
+class _PrefillGraphs:
+    """CUDA graphs of an inference prefill of fresh sequences, one per padded length (prefill_buckets), for one
+    batch size: a prompt's tokens are copied into a static buffer and its length into a device scalar, and the graph
+    of the smallest length that holds it replays the embedding, every layer (the padding an identity step for KDA:
+    _PaddedPrefill) and the logits of the last real token. The layers' states land in a staging
+    KimiLinearStaticCache that every graph writes, and are copied into the caller's cache after the replay. The
+    graphs share one memory pool (they never run at once); captured largest first, so the pool grows once."""
+
+    def __init__(self, model, batch_size, max_tokens, progress=True):
+        device, dtype = model.lm_head.weight.device, model.model.embed_tokens.weight.dtype
+        self.model, self.batch_size, self.buckets = weakref.ref(model), batch_size, prefill_buckets(max_tokens)
+        top = self.buckets[-1]
+        self.staging = KimiLinearStaticCache(model.config, max_length=top, batch_size=batch_size, dtype=dtype,
+                                             device=device, cuda_graph=False)  # fmt: skip
+        self.ids = torch.zeros(batch_size, top, dtype=torch.long, device=device)
+        self.length = torch.ones(1, dtype=torch.long, device=device)
+        self.graphs, self.logits = {}, {}
+        pool = torch.cuda.graph_pool_handle()
+        main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+        start = time.perf_counter()
+        bar = logging.tqdm(reversed(self.buckets), total=len(self.buckets), desc="Capturing prefill graphs",
+                           unit="graph", disable=not progress)  # fmt: skip
+        for T in bar:
+            ids = self.ids[:, :T]
+            # warm up on a side stream (Triton compiles, autotuned kernels choose, the allocator settles), then capture
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                self.staging.reset()
+                model._padded_prefill_logits(ids, self.length, self.staging)
+            main.wait_stream(side)
+            self.staging.reset()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                self.logits[T] = model._padded_prefill_logits(ids, self.length, self.staging)
+            self.graphs[T] = graph
+        self.staging.reset()
+        torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - start
+        self.signature = _weights_signature(model)  # after the warm-ups: a first forward stacks the experts' weights
+
+    def obstacle(self, model, input_ids, attention_mask, position_ids, logits_to_keep, cu_seq_lens):
+        """Why this fresh prefill cannot replay a graph, or None."""
+        B, T = input_ids.shape
+        if torch.is_grad_enabled():
+            return "autograd is on"
+        if not isinstance(logits_to_keep, int) or logits_to_keep != 1:
+            return f"logits_to_keep={logits_to_keep!r} (a graph makes the last token's logits only: pass 1)"
+        if B != self.batch_size:
+            return f"a batch of {B} rows (the graphs were captured for {self.batch_size})"
+        if T > self.buckets[-1]:
+            return f"{T} tokens (the graphs were captured for up to {self.buckets[-1]})"
+        if input_ids.device != self.ids.device:
+            return f"input on {input_ids.device} (the graphs run on {self.ids.device})"
+        if attention_mask is not None and not bool(attention_mask.all()):
+            return "padding in the batch"
+        if _segments(None, position_ids, cu_seq_lens, B, T, 0, input_ids.device) is not None:
+            return "packed documents"
+        if torch.cuda.is_current_stream_capturing():
+            return "the stream is being captured"
+        if self.model() is not model or _weights_signature(model) != self.signature:
+            logger.warning_once(
+                "Kimi Linear: the model's parameters changed since capture_prefill_graphs() (moved, cast, loaded by "
+                "assignment, adapters added): prefills run eagerly until it is called again."
+            )
+            return "the parameters changed since the capture"
+        return None
+
+    def run(self, input_ids, cache):
+        """Logits [B, 1, vocab] of the last token of input_ids [B, T], replayed from the graph of the smallest padded
+        length that holds T; the states go into cache (a fresh KimiLinearCache or KimiLinearStaticCache) or
+        nowhere (None)."""
+        B, T = input_ids.shape
+        if isinstance(cache, KimiLinearStaticCache):
+            cache.check(B, T)  # the eager prefill's checks (rows, room), before anything is written
+        padded = next(b for b in self.buckets if b >= T)
+        self.ids[:, :T].copy_(input_ids)  # the rest keeps earlier tokens: padding, whatever it holds
+        self.length.fill_(T)
+        self.graphs[padded].replay()
+        logits = self.logits[padded].clone()
+        if cache is not None:
+            _take_prefill(self.staging, cache, B, T, input_ids.device)
+        return logits, padded
+
+
+def _take_prefill(staging, cache, B, T, device):
+    """Copy the states a padded prefill of T real tokens left in staging (a KimiLinearStaticCache) into cache, a fresh
+    KimiLinearCache or KimiLinearStaticCache, as an eager prefill of those T tokens would have left them."""
+    static = isinstance(cache, KimiLinearStaticCache)
+    if static:
+        cache.begin(B, T, device)
+    for src, dst in zip(staging.layers, cache.layers):
+        if isinstance(src, KDALayerState):
+            dst.update(conv=[c.clone() for c in src.conv], recurrent=src.recurrent.clone(), num_tokens=T)
+        else:
+            dst.append(src.buffer[:, :T])
+    if static:
+        cache.record_prefill(T)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Pretrained base, model, causal LM
 # ---------------------------------------------------------------------------------------------------------------
@@ -2227,6 +2373,14 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
                 logits = static.graph_decode(self, input_ids)
                 if logits is not None:
                     return CausalLMOutputWithPast(logits=logits, **{_CACHE_FIELD: static})
+        graphs = self.__dict__.get("_prefill_graphs")
+        if graphs is not None and input_ids is not None and inputs_embeds is None and labels is None:
+            given = cache if cache is not None else past_key_values
+            if given is None or given.get_seq_length() == 0:  # a fresh prefill
+                out = self._graph_prefill(graphs, input_ids, attention_mask, position_ids, given, use_cache,
+                                          logits_to_keep, kwargs.get("cu_seq_lens_q"))  # fmt: skip
+                if out is not None:
+                    return out
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -2246,6 +2400,78 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
+
+    def capture_prefill_graphs(self, max_tokens=8192, batch_size=1, progress=True):
+        """Capture CUDA graphs of an inference prefill for prompts of up to max_tokens tokens in batches of
+        batch_size rows, one graph per padded length (prefill_buckets: multiples of 64 up to 1024, then 8 per
+        doubling; 40 graphs up to 8192). From then on, a fresh prefill (no tokens cached, no padding or packing,
+        autograd off, logits_to_keep=1, as generate() calls it) of a length they hold replays the graph of the
+        smallest padded length that holds it: nothing is launched per layer from the host, and nothing is chosen
+        or built per prompt length. Everything else runs eagerly; `prefill_mode` says how the last prefill ran.
+        The padding is an identity step for KDA and hidden by MLA's causal attention, so the logits and cached
+        states are those of the prompt alone.
+        A graph replays the tensors it was captured with: after the parameters change (moved, cast, replaced,
+        adapters added), prefills run eagerly (a warning says so) until this is called again. In-place updates of
+        the same tensors are seen. Returns the padded lengths captured. release_prefill_graphs() frees them."""
+        if not isinstance(max_tokens, int) or max_tokens < 1 or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"max_tokens and batch_size must be positive ints, got {max_tokens!r}, {batch_size!r}.")
+        device = self.lm_head.weight.device
+        if device.type != "cuda":
+            raise RuntimeError(f"Prefill graphs are CUDA graphs; the model is on {device}. Move it to a GPU first.")
+        self.release_prefill_graphs()
+        try:
+            with torch.no_grad(), torch.cuda.device(device):
+                graphs = _PrefillGraphs(self, batch_size, max_tokens, progress)
+        except Exception as err:
+            torch.cuda.synchronize(device)
+            raise RuntimeError(
+                f"Kimi Linear: the prefill could not be captured in a CUDA graph ({type(err).__name__}: {err}); "
+                "prefills run eagerly."
+            ) from err
+        self.__dict__["_prefill_graphs"] = graphs
+        logger.info(f"Kimi Linear: {len(graphs.buckets)} prefill graphs captured in {graphs.capture_s:.1f} s")
+        return list(graphs.buckets)
+
+    def release_prefill_graphs(self):
+        """Free the prefill graphs (capture_prefill_graphs) and their memory; prefills run eagerly."""
+        if self.__dict__.pop("_prefill_graphs", None) is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.prefill_mode = None
+
+    # How the last fresh prefill ran while prefill graphs were captured: "cuda_graph (T tokens as P)" or
+    # "eager (reason)"; None without graphs.
+    prefill_mode = None
+
+    def _graph_prefill(self, graphs, input_ids, attention_mask, position_ids, cache, use_cache, logits_to_keep,
+                       cu_seq_lens):  # fmt: skip
+        """A fresh prefill replayed from the prefill graphs, or None (eager: prefill_mode says why)."""
+        reason = graphs.obstacle(self, input_ids, attention_mask, position_ids, logits_to_keep, cu_seq_lens)
+        if reason is not None:
+            self.prefill_mode = f"eager ({reason})"
+            return None
+        if use_cache is None:
+            use_cache = self.config.use_cache and not self.training
+        if cache is not None and not isinstance(cache, KimiLinearCache):
+            raise TypeError(f"Kimi Linear needs a KimiLinearCache, got {type(cache).__name__}.")
+        if use_cache and cache is None:
+            cache = KimiLinearCache(self.config)
+        logits, padded = graphs.run(input_ids, cache if use_cache else None)
+        self.prefill_mode = f"cuda_graph ({input_ids.shape[1]} tokens as {padded})"
+        return CausalLMOutputWithPast(logits=logits, **{_CACHE_FIELD: cache if use_cache else None})
+
+    def _padded_prefill_logits(self, ids, length, cache):
+        """Logits [B, 1, vocab] at position length - 1 of a fresh prefill of ids [B, T] whose tokens from `length`
+        ([1] int64 on the device) on are padding, the layers' states written into cache (what a prefill graph
+        captures; _PaddedPrefill)."""
+        m = self.model
+        x = m.embed_tokens(ids)
+        token = _PADDED_PREFILL.set(_PaddedPrefill(length, ids.shape[1], self.config.kda_conv_size))
+        try:
+            for layer, state in zip(m.layers, cache.layers):
+                x = layer(x, state=state)
+        finally:
+            _PADDED_PREFILL.reset(token)
+        return self.lm_head(m.norm(x.index_select(1, length - 1)))
 
     def _decode_logits(self, input_ids, cache):
         """Logits [B, 1, vocab] of one decode step on a KimiLinearStaticCache (what its CUDA graph captures)."""

@@ -1,0 +1,193 @@
+"""Prefill graphs (KimiLinearForCausalLM.capture_prefill_graphs): a fresh prefill replayed from a CUDA graph captured
+at a padded length. On CPU: the padded prefill the graphs capture (padding an identity step for KDA, hidden by MLA's
+causal attention) against the prompt run alone, in float64, through the logits, every cached state and the decode
+steps after it; the padded lengths; the errors. On a GPU: the replays against eager prefills, the fallbacks, and that
+a replay never syncs."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import build_model, rel_err, tiny_config_dict
+from kimi_linear.configuration_kimi_linear import KDA
+from kimi_linear.modeling_kimi_linear import (
+    KimiLinearCache,
+    KimiLinearStaticCache,
+    _take_prefill,
+    prefill_buckets,
+)
+from test_model import ids_for
+
+
+def test_padded_lengths_hold_every_length_with_little_padding():
+    assert prefill_buckets(1) == [64] and prefill_buckets(64) == [64] and prefill_buckets(65) == [64, 128]
+    buckets = prefill_buckets(8192)
+    assert len(buckets) == 40 and buckets[-1] == 8192 and buckets == sorted(set(buckets))
+    assert all(b % 64 == 0 for b in buckets)
+    for T in range(1, 8193):
+        padded = next(b for b in buckets if b >= T)
+        assert padded - T < max(64, T / 8), T  # under 64 tokens, or under 1/8 of the prompt
+    assert prefill_buckets(8193)[-1] == 9216  # the first that holds it
+
+
+def decode(model, cache, ids):
+    """Logits of one decode step per token of ids [B, n] on cache."""
+    return torch.cat([model(ids[:, t : t + 1], cache=cache).logits for t in range(ids.shape[1])], 1)
+
+
+@pytest.mark.parametrize("T, padded", [(1, 64), (2, 8), (3, 8), (40, 64), (64, 64), (70, 128)])
+@pytest.mark.parametrize("static", [False, True])
+@torch.no_grad()
+def test_padded_prefill_leaves_what_the_prompt_alone_leaves(T, padded, static):
+    model = build_model(dtype=torch.float64)
+    ids, junk, cont = ids_for(2, T, seed=T), ids_for(2, padded - T, seed=99), ids_for(2, 5, seed=7)
+    make = lambda: (  # noqa: E731
+        KimiLinearStaticCache(model.config, max_length=T + 5) if static else KimiLinearCache(model.config)
+    )
+    alone = make()
+    expected = model(ids, cache=alone, logits_to_keep=1).logits
+    staging = KimiLinearStaticCache(model.config, max_length=padded, batch_size=2, dtype=torch.float64, device="cpu")
+    staging.reset()
+    got = model._padded_prefill_logits(torch.cat([ids, junk], 1), torch.tensor([T]), staging)
+    assert got.shape == expected.shape and rel_err(got, expected) < 1e-12
+    cache = make()
+    _take_prefill(staging, cache, 2, T, torch.device("cpu"))
+    assert cache.get_seq_length() == alone.get_seq_length() == T
+    for kind, a, b, s in zip(model.config.layer_types, cache.layers, alone.layers, staging.layers):
+        for x, y, z in zip(a.tensors(), b.tensors(), s.tensors(), strict=True):
+            assert x.shape == y.shape, kind
+            assert rel_err(x, y) < 1e-12 or (kind == KDA and x.abs().max() == y.abs().max() == 0), kind
+            assert x.untyped_storage().data_ptr() != z.untyped_storage().data_ptr()  # copies: staging is reused
+    # the junk never reaches the state: decoding on from either cache gives the same logits
+    assert rel_err(decode(model, cache, cont), decode(model, alone, cont)) < 1e-12
+
+
+def test_capture_needs_a_gpu_and_sane_arguments():
+    model = build_model()
+    with pytest.raises(RuntimeError, match="CUDA graphs; the model is on cpu"):
+        model.capture_prefill_graphs(256)
+    for bad in (0, -5, 2.5, None):
+        with pytest.raises(ValueError, match="positive ints"):
+            model.capture_prefill_graphs(bad)
+    assert model.prefill_mode is None and "_prefill_graphs" not in model.__dict__
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On a GPU
+# ---------------------------------------------------------------------------------------------------------------
+def rel_rms(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
+
+
+def cuda_model(dtype):
+    lac = dict(tiny_config_dict()["linear_attn_config"], num_heads=32, head_dim=128)  # the released head shape
+    return build_model(linear_attn_config=lac).cuda().to(dtype)
+
+
+def prompt(B, T, seed=0):
+    return ids_for(B, T, seed=seed).cuda()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+class TestOnGpu:
+    @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+    @torch.no_grad()
+    def test_replayed_prefill_equals_eager(self, dtype, tol):
+        model = cuda_model(dtype)
+        eager_runs = {}
+        for T in (1, 5, 63, 64, 65, 200, 256):
+            cache = KimiLinearCache(model.config)
+            eager_runs[T] = (model(prompt(2, T, T), cache=cache, logits_to_keep=1).logits, cache)
+        assert model.capture_prefill_graphs(256, batch_size=2, progress=False) == [64, 128, 192, 256]
+        for T, (expected, eager_cache) in eager_runs.items():
+            padded = next(b for b in (64, 128, 192, 256) if b >= T)
+            for static in (False, True):
+                cache = KimiLinearCache(model.config)
+                if static:
+                    cache = KimiLinearStaticCache(model.config, max_length=T + 4)
+                got = model(prompt(2, T, T), cache=cache, logits_to_keep=1).logits
+                assert model.prefill_mode == f"cuda_graph ({T} tokens as {padded})"
+                assert rel_rms(got, expected) < tol, (T, static)
+                assert cache.get_seq_length() == T
+                for a, b in zip(cache.layers, eager_cache.layers):
+                    for x, y in zip(a.tensors(), b.tensors(), strict=True):
+                        assert x.shape == y.shape and rel_rms(x, y) < tol, (T, static)
+                cont = prompt(2, 4, 100 + T)
+                ref = copy.deepcopy(eager_cache)  # decoding moves a cache on: each comparison starts from a copy
+                assert rel_rms(decode(model, cache, cont), decode(model, ref, cont)) < tol, (T, static)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @torch.no_grad()
+    def test_generate_replays_the_prefill_and_makes_the_same_tokens(self, dtype):
+        model = cuda_model(dtype)
+        ids = prompt(1, 150, 3)
+        kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        eager = model.generate(ids, **kwargs)
+        model.capture_prefill_graphs(512, progress=False)
+        for implementation in (None, "static"):
+            graphed = model.generate(ids, cache_implementation=implementation, **kwargs)
+            assert model.prefill_mode == "cuda_graph (150 tokens as 192)"
+            if dtype == torch.float32:
+                assert torch.equal(graphed, eager)
+            else:  # bf16: the padded prefill rounds differently; the first tokens agree
+                assert torch.equal(graphed[:, :152], eager[:, :152])
+
+    @torch.no_grad()
+    def test_what_the_graphs_do_not_hold_runs_eagerly_and_says_why(self):
+        model = cuda_model(torch.bfloat16)
+        model.capture_prefill_graphs(128, progress=False)
+        ids = prompt(1, 40)
+        expected = model(ids, logits_to_keep=1).logits
+        first_token_masked = torch.ones_like(ids)
+        first_token_masked[0, 0] = 0
+        cases = [
+            (dict(input_ids=prompt(2, 40)), "eager (a batch of 2 rows (the graphs were captured for 1))"),
+            (dict(input_ids=prompt(1, 129)), "eager (129 tokens (the graphs were captured for up to 128))"),
+            (dict(input_ids=ids, logits_to_keep=0), "eager (logits_to_keep=0 (a graph makes the last token's"),
+            (dict(input_ids=ids, attention_mask=first_token_masked), "eager (padding in the batch)"),
+            (
+                dict(input_ids=ids, position_ids=torch.arange(40, device="cuda").remainder(20)[None]),
+                "eager (packed documents)",
+            ),  # fmt: skip
+        ]
+        for kwargs, mode in cases:
+            kwargs.setdefault("logits_to_keep", 1)
+            model(**kwargs)
+            assert model.prefill_mode.startswith(mode), (model.prefill_mode, mode)
+        with torch.enable_grad():
+            model(ids, logits_to_keep=1)
+        assert model.prefill_mode == "eager (autograd is on)"
+        # a decode step after a prefill is not a prefill: the mode stays
+        cache = KimiLinearCache(model.config)
+        model(ids, cache=cache, logits_to_keep=1)
+        model(ids[:, :1], cache=cache, logits_to_keep=1)
+        assert model.prefill_mode == "cuda_graph (40 tokens as 64)"
+        # new parameters: the graphs would read the old ones; eager, with the new weights, until captured again
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.flip(0).clone())
+        changed = model(ids, logits_to_keep=1).logits
+        assert model.prefill_mode == "eager (the parameters changed since the capture)"
+        assert rel_rms(changed, expected) > 0.1
+        model.capture_prefill_graphs(128, progress=False)
+        assert rel_rms(model(ids, logits_to_keep=1).logits, changed) < 2e-2
+        assert model.prefill_mode.startswith("cuda_graph")
+        model.release_prefill_graphs()
+        model(ids, logits_to_keep=1)
+        assert model.prefill_mode is None and "_prefill_graphs" not in model.__dict__
+
+    @torch.no_grad()
+    def test_a_replayed_prefill_never_syncs(self):
+        model = cuda_model(torch.bfloat16)
+        model.capture_prefill_graphs(128, progress=False)
+        ids = prompt(1, 100)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for cache in (KimiLinearCache(model.config), KimiLinearStaticCache(model.config, max_length=120)):
+                out = model(ids, cache=cache, logits_to_keep=1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert model.prefill_mode == "cuda_graph (100 tokens as 128)"
+        assert out.logits.shape == (1, 1, model.config.vocab_size)
