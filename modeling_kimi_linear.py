@@ -2418,6 +2418,17 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         device = self.lm_head.weight.device
         if device.type != "cuda":
             raise RuntimeError(f"Prefill graphs are CUDA graphs; the model is on {device}. Move it to a GPU first.")
+        for moe in self.modules():
+            if isinstance(moe, KimiLinearMoE):
+                dtype = moe.experts[0].w1.weight.dtype
+                if _grouped_mm_reads_offsets_on_host(device, dtype):
+                    raise ValueError(
+                        f"Prefill graphs need the routed experts' grouped product to keep its group offsets on the "
+                        f"GPU, which torch._grouped_mm does for bfloat16 on sm90/sm100 only (this model: {dtype} on "
+                        f"sm{''.join(map(str, torch.cuda.get_device_capability(device)))}). Cast the model to "
+                        "bfloat16 (model.bfloat16()) on such a GPU, or prefill eagerly."
+                    )
+                break
         self.release_prefill_graphs()
         try:
             with torch.no_grad(), torch.cuda.device(device):

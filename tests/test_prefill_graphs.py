@@ -50,17 +50,18 @@ def test_padded_prefill_leaves_what_the_prompt_alone_leaves(T, padded, static):
     staging = KimiLinearStaticCache(model.config, max_length=padded, batch_size=2, dtype=torch.float64, device="cpu")
     staging.reset()
     got = model._padded_prefill_logits(torch.cat([ids, junk], 1), torch.tensor([T]), staging)
-    assert got.shape == expected.shape and rel_err(got, expected) < 1e-12
+    # float64 but for the router, which computes in float32 (its products may round differently at another row count)
+    assert got.shape == expected.shape and rel_err(got, expected) < 1e-6
     cache = make()
     _take_prefill(staging, cache, 2, T, torch.device("cpu"))
     assert cache.get_seq_length() == alone.get_seq_length() == T
     for kind, a, b, s in zip(model.config.layer_types, cache.layers, alone.layers, staging.layers):
         for x, y, z in zip(a.tensors(), b.tensors(), s.tensors(), strict=True):
             assert x.shape == y.shape, kind
-            assert rel_err(x, y) < 1e-12 or (kind == KDA and x.abs().max() == y.abs().max() == 0), kind
+            assert rel_err(x, y) < 1e-6 or (kind == KDA and x.abs().max() == y.abs().max() == 0), kind
             assert x.untyped_storage().data_ptr() != z.untyped_storage().data_ptr()  # copies: staging is reused
     # the junk never reaches the state: decoding on from either cache gives the same logits
-    assert rel_err(decode(model, cache, cont), decode(model, alone, cont)) < 1e-12
+    assert rel_err(decode(model, cache, cont), decode(model, alone, cont)) < 1e-6
 
 
 def test_capture_needs_a_gpu_and_sane_arguments():
@@ -77,67 +78,90 @@ def test_capture_needs_a_gpu_and_sane_arguments():
 # On a GPU
 # ---------------------------------------------------------------------------------------------------------------
 def rel_rms(a, b):
-    a, b = a.double(), b.double()
+    a, b = a.double().cpu(), b.double().cpu()
     return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
 
 
-def cuda_model(dtype):
-    lac = dict(tiny_config_dict()["linear_attn_config"], num_heads=32, head_dim=128)  # the released head shape
-    return build_model(linear_attn_config=lac).cuda().to(dtype)
+LAC = dict(tiny_config_dict()["linear_attn_config"], num_heads=32, head_dim=128)  # the released head shape
+
+
+def cuda_model(dtype=torch.bfloat16):
+    return build_model(linear_attn_config=LAC).cuda().to(dtype)
 
 
 def prompt(B, T, seed=0):
     return ids_for(B, T, seed=seed).cuda()
 
 
+def no_worse(got, eager, ref):
+    """Whether got (bf16, a replayed prefill) is as close to ref (float64) as eager (bf16, the eager prefill) is, give
+    or take bf16 rounding."""
+    return rel_rms(got, ref) <= 1.5 * rel_rms(eager, ref) + 4e-3
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 class TestOnGpu:
-    @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
     @torch.no_grad()
-    def test_replayed_prefill_equals_eager(self, dtype, tol):
-        model = cuda_model(dtype)
-        eager_runs = {}
+    def test_replayed_prefill_is_as_accurate_as_eager(self):
+        model, ref_model = cuda_model(), build_model(dtype=torch.float64, linear_attn_config=LAC)
+        runs = {}
         for T in (1, 5, 63, 64, 65, 200, 256):
-            cache = KimiLinearCache(model.config)
-            eager_runs[T] = (model(prompt(2, T, T), cache=cache, logits_to_keep=1).logits, cache)
+            ids, cont = ids_for(2, T, seed=T), ids_for(2, 4, seed=100 + T)
+            ref_cache, eager_cache = KimiLinearCache(model.config), KimiLinearCache(model.config)
+            ref = ref_model(ids, cache=ref_cache, logits_to_keep=1).logits
+            eager = model(ids.cuda(), cache=eager_cache, logits_to_keep=1).logits
+            runs[T] = ids, cont, ref, ref_cache, eager, eager_cache
         assert model.capture_prefill_graphs(256, batch_size=2, progress=False) == [64, 128, 192, 256]
-        for T, (expected, eager_cache) in eager_runs.items():
+        for T, (ids, cont, ref, ref_cache, eager, eager_cache) in runs.items():
             padded = next(b for b in (64, 128, 192, 256) if b >= T)
             for static in (False, True):
                 cache = KimiLinearCache(model.config)
                 if static:
                     cache = KimiLinearStaticCache(model.config, max_length=T + 4)
-                got = model(prompt(2, T, T), cache=cache, logits_to_keep=1).logits
+                got = model(ids.cuda(), cache=cache, logits_to_keep=1).logits
                 assert model.prefill_mode == f"cuda_graph ({T} tokens as {padded})"
-                assert rel_rms(got, expected) < tol, (T, static)
+                assert no_worse(got, eager, ref), (T, static, rel_rms(got, ref), rel_rms(eager, ref))
                 assert cache.get_seq_length() == T
-                for a, b in zip(cache.layers, eager_cache.layers):
-                    for x, y in zip(a.tensors(), b.tensors(), strict=True):
-                        assert x.shape == y.shape and rel_rms(x, y) < tol, (T, static)
-                cont = prompt(2, 4, 100 + T)
-                ref = copy.deepcopy(eager_cache)  # decoding moves a cache on: each comparison starts from a copy
-                assert rel_rms(decode(model, cache, cont), decode(model, ref, cont)) < tol, (T, static)
+                for a, b, r in zip(cache.layers, eager_cache.layers, ref_cache.layers):
+                    for x, y, z in zip(a.tensors(), b.tensors(), r.tensors(), strict=True):
+                        assert x.shape == y.shape and no_worse(x, y, z), (T, static)
+                # decoding on: each comparison starts from a copy (a decode step moves a cache on)
+                steps = [
+                    decode(m, copy.deepcopy(c), i)
+                    for m, c, i in (
+                        (model, cache, cont.cuda()),
+                        (model, eager_cache, cont.cuda()),
+                        (ref_model, ref_cache, cont),
+                    )
+                ]
+                assert no_worse(*steps), (T, static)
 
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
     @torch.no_grad()
-    def test_generate_replays_the_prefill_and_makes_the_same_tokens(self, dtype):
-        model = cuda_model(dtype)
-        ids = prompt(1, 150, 3)
-        kwargs = dict(max_new_tokens=12, min_new_tokens=12, do_sample=False)
-        eager = model.generate(ids, **kwargs)
+    def test_float32_is_refused_with_the_reason(self):
+        with pytest.raises(ValueError, match=r"bfloat16 on sm90/sm100 only \(this model: torch.float32"):
+            cuda_model(torch.float32).capture_prefill_graphs(128)
+
+    @pytest.mark.parametrize("implementation", [None, "static"])
+    @torch.no_grad()
+    def test_generate_replays_the_prefill(self, implementation):
+        model = cuda_model()
+        ids, n = prompt(1, 150, 3), 12
         model.capture_prefill_graphs(512, progress=False)
-        for implementation in (None, "static"):
-            graphed = model.generate(ids, cache_implementation=implementation, **kwargs)
-            assert model.prefill_mode == "cuda_graph (150 tokens as 192)"
-            if dtype == torch.float32:
-                assert torch.equal(graphed, eager)
-            else:  # bf16: the padded prefill rounds differently; the first tokens agree
-                assert torch.equal(graphed[:, :152], eager[:, :152])
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             cache_implementation=implementation)  # fmt: skip
+        assert model.prefill_mode == "cuda_graph (150 tokens as 192)"
+        # the same steps by hand: the replayed prefill, then greedy decode steps on the same kind of cache
+        static = implementation == "static"
+        cache = KimiLinearStaticCache(model.config, max_length=150 + n - 1) if static else KimiLinearCache(model.config)
+        tokens = [model(ids, cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)]
+        for _ in range(n - 1):
+            tokens.append(model(tokens[-1], cache=cache).logits[:, -1].argmax(-1, keepdim=True))
+        assert torch.equal(out, torch.cat([ids, *tokens], 1))
 
     @torch.no_grad()
     def test_what_the_graphs_do_not_hold_runs_eagerly_and_says_why(self):
-        model = cuda_model(torch.bfloat16)
+        model = cuda_model()
         model.capture_prefill_graphs(128, progress=False)
         ids = prompt(1, 40)
         expected = model(ids, logits_to_keep=1).logits
@@ -179,7 +203,7 @@ class TestOnGpu:
 
     @torch.no_grad()
     def test_a_replayed_prefill_never_syncs(self):
-        model = cuda_model(torch.bfloat16)
+        model = cuda_model()
         model.capture_prefill_graphs(128, progress=False)
         ids = prompt(1, 100)
         torch.cuda.synchronize()
