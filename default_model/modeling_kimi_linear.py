@@ -428,11 +428,18 @@ def _products(x, *modules, wide=False):
     where they are plain layers, a prefill's rows take one Triton launch (kimi_linear_kernels.products,
     kernels/gemm.py), which chooses nothing per number of rows: cuBLAS's choice for a number of rows it has not run
     costs 2-4 ms of host time nearly every time at the low-rank shapes (few outputs or few inputs). A decode step's
-    (x [B, 1, ...]: one row count per batch size, chosen for once) call the modules. wide: projections cuBLAS runs
+    (x [B, 1, ...]: one row count per batch size, chosen for once) and a prefill graph's (chosen for at the capture)
+    call the modules. wide: projections cuBLAS runs
     faster, which beyond CUBLAS_ROWS rows take cuBLAS in blocks of that many rows."""
     fast = _triton_kernels(x)
     step = x.dim() == 3 and x.shape[1] == 1
-    if fast is not None and not step and x.dtype in (torch.float16, torch.bfloat16) and _plain_linears(x, *modules):
+    if (
+        fast is not None
+        and not step
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and _PADDED_PREFILL.get() is None
+        and _plain_linears(x, *modules)
+    ):
         return fast.products(x, *(m.weight for m in modules), cublas_rows=CUBLAS_ROWS if wide else None)
     return [m(x) for m in modules]
 
@@ -1997,6 +2004,7 @@ class _PrefillGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 self.logits[T] = model._padded_prefill_logits(ids, self.length, self.staging)
+            graph.replay()  # a graph's first launch uploads it to the GPU (about 1 ms): not in a prompt's time
             self.graphs[T] = graph
         self.staging.reset()
         torch.cuda.synchronize()
