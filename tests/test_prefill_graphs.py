@@ -195,8 +195,9 @@ class TestOnGpu:
         assert model.prefill_mode == "eager (the parameters changed since the capture)"
         assert rel_rms(changed, expected) > 0.1
         model.capture_prefill_graphs(128, progress=False)
-        assert rel_rms(model(ids, logits_to_keep=1).logits, changed) < 2e-2
+        regraphed = model(ids, logits_to_keep=1).logits  # the new weights (bf16 rounding apart), not the old ones
         assert model.prefill_mode.startswith("cuda_graph")
+        assert rel_rms(regraphed, changed) < 0.1 and rel_rms(regraphed, expected) > 0.5
         model.release_prefill_graphs()
         model(ids, logits_to_keep=1)
         assert model.prefill_mode is None and "_prefill_graphs" not in model.__dict__
