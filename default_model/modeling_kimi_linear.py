@@ -24,6 +24,9 @@ Departures from a vanilla decoder-only transformer, in forward order:
   length) so that a decode step has fixed shapes and no host sync (the cached length lives on the device, MLA masks
   the slots not yet written); on CUDA that step is captured once in a CUDA graph and replayed for every token
   (generate(cache_implementation="static")).
+- Short prompts without per-layer host work: capture_prefill_graphs() captures a fresh prefill in CUDA graphs at a
+  few dozen padded lengths (the padding an identity step for KDA, hidden by MLA's causal attention); a prompt they
+  hold replays the smallest, and nothing is chosen, built or launched per layer at a new length.
 - The fast GPU kernels live in the separately installed `kimi_linear_kernels` package; without it (or on a
   CPU tensor) the plain PyTorch code in this file runs.
 """
@@ -1728,7 +1731,7 @@ class KimiLinearStaticCache(KimiLinearCache):
     A decode step (one token per row, after a prefill) has fixed shapes and no host sync: MLA attends over the whole
     latent buffer under a mask built on the device from the cached length. On CUDA that step is captured once in a
     CUDA graph and replayed for every later token (`cuda_graph=False` keeps it eager); on other devices it runs
-    eagerly. Prefill always runs eagerly.
+    eagerly. Prefill runs eagerly, unless the model's prefill graphs hold it (capture_prefill_graphs).
 
         cache = KimiLinearStaticCache(model.config, max_length=prompt_len + max_new_tokens)
         model.generate(ids, cache=cache, max_new_tokens=max_new_tokens)
