@@ -432,8 +432,8 @@ def _products(x, *modules, wide=False):
     kernels/gemm.py), which chooses nothing per number of rows: cuBLAS's choice for a number of rows it has not run
     costs 2-4 ms of host time nearly every time at the low-rank shapes (few outputs or few inputs). A decode step's
     (x [B, 1, ...]: one row count per batch size, chosen for once) and a prefill graph's (chosen for at the capture)
-    call the modules. wide: projections cuBLAS runs
-    faster, which beyond CUBLAS_ROWS rows take cuBLAS in blocks of that many rows."""
+    call the modules. wide: projections cuBLAS runs faster, which beyond CUBLAS_ROWS rows take cuBLAS in blocks of
+    that many rows."""
     fast = _triton_kernels(x)
     step = x.dim() == 3 and x.shape[1] == 1
     if (
@@ -1990,6 +1990,9 @@ class _PrefillGraphs:
         self.ids = torch.zeros(batch_size, top, dtype=torch.long, device=device)
         self.length = torch.ones(1, dtype=torch.long, device=device)
         self.graphs, self.logits = {}, {}
+        # one prefill at a time: the graphs share their buffers, so a replay waits for the last one's copies out,
+        # whichever thread and stream made them
+        self.lock, self.done = threading.Lock(), None
         pool = torch.cuda.graph_pool_handle()
         main, side = torch.cuda.current_stream(), torch.cuda.Stream()
         start = time.perf_counter()
@@ -2019,6 +2022,10 @@ class _PrefillGraphs:
         B, T = input_ids.shape
         if torch.is_grad_enabled():
             return "autograd is on"
+        if model.training:
+            return "the model is in training mode (model.eval() for inference)"
+        if T == 0:
+            return "an empty prompt"
         if not isinstance(logits_to_keep, int) or logits_to_keep != 1:
             return f"logits_to_keep={logits_to_keep!r} (a graph makes the last token's logits only: pass 1)"
         if B != self.batch_size:
@@ -2049,12 +2056,17 @@ class _PrefillGraphs:
         if isinstance(cache, KimiLinearStaticCache):
             cache.check(B, T)  # the eager prefill's checks (rows, room), before anything is written
         padded = next(b for b in self.buckets if b >= T)
-        self.ids[:, :T].copy_(input_ids)  # the rest keeps earlier tokens: padding, whatever it holds
-        self.length.fill_(T)
-        self.graphs[padded].replay()
-        logits = self.logits[padded].clone()
-        if cache is not None:
-            _take_prefill(self.staging, cache, B, T, input_ids.device)
+        with self.lock:
+            if self.done is not None:
+                torch.cuda.current_stream().wait_event(self.done)
+            self.ids[:, :T].copy_(input_ids)  # the rest keeps earlier tokens: padding, whatever it holds
+            self.length.fill_(T)
+            self.graphs[padded].replay()
+            logits = self.logits[padded].clone()
+            if cache is not None:
+                _take_prefill(self.staging, cache, B, T, input_ids.device)
+            self.done = torch.cuda.Event()
+            self.done.record()
         return logits, padded
 
 
@@ -2416,8 +2428,8 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         """Capture CUDA graphs of an inference prefill for prompts of up to max_tokens tokens in batches of
         batch_size rows, one graph per padded length (prefill_buckets: multiples of 64 up to 1024, then 8 per
         doubling; 40 graphs up to 8192). From then on, a fresh prefill (no tokens cached, no padding or packing,
-        autograd off, logits_to_keep=1, as generate() calls it) of a length they hold replays the graph of the
-        smallest padded length that holds it: nothing is launched per layer from the host, and nothing is chosen
+        autograd off, eval mode, logits_to_keep=1, as generate() calls it) of a length they hold replays the graph of
+        the smallest padded length that holds it: nothing is launched per layer from the host, and nothing is chosen
         or built per prompt length. Everything else runs eagerly; `prefill_mode` says how the last prefill ran.
         The padding is an identity step for KDA and hidden by MLA's causal attention, so the logits and cached
         states are those of the prompt alone.
@@ -2441,8 +2453,10 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
                     )
                 break
         self.release_prefill_graphs()
+        training = self.training
         try:
             with torch.no_grad(), torch.cuda.device(device):
+                self.eval()  # what a graph replays: inference
                 graphs = _PrefillGraphs(self, batch_size, max_tokens, progress)
         except Exception as err:
             torch.cuda.synchronize(device)
@@ -2450,6 +2464,8 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
                 f"Kimi Linear: the prefill could not be captured in a CUDA graph ({type(err).__name__}: {err}); "
                 "prefills run eagerly."
             ) from err
+        finally:
+            self.train(training)
         self.__dict__["_prefill_graphs"] = graphs
         logger.info(f"Kimi Linear: {len(graphs.buckets)} prefill graphs captured in {graphs.capture_s:.1f} s")
         return list(graphs.buckets)

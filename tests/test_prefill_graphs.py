@@ -14,6 +14,7 @@ from kimi_linear.configuration_kimi_linear import KDA
 from kimi_linear.modeling_kimi_linear import (
     KimiLinearCache,
     KimiLinearStaticCache,
+    _PrefillGraphs,
     _take_prefill,
     prefill_buckets,
 )
@@ -72,6 +73,34 @@ def test_capture_needs_a_gpu_and_sane_arguments():
         with pytest.raises(ValueError, match="positive ints"):
             model.capture_prefill_graphs(bad)
     assert model.prefill_mode is None and "_prefill_graphs" not in model.__dict__
+
+
+def test_what_a_graph_cannot_hold_is_named_before_anything_runs():
+    # the checks a prefill passes before a replay, on graphs' bookkeeping for one row and up to 128 tokens (no graph
+    # is captured or needed on the CPU: each of these stops before the replay)
+    model = build_model()
+    graphs = _PrefillGraphs.__new__(_PrefillGraphs)
+    graphs.batch_size, graphs.buckets, graphs.ids = 1, [64, 128], torch.zeros(1, 128, dtype=torch.long)
+    ids = ids_for(1, 40)
+    with torch.no_grad():
+        cases = [
+            (dict(input_ids=ids, logits_to_keep=0), "logits_to_keep=0 (a graph makes the last token's logits only"),
+            (dict(input_ids=ids_for(2, 40)), "a batch of 2 rows (the graphs were captured for 1)"),
+            (dict(input_ids=ids_for(1, 129)), "129 tokens (the graphs were captured for up to 128)"),
+            (dict(input_ids=ids[:, :0]), "an empty prompt"),
+            (
+                dict(input_ids=ids, attention_mask=torch.ones_like(ids).index_fill(1, torch.tensor([0]), 0)),
+                "padding in the batch",
+            ),
+            (dict(input_ids=ids, position_ids=torch.arange(40).remainder(20)[None]), "packed documents"),
+        ]
+        for kwargs, reason in cases:
+            kwargs = {"attention_mask": None, "position_ids": None, "logits_to_keep": 1, **kwargs}
+            assert graphs.obstacle(model, cu_seq_lens=None, **kwargs).startswith(reason)
+        model.train()
+        reason = graphs.obstacle(model, ids, None, None, 1, None)
+        assert reason == "the model is in training mode (model.eval() for inference)"
+    assert graphs.obstacle(build_model(), ids, None, None, 1, None) == "autograd is on"
 
 
 # ---------------------------------------------------------------------------------------------------------------
