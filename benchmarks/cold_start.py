@@ -337,9 +337,12 @@ def main():
         new = "  ".join(f"{T}: {r['first_s']:.3f}/{r['warm_s']:.3f}" + (f"/{r['control_s']:.3f}" * ("control_s" in r))
                         for T, r in m["new_lengths"].items())  # fmt: skip
         cells = f"{p['first_s']:10.1f}/{p['warm_s']:<10.3f} {t['first_s']:10.1f}/{t['warm_s']:<10.3f}"
+        graphs, captured = m.get("prefill_graphs"), ""
+        if graphs:
+            captured = f"; {len(graphs['buckets'])} prefill graphs captured in {graphs['capture_s']:.1f} s"
         print(
             f"{m['mode']:12s} {cells}  {new}  (importing fla's KDA ops: {m['fla_import_s']:.1f} s of the first "
-            f"prefill, {m.get('fla_plain_import_s', float('nan')):.1f} s as a plain import)"
+            f"prefill, {m.get('fla_plain_import_s', float('nan')):.1f} s as a plain import{captured})"
         )
     plot(report, args.out_dir / "cold_start.png")
     print(f"wrote {args.out_dir / 'cold_start.json'} and cold_start.png")
