@@ -1920,8 +1920,51 @@ class KimiLinearStaticCache(KimiLinearCache):
         return None
 
 
-def _weights_signature(model):
-    return tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+_CHILDREN, _TENSORS = operator.attrgetter("_modules"), operator.attrgetter("_parameters", "_buffers")
+# what a PEFT adapter layer's forward reads beside its tensors: adapters off and the active ones; those merged into the
+# base weight; LoRA's scales
+_SWITCHES, _MERGED, _SCALING = (operator.attrgetter("_disable_adapters", "_active_adapter"),
+                                operator.attrgetter("merged_adapters"), operator.attrgetter("scaling"))  # fmt: skip
+
+
+class _ModelState:
+    """What a CUDA graph captured on a model depends on beside the values of its tensors: the module tree (every
+    module's children), every parameter and buffer (the same tensor at the same storage) and the switches of PEFT's
+    adapter layers (disabled, active, merged, scales). matches(model) checks it all in passes that run in C over lists
+    made at the capture: for the released model's 27k modules and 20k tensors 28 ms on a 2-core VM, where walking
+    model.parameters() for their storage alone took 162 ms (benchmarks/graph_checks.py)."""
+
+    def __init__(self, model):
+        self.model = weakref.ref(model)
+        self.modules = list(model.modules())
+        self.children = list(map(dict, map(_CHILDREN, self.modules)))
+        self.fields = [field for fields in map(_TENSORS, self.modules) for field in fields]
+        self.sizes = list(map(len, self.fields))
+        self.holders, self.names = [], []
+        for field in self.fields:
+            for name, tensor in field.items():
+                if tensor is not None:
+                    self.holders.append(field)
+                    self.names.append(name)
+        self.tensors = list(map(dict.get, self.holders, self.names))
+        self.storage = list(map(torch.Tensor.data_ptr, self.tensors))
+        self.adapters = [m for m in self.modules if hasattr(m, "_disable_adapters") and hasattr(m, "merged_adapters")]
+        self.scaled = [m for m in self.adapters if isinstance(getattr(m, "scaling", None), dict)]
+        self.switches = self._switches()
+
+    def _switches(self):  # copies of the lists and dicts, which change in place
+        a = self.adapters
+        return list(map(_SWITCHES, a)), list(map(tuple, map(_MERGED, a))), list(map(dict, map(_SCALING, self.scaled)))
+
+    def matches(self, model):
+        return (
+            self.model() is model
+            and list(map(_CHILDREN, self.modules)) == self.children  # a module compares equal to itself only
+            and list(map(len, self.fields)) == self.sizes
+            and all(map(operator.is_, map(dict.get, self.holders, self.names), self.tensors))
+            and list(map(torch.Tensor.data_ptr, self.tensors)) == self.storage
+            and self._switches() == self.switches
+        )
 
 
 class _DecodeGraph:
@@ -1932,7 +1975,7 @@ class _DecodeGraph:
         devices = {p.device for p in model.parameters()}
         if len(devices) != 1:
             raise RuntimeError(f"the model's parameters are on several devices ({sorted(map(str, devices))})")
-        self.model, self.signature, self.replays = weakref.ref(model), _weights_signature(model), 0
+        self.model, self.replays = weakref.ref(model), 0
         self.ids = input_ids.clone(memory_format=torch.contiguous_format)
         # Warm up on a side stream (Triton compiles, cuBLAS and the allocator settle), restoring what the step writes
         # (KDA states, the position; the latent slot it writes is written again by the replay), then capture.
@@ -1951,9 +1994,10 @@ class _DecodeGraph:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.logits = model._decode_logits(self.ids, cache)
+        self.state = _ModelState(model)
 
     def fits(self, model):
-        return self.model() is model and _weights_signature(model) == self.signature
+        return self.state.matches(model)
 
     def replay(self, input_ids):
         self.ids.copy_(input_ids)
@@ -2015,7 +2059,7 @@ class _PrefillGraphs:
         self.staging.reset()
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - start
-        self.signature = _weights_signature(model)  # after the warm-ups: a first forward stacks the experts' weights
+        self.state = _ModelState(model)  # after the warm-ups: a first forward stacks the experts' weights
 
     def obstacle(self, model, input_ids, attention_mask, position_ids, logits_to_keep, cu_seq_lens):
         """Why this fresh prefill cannot replay a graph, or None."""
@@ -2040,12 +2084,13 @@ class _PrefillGraphs:
             return "packed documents"
         if torch.cuda.is_current_stream_capturing():
             return "the stream is being captured"
-        if self.model() is not model or _weights_signature(model) != self.signature:
+        if not self.state.matches(model):
             logger.warning_once(
-                "Kimi Linear: the model's parameters changed since capture_prefill_graphs() (moved, cast, loaded by "
-                "assignment, adapters added): prefills run eagerly until it is called again."
+                "Kimi Linear: the model changed since capture_prefill_graphs() (parameters moved, cast or loaded by "
+                "assignment, modules replaced, adapters added, switched or merged): prefills run eagerly until it is "
+                "called again."
             )
-            return "the parameters changed since the capture"
+            return "the model changed since the capture"
         return None
 
     def run(self, input_ids, cache):
@@ -2433,9 +2478,10 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         or built per prompt length. Everything else runs eagerly; `prefill_mode` says how the last prefill ran.
         The padding is an identity step for KDA and hidden by MLA's causal attention, so the logits and cached
         states are those of the prompt alone.
-        A graph replays the tensors it was captured with: after the parameters change (moved, cast, replaced,
-        adapters added), prefills run eagerly (a warning says so) until this is called again. In-place updates of
-        the same tensors are seen. Returns the padded lengths captured. release_prefill_graphs() frees them."""
+        A graph replays the modules and tensors it was captured with: after the model changes (parameters moved,
+        cast or replaced, modules replaced, PEFT adapters added, disabled, switched, merged or rescaled: _ModelState),
+        prefills run eagerly (a warning says so) until this is called again. In-place updates of the same tensors
+        are seen. Returns the padded lengths captured. release_prefill_graphs() frees them."""
         if not isinstance(max_tokens, int) or max_tokens < 1 or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"max_tokens and batch_size must be positive ints, got {max_tokens!r}, {batch_size!r}.")
         device = self.lm_head.weight.device

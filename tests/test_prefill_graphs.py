@@ -5,15 +5,18 @@ steps after it; the padded lengths; the errors. On a GPU: the replays against ea
 a replay never syncs."""
 
 import copy
+import json
+import runpy
 
 import pytest
 import torch
 
-from conftest import build_model, rel_err, tiny_config_dict
+from conftest import ROOT, build_model, rel_err, tiny_config_dict
 from kimi_linear.configuration_kimi_linear import KDA
 from kimi_linear.modeling_kimi_linear import (
     KimiLinearCache,
     KimiLinearStaticCache,
+    _ModelState,
     _PrefillGraphs,
     _take_prefill,
     prefill_buckets,
@@ -101,6 +104,63 @@ def test_what_a_graph_cannot_hold_is_named_before_anything_runs():
         reason = graphs.obstacle(model, ids, None, None, 1, None)
         assert reason == "the model is in training mode (model.eval() for inference)"
     assert graphs.obstacle(build_model(), ids, None, None, 1, None) == "autograd is on"
+
+
+def test_model_state_sees_every_change_a_graph_would_miss_and_none_it_would_not():
+    # a captured graph reads its tensors' values when it replays (in-place edits are seen) and everything else as it
+    # was at the capture: each change below must show
+    model = build_model()
+    state = _ModelState(model)
+    assert state.matches(model) and not state.matches(build_model())
+    with torch.no_grad():  # in place: the graph reads it
+        model.lm_head.weight.mul_(2)
+        model.model.layers[1].block_sparse_moe.gate.e_score_correction_bias.add_(1)
+    assert state.matches(model)
+    changes = [
+        lambda m: setattr(m.lm_head, "weight", torch.nn.Parameter(m.lm_head.weight.detach().clone())),
+        lambda m: setattr(m.lm_head.weight, "data", m.lm_head.weight.detach().clone()),
+        lambda m: m.to(torch.float64),
+        lambda m: setattr(m.model.layers[0], "mlp", copy.deepcopy(m.model.layers[0].mlp)),  # same values, new module
+        lambda m: m.model.norm.register_buffer("extra", torch.zeros(1)),
+        lambda m: m.load_state_dict(build_model(seed=1).state_dict(), assign=True),
+    ]
+    for i, change in enumerate(changes):
+        model = build_model()
+        state = _ModelState(model)
+        change(model)
+        assert not state.matches(model), i
+
+
+def test_model_state_sees_adapters_added_switched_merged_and_rescaled():
+    peft = pytest.importorskip("peft")
+    model = build_model()
+    state = _ModelState(model)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"]))
+    assert not state.matches(model)  # adapters injected: the graph's modules are gone
+    state = _ModelState(model)
+    assert state.adapters and state.matches(model)
+    with lora.disable_adapter():
+        assert not state.matches(model)
+    assert state.matches(model)
+    lora.base_model.merge_adapter()
+    assert not state.matches(model)
+    lora.base_model.unmerge_adapter()
+    assert state.matches(model)
+    layer = state.adapters[0]
+    layer.set_scale("default", 0.5)
+    assert not state.matches(model)
+    layer.set_scale("default", 1.0)
+    assert state.matches(model)
+
+
+def test_graph_check_benchmark_runs_on_cpu(tmp_path):
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "graph_checks.py"))
+    bench["main"](["--models", "bench", "--rounds", "2", "--out-dir", str(tmp_path)])
+    result = json.loads((tmp_path / "graph_checks.json").read_text())["results"]["bench"]
+    model = bench["build"]("bench")
+    assert result["modules"] == len(list(model.modules())) and result["tensors"] >= len(list(model.parameters()))
+    assert len(result["model_state_runs_ms"]) == len(result["walk_signature_runs_ms"]) == 2
+    assert (tmp_path / "graph_checks.png").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,7 +281,7 @@ class TestOnGpu:
         # new parameters: the graphs would read the old ones; eager, with the new weights, until captured again
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.flip(0).clone())
         changed = model(ids, logits_to_keep=1).logits
-        assert model.prefill_mode == "eager (the parameters changed since the capture)"
+        assert model.prefill_mode == "eager (the model changed since the capture)"
         assert rel_rms(changed, expected) > 0.1
         model.capture_prefill_graphs(128, progress=False)
         regraphed = model(ids, logits_to_keep=1).logits  # the new weights (bf16 rounding apart), not the old ones
