@@ -1,8 +1,9 @@
 """Prefill graphs (KimiLinearForCausalLM.capture_prefill_graphs): a fresh prefill replayed from a CUDA graph captured
 at a padded length. On CPU: the padded prefill the graphs capture (padding an identity step for KDA, hidden by MLA's
 causal attention) against the prompt run alone, in float64, through the logits, every cached state and the decode
-steps after it; the padded lengths; the errors. On a GPU: the replays against eager prefills, the fallbacks, and that
-a replay never syncs."""
+steps after it; the padded lengths; the errors and the fallbacks' reasons; _ModelState, which tells a captured graph
+(prefill or decode) that the model changed; the check's benchmark. On a GPU: the replays against eager prefills and
+a float64 reference, generate(), the fallbacks, and that a replay never syncs."""
 
 import copy
 import json
