@@ -1975,7 +1975,7 @@ class _DecodeGraph:
         devices = {p.device for p in model.parameters()}
         if len(devices) != 1:
             raise RuntimeError(f"the model's parameters are on several devices ({sorted(map(str, devices))})")
-        self.model, self.replays = weakref.ref(model), 0
+        self.replays = 0
         self.ids = input_ids.clone(memory_format=torch.contiguous_format)
         # Warm up on a side stream (Triton compiles, cuBLAS and the allocator settle), restoring what the step writes
         # (KDA states, the position; the latent slot it writes is written again by the replay), then capture.
@@ -2027,7 +2027,7 @@ class _PrefillGraphs:
 
     def __init__(self, model, batch_size, max_tokens, progress=True):
         device, dtype = model.lm_head.weight.device, model.model.embed_tokens.weight.dtype
-        self.model, self.batch_size, self.buckets = weakref.ref(model), batch_size, prefill_buckets(max_tokens)
+        self.batch_size, self.buckets = batch_size, prefill_buckets(max_tokens)
         top = self.buckets[-1]
         self.staging = KimiLinearStaticCache(model.config, max_length=top, batch_size=batch_size, dtype=dtype,
                                              device=device, cuda_graph=False)  # fmt: skip
@@ -2290,12 +2290,7 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
-        if use_cache and cache is None:
-            cache = KimiLinearCache(self.config)
-        if cache is not None and not isinstance(cache, KimiLinearCache):
-            raise TypeError(f"Kimi Linear needs a KimiLinearCache, got {type(cache).__name__}.")
+        cache, use_cache = _resolve_cache(self, cache, use_cache)
         past = cache.get_seq_length() if cache is not None else 0
         _check_attention_mask(attention_mask, B, T, past)
         static = isinstance(cache, KimiLinearStaticCache)
@@ -2347,6 +2342,18 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
             x = layer(x, state=state, mask=mask)
         cache.position.add_(1)
         return self.norm(x)
+
+
+def _resolve_cache(model, cache, use_cache):
+    """(cache, use_cache) for a forward: use_cache defaults to the config's at inference, a fresh KimiLinearCache
+    where one is wanted and none was given; any other cache type is refused."""
+    if use_cache is None:
+        use_cache = model.config.use_cache and not model.training
+    if use_cache and cache is None:
+        cache = KimiLinearCache(model.config)
+    if cache is not None and not isinstance(cache, KimiLinearCache):
+        raise TypeError(f"Kimi Linear needs a KimiLinearCache, got {type(cache).__name__}.")
+    return cache, use_cache
 
 
 def _check_attention_mask(attention_mask, B, T, past):
@@ -2533,12 +2540,7 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         if reason is not None:
             self.prefill_mode = f"eager ({reason})"
             return None
-        if use_cache is None:
-            use_cache = self.config.use_cache and not self.training
-        if cache is not None and not isinstance(cache, KimiLinearCache):
-            raise TypeError(f"Kimi Linear needs a KimiLinearCache, got {type(cache).__name__}.")
-        if use_cache and cache is None:
-            cache = KimiLinearCache(self.config)
+        cache, use_cache = _resolve_cache(self, cache, use_cache)
         logits, padded = graphs.run(input_ids, cache if use_cache else None)
         self.prefill_mode = f"cuda_graph ({input_ids.shape[1]} tokens as {padded})"
         return CausalLMOutputWithPast(logits=logits, **{_CACHE_FIELD: cache if use_cache else None})

@@ -63,6 +63,12 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def rel_rms(a, b):
+    """RMS of a - b over RMS of b, in float64 on a's device."""
+    a, b = a.double(), b.double().to(a.device)
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
+
+
 def pytest_runtest_logreport(report):
     """With KIMI_REPORT_FAILURES_AT_ONCE=1 (.ci/gpu sets it), a failure's traceback is printed when it happens, not at
     the end: a run cut off by a time limit (the device machine's) still shows why each failed test failed."""

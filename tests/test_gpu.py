@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kimi_linear_kernels as kernels
-from conftest import build_model, tiny_config_dict
+from conftest import build_model, rel_rms, tiny_config_dict
 from kimi_linear.configuration_kimi_linear import KDA
 from kimi_linear.modeling_kimi_linear import (
     _CACHE_FIELD,
@@ -24,11 +24,6 @@ pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
-
-
-def rel_rms(a, b):
-    a, b = a.double(), b.double()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
 
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import runpy
 import pytest
 import torch
 
-from conftest import ROOT, build_model, rel_err, tiny_config_dict
+from conftest import ROOT, build_model, rel_err, rel_rms, tiny_config_dict
 from kimi_linear.configuration_kimi_linear import KDA
 from kimi_linear.modeling_kimi_linear import (
     KimiLinearCache,
@@ -167,11 +167,6 @@ def test_graph_check_benchmark_runs_on_cpu(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # On a GPU
 # ---------------------------------------------------------------------------------------------------------------
-def rel_rms(a, b):
-    a, b = a.double().cpu(), b.double().cpu()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
-
-
 LAC = dict(tiny_config_dict()["linear_attn_config"], num_heads=32, head_dim=128)  # the released head shape
 
 
