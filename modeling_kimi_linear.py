@@ -1770,6 +1770,12 @@ class KimiLinearStaticCache(KimiLinearCache):
     def _make_layer(self, kind):
         return KDAStaticLayerState() if kind == KDA else MLAStaticLayerState(self.max_length)
 
+    def __getstate__(self):  # a copy (copy.deepcopy, pickle) has tensors of its own: it captures its own decode graph
+        state = self.__dict__.copy()
+        if state["_graph"]:
+            state.update(_graph=None, _recheck=True)
+        return state
+
     def allocate(self, device, dtype):
         """Every tensor of the cache, zeroed, for batch_size rows (activations in dtype, KDA states in float32)."""
         H, K, W, width = self._dims
@@ -2522,6 +2528,12 @@ class KimiLinearForCausalLM(KimiLinearPreTrainedModel, GenerationMixin):
         self.__dict__["_prefill_graphs"] = graphs
         logger.info(f"Kimi Linear: {len(graphs.buckets)} prefill graphs captured in {graphs.capture_s:.1f} s")
         return list(graphs.buckets)
+
+    def __getstate__(self):  # copies and pickles carry the weights; the graphs replay this model's, they stay here
+        state = super().__getstate__()
+        state.pop("_prefill_graphs", None)
+        state.pop("prefill_mode", None)
+        return state
 
     def release_prefill_graphs(self):
         """Free the prefill graphs (capture_prefill_graphs) and their memory; prefills run eagerly."""

@@ -3,10 +3,12 @@ at a padded length. On CPU: the padded prefill the graphs capture (padding an id
 causal attention) against the prompt run alone, in float64, through the logits, every cached state and the decode
 steps after it; the padded lengths; the errors and the fallbacks' reasons; _ModelState, which tells a captured graph
 (prefill or decode) that the model changed; the check's benchmark. On a GPU: the replays against eager prefills and
-a float64 reference, generate(), the fallbacks, and that a replay never syncs."""
+a float64 reference, generate(), the fallbacks, that a replay never syncs, and that copies of the model or of a
+static cache leave the graphs behind."""
 
 import copy
 import json
+import pickle
 import runpy
 
 import pytest
@@ -301,3 +303,32 @@ class TestOnGpu:
             torch.cuda.set_sync_debug_mode("default")
         assert model.prefill_mode == "cuda_graph (100 tokens as 128)"
         assert out.logits.shape == (1, 1, model.config.vocab_size)
+
+    @torch.no_grad()
+    def test_copies_leave_the_graphs_behind_and_a_copied_cache_decodes_through_its_own(self):
+        model = cuda_model()
+        model.capture_prefill_graphs(128, progress=False)
+        ids, n = prompt(1, 100, 5), 6
+        cache = KimiLinearStaticCache(model.config, max_length=100 + n + 1)
+        token = model(ids, cache=cache, logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
+        token = model(token, cache=cache).logits[:, -1].argmax(-1, keepdim=True)  # captures the decode graph
+        assert model.prefill_mode == "cuda_graph (100 tokens as 128)" and cache.graph_replays == 1
+        # the prompt-reuse recipe: decode on from a copy of the cache, then from the cache itself; each replays a
+        # graph of its own tensors (a shared graph would write the copy's steps into the original's state)
+        twin_cache = copy.deepcopy(cache)
+        tokens = []
+        for c in (twin_cache, cache):
+            steps = [token]
+            for _ in range(n - 1):
+                steps.append(model(steps[-1], cache=c).logits[:, -1].argmax(-1, keepdim=True))
+            assert c.decode_mode == "cuda_graph"
+            tokens.append(torch.cat(steps, 1))
+        assert twin_cache.graph_replays == n - 1 and cache.graph_replays == n
+        assert torch.equal(tokens[0], tokens[1])
+        # a copied or unpickled model prefills eagerly (no graphs), and the original still replays its own
+        for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), copy.copy(model)):
+            assert "_prefill_graphs" not in twin.__dict__
+            twin(ids, logits_to_keep=1)
+            assert twin.prefill_mode is None
+        model(ids, logits_to_keep=1)
+        assert model.prefill_mode == "cuda_graph (100 tokens as 128)"
