@@ -734,15 +734,17 @@ class KimiMLAAttention(nn.Module):
         q = q.view(B, T, h, self.q_head_dim).transpose(1, 2)  # [B, h, T, 192]
         c_kv, k_pe = kv_a.split([self.kv_lora_rank, self.rope], dim=-1)
         latent = torch.cat([self.kv_a_layernorm(c_kv), k_pe], dim=-1)  # [B, T, 576]
+        span = None
         if state is not None:
             latent = state.append(latent)  # [B, past_len + T, 576]
+            span = state.span
         S = latent.shape[1]
         # Decode (and a short continuation of a long cache) attends on the latents directly (kv_b_proj absorbed);
         # prefill expands per head, where flash attention takes the 192/128 head dims (the latent path's 576 would
         # leave SDPA a kernel that materialises [T, S] scores). Absorption reads kv_b_proj.weight, so it is
         # skipped when an adapter wraps kv_b_proj.
         if type(self.kv_b_proj) is nn.Linear and T <= 64 and T * 8 <= S:
-            out = self._attend_latent(q, latent, mask)
+            out = self._attend_latent(q, latent, mask, span)
         else:
             out = self._attend_expanded(q, latent, mask)
         out = out.transpose(1, 2).reshape(B, T, h * self.v_dim)
@@ -879,14 +881,14 @@ class KimiMLAAttention(nn.Module):
             out.append(o.to(q.dtype))
         return torch.cat(out, dim=2)
 
-    def _attend_latent(self, q, latent, mask):
+    def _attend_latent(self, q, latent, mask, span=None):
         h = self.num_heads
         w = self.kv_b_proj.weight.view(h, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [h, 128, 512], [h, 128, 512]
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         q_lat = torch.cat([torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk), q_pe], dim=-1)  # [B, h, T, 576]
         if q.shape[2] == 1:
-            o_lat = self._attend_one(q_lat[:, :, 0], latent, mask)  # [B, h, 512]
+            o_lat = self._attend_one(q_lat[:, :, 0], latent, mask, span)  # [B, h, 512]
             return torch.einsum("bhr,hvr->bhv", o_lat, w_uv)[:, :, None]
         key = latent[:, None]  # [B, 1, S, 576], shared by all heads
         value = latent[:, None, :, : self.kv_lora_rank]
@@ -906,12 +908,16 @@ class KimiMLAAttention(nn.Module):
     # 1.9x faster at 128k tokens, 2.8x at 512k, even at 8k). False on the class or a layer keeps the products.
     decode_kernel = True
 
-    def _attend_one(self, q_lat, latent, mask):
+    def _attend_one(self, q_lat, latent, mask, span=None):
         """One query per row: q_lat [B, h, 576] against the shared latents [B, S, 576]; mask [B, 1, 1, S] (True =
-        attend) or None. Returns [B, h, 512]. Two batched products read the latents once for all heads (SDPA would
-        take them once per head); scores and softmax in float32."""
+        attend) or None; span: the static cache's (first, last) slots, the same slots as the mask (see
+        MLAStaticLayerState), for the one-pass kernel, which reads only those. Returns [B, h, 512]. Two batched
+        products read the latents once for all heads (SDPA would take them once per head); scores and softmax in
+        float32."""
         fast = _triton_kernels(latent) if self.decode_kernel else None
         if fast is not None and _no_autograd(q_lat, latent):
+            if span is not None:
+                return fast.mla_decode_attention(q_lat, latent, None, self.scaling, self.kv_lora_rank, span=span)
             keep = mask[:, 0, 0] if mask is not None else None
             return fast.mla_decode_attention(q_lat, latent, keep, self.scaling, self.kv_lora_rank)
         scores = _bmm_float32(q_lat, latent.transpose(1, 2)) * self.scaling  # [B, h, S]
@@ -1540,6 +1546,7 @@ class MLALayerState:
 
     is_sliding = False
     is_compileable = False
+    span = None  # see MLAStaticLayerState
 
     def __init__(self):
         self.buffer, self.seen = None, 0
@@ -1689,12 +1696,16 @@ class MLAStaticLayerState(MLALayerState):
     """An MLA layer's latents in a buffer of max_length tokens allocated once. Prefill writes at the cached length
     (a Python int); a decode step (one token, after a prefill) writes at `position`, the cache's length as a device
     tensor, and hands back the whole buffer: the cache's decode mask hides the slots not written yet, so the step's
-    shapes never change and nothing is read on the host."""
+    shapes never change and nothing is read on the host. After a decode step's append, `span` is (first [B],
+    position [1]): the slots each row attends to, first[b] ... position inclusive, which the one-pass attention
+    kernel reads instead of a per-slot mask; None after a prefill, or when the cache's padding is not a prefix of
+    each row (the mask alone then says which slots count)."""
 
     def __init__(self, max_length):
         super().__init__()
         self.max_length = max_length
         self.position = None  # set by the cache: the device-side length, shared by every layer
+        self.bounds = None  # set by the cache: (first, position) while each row's padding is a prefix of it
 
     def allocate(self, batch_size, width, dtype, device):
         self.buffer = torch.zeros(batch_size, self.max_length, width, dtype=dtype, device=device)
@@ -1710,7 +1721,9 @@ class MLAStaticLayerState(MLALayerState):
             )
         if T == 1 and self.seen > 0:
             self.buffer.index_copy_(1, self.position.to(self.buffer.device), latent)
+            self.span = self.bounds
             return self.buffer
+        self.span = None
         self.buffer[:, self.seen : self.seen + T] = latent
         self.seen += T
         return self.buffer[:, : self.seen]
@@ -1756,6 +1769,8 @@ class KimiLinearStaticCache(KimiLinearCache):
         super().__init__(config)
         self.position = None  # [1] int64 on the model's device: tokens cached, read by the decode step
         self.key_mask = None  # [B, max_length] bool: False at padded prompt tokens
+        self.first = None  # [B] int64: each row's first real slot, while its padding is a prefix (_holes False)
+        self._holes = False  # a row's padding is not a prefix of it (a real token before a padded one)
         self._keys = None  # [max_length] int64: slot numbers
         self._seen = 0
         self._graph = None  # _DecodeGraph once captured; False after a capture failed (eager from then on)
@@ -1790,10 +1805,17 @@ class KimiLinearStaticCache(KimiLinearCache):
         if self.position is None:
             self.position = torch.zeros(1, dtype=torch.long, device=device)
             self.key_mask = torch.ones(batch_size, self.max_length, dtype=torch.bool, device=device)
+            self.first = torch.zeros(batch_size, dtype=torch.long, device=device)
             self._keys = torch.arange(self.max_length, device=device)
             for layer in self.layers:
                 if isinstance(layer, MLAStaticLayerState):
                     layer.position = self.position
+            self._set_bounds()
+
+    def _set_bounds(self):
+        for layer in self.layers:
+            if isinstance(layer, MLAStaticLayerState):
+                layer.bounds = None if self._holes else (self.first, self.position)
 
     def get_seq_length(self, layer_idx=0, *args, **kwargs):
         return self._seen
@@ -1839,9 +1861,16 @@ class KimiLinearStaticCache(KimiLinearCache):
         return (self.key_mask & (self._keys <= self.position))[:, None, None, :]
 
     def record_prefill(self, num_tokens, key_mask=None):
-        """After an eager forward over num_tokens tokens: padding into the key mask, lengths forward."""
+        """After an eager forward over num_tokens tokens: padding into the key mask (and each row's first real slot,
+        while the padding is a prefix of every row: one host sync, in a prefill that had one already to see the
+        padding), lengths forward."""
         if key_mask is not None:
             self.key_mask[:, self._seen : self._seen + num_tokens] = key_mask[:, -num_tokens:]
+            held = self.key_mask[:, : self._seen + num_tokens]
+            self._holes = bool((held[:, :-1] & ~held[:, 1:]).any())  # a real slot, then a padded one
+            if not self._holes:
+                self.first.copy_((~held).sum(1))
+            self._set_bounds()
         self.position.add_(num_tokens)
         self.advance(num_tokens)
         self._recheck = True
@@ -1859,6 +1888,9 @@ class KimiLinearStaticCache(KimiLinearCache):
         if self.position is not None:
             self.position.zero_()
             self.key_mask.fill_(True)
+            self.first.zero_()
+            self._holes = False
+            self._set_bounds()
         self._seen = 0
         for layer in self.layers:
             layer.seen = 0
@@ -1869,6 +1901,7 @@ class KimiLinearStaticCache(KimiLinearCache):
         if self.key_mask is not None:
             held = self.key_mask[:, : self._seen]
             held.copy_(held.index_select(0, beam_idx.to(held.device)))
+            self.first.copy_(self.first.index_select(0, beam_idx.to(self.first.device)))
 
     def batch_select_indices(self, indices):
         raise ValueError(
@@ -1894,7 +1927,11 @@ class KimiLinearStaticCache(KimiLinearCache):
         """Logits [B, 1, vocab] of one decode step replayed from the CUDA graph (captured on first use), or None when
         the step has to run eagerly (the reason is logged once and kept in `decode_mode`)."""
         reason = self._graph_obstacle(input_ids)
-        if reason is None and (self._graph is None or (self._recheck and not self._graph.fits(model))):
+        # (re)capture when there is no graph, when it read spans and the padding now has holes or the other way
+        # round, or when the model changed
+        if reason is None and (
+            self._graph is None or self._graph.holes != self._holes or (self._recheck and not self._graph.fits(model))
+        ):
             try:
                 with torch.cuda.device(input_ids.device):
                     self._graph = _DecodeGraph(model, self, input_ids)
@@ -2001,6 +2038,7 @@ class _DecodeGraph:
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.logits = model._decode_logits(self.ids, cache)
         self.state = _ModelState(model)
+        self.holes = cache._holes  # captured with the mask alone (True) or with each row's span of slots (False)
 
     def fits(self, model):
         return self.state.matches(model)

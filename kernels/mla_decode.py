@@ -14,6 +14,11 @@ Launch settings from a sweep on the H100 (benchmarks/probe_mla_decode.py, result
 19.6 us at 8k tokens, 90.8 vs 170.5 at 128k, 268 vs 741 at 512k (batch 1); 83 vs 149 us at batch 16 x 8k.
 The cache length and the slicing derived from it are not specialized on (do_not_specialize): the first step after
 a prompt of a new length compiles nothing.
+
+The static cache's decode step (a fixed-size buffer, replayed from a CUDA graph) passes each row's span of slots
+(first real slot, last slot written) as device tensors instead of a per-slot mask: a mask loaded in each tile makes
+the latents' loads wait on it and halved the kernel's speed; a span is two loads before the loop, and the slots
+outside it are never read (benchmarks/mla_decode_span.py).
 """
 
 import torch
@@ -24,13 +29,15 @@ from .host import cdiv, next_power_of_2
 
 
 @triton.jit(do_not_specialize=["S", "chunk", "iters", "stride_mb", "splits"])
-def _split_kernel(Q, L, MASK, M_OUT, L_OUT, ACC, S, chunk, iters, scale, NH, DV, DPE,
+def _split_kernel(Q, L, MASK, FIRST, LAST, M_OUT, L_OUT, ACC, S, chunk, iters, scale, NH, DV, DPE,
                   stride_qb, stride_qh, stride_lb, stride_ls, stride_mb, splits,
-                  HAS_MASK: tl.constexpr, HP: tl.constexpr, DVP: tl.constexpr, DPEP: tl.constexpr,
-                  BS: tl.constexpr):  # fmt: skip
+                  HAS_MASK: tl.constexpr, HAS_SPAN: tl.constexpr, HP: tl.constexpr, DVP: tl.constexpr,
+                  DPEP: tl.constexpr, BS: tl.constexpr):  # fmt: skip
     """Program (b, sp): tokens sp * chunk ... of row b, every head; writes the slice's running max, sum and
     unnormalised output. Each tile of latents is loaded once: its first DV columns serve the scores and the values,
-    the last DPE (the positional part) the scores only."""
+    the last DPE (the positional part) the scores only. HAS_SPAN: only slots FIRST[b] ... LAST[0] (inclusive) are
+    read, the tiles outside skipped; bounds from two loads before the loop keep the latents' loads independent of
+    any load in it (a per-slot MASK, loaded first in each tile, makes them wait on it: about half the speed)."""
     b = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     heads = tl.arange(0, HP)
@@ -44,9 +51,17 @@ def _split_kernel(Q, L, MASK, M_OUT, L_OUT, ACC, S, chunk, iters, scale, NH, DV,
     total = tl.zeros([HP], dtype=tl.float32)
     acc = tl.zeros([HP, DVP], dtype=tl.float32)
     row = L + b * stride_lb
-    for it in range(iters):
+    lo, hi, it0, it1 = 0, S, 0, iters
+    if HAS_SPAN:
+        lo = tl.load(FIRST + b).to(tl.int32)
+        hi = tl.minimum(tl.load(LAST).to(tl.int32) + 1, S)
+        it0 = tl.maximum(lo - sp * chunk, 0) // BS
+        it1 = tl.minimum(tl.cdiv(tl.maximum(hi - sp * chunk, 0), BS), iters)
+    for it in range(it0, it1):
         toks = sp * chunk + it * BS + tl.arange(0, BS)
-        valid = toks < S
+        valid = toks < hi
+        if HAS_SPAN:
+            valid = valid & (toks >= lo)
         if HAS_MASK:
             valid = valid & (tl.load(MASK + b * stride_mb + toks, mask=valid, other=0) != 0)
         at = row + toks[:, None].to(tl.int64) * stride_ls
@@ -96,15 +111,26 @@ def _merge_kernel(M_IN, L_IN, ACC, OUT, NH, DV, splits, SP: tl.constexpr, BDV: t
 MIN_CHUNK = 128
 
 
-def mla_decode(q_lat, latent, mask, scale, kv_rank, splits=None, block_s=32, num_warps=4, num_stages=2):
+def mla_decode(q_lat, latent, mask, scale, kv_rank, span=None, splits=None, block_s=32, num_warps=4,
+               num_stages=2):  # fmt: skip
     """softmax(scale * q_lat latent^T) latent[..., :kv_rank] for q_lat [B, heads, D] and latents [B, S, D] (last
-    dimension contiguous); mask [B, S] bool (True = attend) or None. Returns [B, heads, kv_rank] in the latents'
-    dtype. splits: how many slices of the cache each row is read in side by side (default: about two programs per
-    multiprocessor over the batch, each slice at least MIN_CHUNK tokens)."""
+    dimension contiguous); mask [B, S] bool (True = attend) or None; span: (first [B], last [1]) integer tensors on
+    the latents' device, or None: row b attends to slots first[b] ... last[0] only (inclusive; the rest are never
+    read, so they may hold anything), the bounds read on the device (no host sync, fit for a CUDA graph). With a
+    span, the mask (if any) only hides slots inside it. Returns [B, heads, kv_rank] in the latents' dtype. splits:
+    how many slices of the cache each row is read in side by side (default: about two programs per multiprocessor
+    over the batch, each slice at least MIN_CHUNK tokens)."""
     B, NH, D = q_lat.shape
     S = latent.shape[1]
     if latent.stride(-1) != 1 or q_lat.stride(-1) != 1:
         raise ValueError("mla_decode needs the last dimension of q_lat and the latents contiguous")
+    if span is not None:
+        first, last = span
+        if first.shape != (B,) or last.numel() != 1 or first.is_floating_point() or last.is_floating_point():
+            raise ValueError(
+                f"mla_decode's span is (first [B], last [1]) integer tensors, got {tuple(first.shape)} "
+                f"{first.dtype} and {tuple(last.shape)} {last.dtype} for B={B}."
+            )
     if splits is None:
         sms = torch.cuda.get_device_properties(latent.device).multi_processor_count if latent.is_cuda else 4
         splits = max(1, min(cdiv(S, MIN_CHUNK), 2 * sms // B))
@@ -117,11 +143,12 @@ def mla_decode(q_lat, latent, mask, scale, kv_rank, splits=None, block_s=32, num
     if mask is not None:
         mask = (mask.to(torch.uint8) if mask.dtype == torch.bool else mask).contiguous()
     _split_kernel[(B, splits)](
-        q_lat, latent, mask if mask is not None else latent, m, total, acc, S, chunk, chunk // block_s, float(scale),
-        NH, kv_rank, D - kv_rank, q_lat.stride(0), q_lat.stride(1), latent.stride(0), latent.stride(1),
-        mask.stride(0) if mask is not None else 0, splits,
-        HAS_MASK=mask is not None, HP=max(16, next_power_of_2(NH)), DVP=max(16, next_power_of_2(kv_rank)),
-        DPEP=max(16, next_power_of_2(D - kv_rank)), BS=block_s, num_warps=num_warps, num_stages=num_stages,
+        q_lat, latent, mask if mask is not None else latent, *(span if span is not None else (latent, latent)), m,
+        total, acc, S, chunk, chunk // block_s, float(scale), NH, kv_rank, D - kv_rank, q_lat.stride(0),
+        q_lat.stride(1), latent.stride(0), latent.stride(1), mask.stride(0) if mask is not None else 0, splits,
+        HAS_MASK=mask is not None, HAS_SPAN=span is not None, HP=max(16, next_power_of_2(NH)),
+        DVP=max(16, next_power_of_2(kv_rank)), DPEP=max(16, next_power_of_2(D - kv_rank)), BS=block_s,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     out = torch.empty(B, NH, kv_rank, dtype=latent.dtype, device=dev)
     bdv = min(128, next_power_of_2(kv_rank))

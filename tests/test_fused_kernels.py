@@ -152,7 +152,7 @@ SCRIPT = textwrap.dedent("""
         out["kda step windows"] = max(rel(a, b) for a, b in zip(conv, twin_conv))
 
     # MLA decode attention on the latents in one pass, against _attend_one in float64: the tiny shape (576 -> 40
-    # values, 4 heads) and the bench model's (576, 32 heads), with and without a mask, several slices per row
+    # values, 4 heads) and the bench model's (576, 32 heads), with and without a mask and a span, several slices per row
     from kimi_linear_kernels import mla_decode
     from kimi_linear.modeling_kimi_linear import KimiMLAAttention
 
@@ -168,6 +168,16 @@ SCRIPT = textwrap.dedent("""
             got = mla_decode.mla_decode(q, lat, m, mla.scaling, c.kv_lora_rank, splits=splits)
             want = mla._attend_one(q.double(), lat.double(), m[:, None, None, :] if m is not None else None)
             out[f"mla decode {name} S={S} splits={splits} mask={m is not None}"] = rel(got, want)
+        # the static cache's spans: row b reads slots first[b] ... last only (the slots outside hold NaN, never read;
+        # a span starting inside a later slice, and one ending before the buffer does), with and without a mask
+        first, last = torch.tensor([3, S // 2 + 7]), torch.tensor([S - 11])
+        inside = (torch.arange(S) >= first[:, None]) & (torch.arange(S) <= last)
+        junk = lat.masked_fill(~inside[..., None], float("nan"))
+        for m in (None, keep):
+            allowed = inside if m is None else inside & m
+            got = mla_decode.mla_decode(q, junk, m, mla.scaling, c.kv_lora_rank, span=(first, last), splits=splits)
+            want = mla._attend_one(q.double(), lat.double(), allowed[:, None, None, :])
+            out[f"mla decode {name} S={S} splits={splits} span mask={m is not None}"] = rel(got, want)
 
     # MLA's causal prefill attention (kimi_linear_kernels.mla_prefill) against the layer's own SDPA path in float64,
     # at the model's head dims (192 = 128 + 64, values 128) and memory layout: a partial last block, an exact block,
@@ -355,7 +365,7 @@ def test_kda_layer_decode_kernels_match_the_layers_plain_step(errors):
 
 def test_mla_decode_kernel_matches_the_two_product_path(errors):
     mla = {k: v for k, v in errors.items() if k.startswith("mla decode")}
-    assert len(mla) == 6
+    assert len(mla) == 12, sorted(mla)
     bad = {k: v for k, v in mla.items() if not v < 1e-6}
     assert not bad, bad
 

@@ -570,6 +570,29 @@ class TestCudaGraphDecode:
         assert torch.equal(graph, eager)
 
     @torch.no_grad()
+    def test_padded_rows_decode_through_spans_or_the_mask_like_the_growing_cache(self):
+        # The graph's attention reads each row's span of slots when the padding is a prefix of every row, and the
+        # mask when padding follows a real token; a reset to the other kind of prompt recaptures. float32: both
+        # caches run the same kernels on the same values, so only which slots are attended can set them apart.
+        model = _cuda_model()
+        ids = self.prompts(3)
+        left = torch.ones(3, 37, dtype=torch.long, device="cuda")
+        left[0, :11], left[2, :30] = 0, 0
+        holes = left.clone()
+        holes[1, 5:9] = 0
+        cache = KimiLinearStaticCache(model.config, max_length=37 + 19 + 40)  # 40 slots never written
+        graphs = []
+        for mask, spans in [(left, True), (holes, False), (left, True)]:
+            cache.reset()
+            graph, graph_logits, _ = self.generate(model, ids, cache, attention_mask=mask)
+            assert cache.decode_mode == "cuda_graph" and cache._graph.holes is not spans and cache.graph_replays == 19
+            grown, grown_logits, _ = self.generate(model, ids, None, attention_mask=mask)
+            assert torch.equal(graph, grown)
+            assert rel_rms(graph_logits, grown_logits) < 1e-3, rel_rms(graph_logits, grown_logits)
+            graphs.append(cache._graph)
+        assert graphs[0] is not graphs[1] and graphs[1] is not graphs[2]
+
+    @torch.no_grad()
     def test_decode_step_never_syncs(self):
         model = _cuda_model().bfloat16()
         ids = self.prompts(4)

@@ -17,6 +17,7 @@ from kimi_linear.modeling_kimi_linear import (
     KimiLinearCache,
     KimiLinearMoE,
     KimiLinearStaticCache,
+    MLAStaticLayerState,
     moe_experts_gathered,
     moe_experts_loop,
 )
@@ -79,6 +80,56 @@ def test_padded_prefill_then_static_decode_equals_dynamic(tiny_model):
     real = full_mask.bool()
     assert rel_err(static[real], dynamic[real]) < 1e-5
     assert torch.equal(cache.key_mask[:, : ids.shape[1]], mask.bool())
+
+
+def spans_or_none(cache):
+    """After a decode step: whether every MLA layer holds a span (the slots a GPU's one-pass attention reads instead
+    of the decode mask: each row's first real slot to the step's own), asserting that each span lets through exactly
+    the slots the mask does; False when no layer holds one (the mask rules)."""
+    last = int(cache.position) - 1  # the step's own slot
+    keys = torch.arange(cache.max_length)
+    allowed = cache.key_mask & (keys <= last)
+    spans = [layer.span for layer in cache.layers if isinstance(layer, MLAStaticLayerState)]
+    if all(span is None for span in spans):
+        return False
+    for first, position in spans:
+        assert position is cache.position
+        assert torch.equal((keys >= first[:, None]) & (keys <= last), allowed), (first, allowed.int().argmax(1))
+    return True
+
+
+@torch.no_grad()
+def test_decode_spans_let_through_exactly_what_the_mask_does(tiny_model):
+    prompts = [ids_for(1, n, seed=n)[0] for n in (4, 19, 33)]
+    ids, mask = left_pad(prompts)
+    T = ids.shape[1]
+    holes = mask.clone()
+    holes[1, 20:23] = 0  # padding after a real token: no span can say that
+    cache = KimiLinearStaticCache(tiny_model.config, max_length=T + 8)
+    for prompt_mask, pieces, spans in [(mask, [T], True), (mask, [10, T - 10], True), (holes, [T], False),
+                                       (torch.ones_like(mask), [T], True)]:  # fmt: skip
+        cache.reset()
+        dynamic = KimiLinearCache(tiny_model.config)
+        start = 0
+        for n in pieces:  # the prefill, whole or in two forwards
+            for c in (cache, dynamic):
+                tiny_model(ids[:, start : start + n], attention_mask=prompt_mask[:, : start + n], cache=c)
+            start += n
+        token, full = ids[:, -1:], prompt_mask
+        for _ in range(4):
+            full = torch.cat([full, torch.ones_like(token)], 1)
+            got = tiny_model(token, attention_mask=full, cache=cache).logits
+            want = tiny_model(token, attention_mask=full, cache=dynamic).logits
+            assert rel_err(got, want) < 1e-5
+            assert spans_or_none(cache) is spans
+            token = got[:, -1:].argmax(-1)
+        if spans:
+            assert torch.equal(cache.first, (prompt_mask == 0).sum(1))
+    cache.reset()
+    tiny_model(ids, attention_mask=mask, cache=cache)
+    cache.reorder_cache(torch.tensor([2, 0, 1]))  # beams reordered: each row's first real slot goes with it
+    tiny_model(ids[:, -1:], attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1)[[2, 0, 1]], cache=cache)
+    assert spans_or_none(cache) and torch.equal(cache.first, (mask[[2, 0, 1]] == 0).sum(1))
 
 
 def generate_both(model, ids, **kwargs):
