@@ -17,8 +17,9 @@ a prompt of a new length compiles nothing.
 
 The static cache's decode step (a fixed-size buffer, replayed from a CUDA graph) passes each row's span of slots
 (first real slot, last slot written) as device tensors instead of a per-slot mask: a mask loaded in each tile makes
-the latents' loads wait on it and halved the kernel's speed; a span is two loads before the loop, and the slots
-outside it are never read (benchmarks/mla_decode_span.py).
+the latents' loads wait on it and halved the kernel's speed; a span is two loads before the loop, the slots
+outside it are never read, and the slices follow the span (as many as its length calls for, up to the launch's), so
+a buffer larger than the tokens cached costs little (benchmarks/mla_decode_span.py).
 """
 
 import torch
@@ -28,16 +29,29 @@ import triton.language as tl
 from .host import cdiv, next_power_of_2
 
 
+@triton.jit
+def _span_slices(FIRST, LAST, b, S, splits, MINC: tl.constexpr, BS: tl.constexpr):
+    """Row b's span of slots [lo, hi) (FIRST[b] ... LAST[0] inclusive) and its slicing: the first `used` of the
+    launch's `splits` programs take `chunk` slots each (a multiple of BS, about MINC at least) from lo on, so the
+    work follows the span, not the buffer it lies in."""
+    lo = tl.load(FIRST + b).to(tl.int32)
+    hi = tl.minimum(tl.load(LAST).to(tl.int32) + 1, S)
+    n = tl.maximum(hi - lo, 1)
+    used = tl.minimum(tl.cdiv(n, MINC), splits)
+    return lo, hi, used, tl.cdiv(tl.cdiv(n, used), BS) * BS
+
+
 @triton.jit(do_not_specialize=["S", "chunk", "iters", "stride_mb", "splits"])
 def _split_kernel(Q, L, MASK, FIRST, LAST, M_OUT, L_OUT, ACC, S, chunk, iters, scale, NH, DV, DPE,
                   stride_qb, stride_qh, stride_lb, stride_ls, stride_mb, splits,
-                  HAS_MASK: tl.constexpr, HAS_SPAN: tl.constexpr, HP: tl.constexpr, DVP: tl.constexpr,
-                  DPEP: tl.constexpr, BS: tl.constexpr):  # fmt: skip
+                  HAS_MASK: tl.constexpr, HAS_SPAN: tl.constexpr, MINC: tl.constexpr, HP: tl.constexpr,
+                  DVP: tl.constexpr, DPEP: tl.constexpr, BS: tl.constexpr):  # fmt: skip
     """Program (b, sp): tokens sp * chunk ... of row b, every head; writes the slice's running max, sum and
     unnormalised output. Each tile of latents is loaded once: its first DV columns serve the scores and the values,
     the last DPE (the positional part) the scores only. HAS_SPAN: only slots FIRST[b] ... LAST[0] (inclusive) are
-    read, the tiles outside skipped; bounds from two loads before the loop keep the latents' loads independent of
-    any load in it (a per-slot MASK, loaded first in each tile, makes them wait on it: about half the speed)."""
+    read, sliced by _span_slices (programs past the slices it uses write nothing); bounds from two loads before the
+    loop keep the latents' loads independent of any load in it (a per-slot MASK, loaded first in each tile, makes
+    them wait on it: about half the speed)."""
     b = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     heads = tl.arange(0, HP)
@@ -51,17 +65,15 @@ def _split_kernel(Q, L, MASK, FIRST, LAST, M_OUT, L_OUT, ACC, S, chunk, iters, s
     total = tl.zeros([HP], dtype=tl.float32)
     acc = tl.zeros([HP, DVP], dtype=tl.float32)
     row = L + b * stride_lb
-    lo, hi, it0, it1 = 0, S, 0, iters
+    begin, hi, tiles = sp * chunk, S, iters
     if HAS_SPAN:
-        lo = tl.load(FIRST + b).to(tl.int32)
-        hi = tl.minimum(tl.load(LAST).to(tl.int32) + 1, S)
-        it0 = tl.maximum(lo - sp * chunk, 0) // BS
-        it1 = tl.minimum(tl.cdiv(tl.maximum(hi - sp * chunk, 0), BS), iters)
-    for it in range(it0, it1):
-        toks = sp * chunk + it * BS + tl.arange(0, BS)
+        lo, hi, used, span_chunk = _span_slices(FIRST, LAST, b, S, splits, MINC, BS)
+        begin = lo + sp * span_chunk
+        tiles = tl.where(sp < used, tl.cdiv(tl.maximum(tl.minimum(hi, begin + span_chunk) - begin, 0), BS), 0)
+        hm = hm & (sp < used)  # the stores below
+    for it in range(0, tiles):
+        toks = begin + it * BS + tl.arange(0, BS)
         valid = toks < hi
-        if HAS_SPAN:
-            valid = valid & (toks >= lo)
         if HAS_MASK:
             valid = valid & (tl.load(MASK + b * stride_mb + toks, mask=valid, other=0) != 0)
         at = row + toks[:, None].to(tl.int64) * stride_ls
@@ -82,26 +94,31 @@ def _split_kernel(Q, L, MASK, FIRST, LAST, M_OUT, L_OUT, ACC, S, chunk, iters, s
     tl.store(ACC + out[:, None] * DV + dv[None, :], acc, mask=hm[:, None] & dvm[None, :])
 
 
-@triton.jit(do_not_specialize=["splits"])
-def _merge_kernel(M_IN, L_IN, ACC, OUT, NH, DV, splits, SP: tl.constexpr, BDV: tl.constexpr, BSP: tl.constexpr):
+@triton.jit(do_not_specialize=["S", "splits"])
+def _merge_kernel(M_IN, L_IN, ACC, OUT, FIRST, LAST, S, NH, DV, splits, HAS_SPAN: tl.constexpr, MINC: tl.constexpr,
+                  BS: tl.constexpr, SP: tl.constexpr, BDV: tl.constexpr, BSP: tl.constexpr):  # fmt: skip
     """Program (b, h, j): columns j * BDV ... of the output; the slices' outputs weighted by exp(m - max m), over the
-    weighted sum of their sums."""
+    weighted sum of their sums. HAS_SPAN: the slices _span_slices used for row b."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     dv = tl.program_id(2) * BDV + tl.arange(0, BDV)
+    if HAS_SPAN:
+        _, _, splits_used, _ = _span_slices(FIRST, LAST, b, S, splits, MINC, BS)
+    else:
+        splits_used = splits
     s = tl.arange(0, SP)
-    ms = tl.load(M_IN + (b * splits + s) * NH + h, mask=s < splits, other=float("-inf"))
+    ms = tl.load(M_IN + (b * splits + s) * NH + h, mask=s < splits_used, other=float("-inf"))
     top = tl.max(ms, axis=0)
     top = tl.where(top == float("-inf"), 0.0, top)
     out = tl.zeros([BDV], dtype=tl.float32)
     denom = 0.0
-    for s0 in range(0, splits, BSP):
+    for s0 in range(0, splits_used, BSP):
         ss = s0 + tl.arange(0, BSP)
-        m = tl.load(M_IN + (b * splits + ss) * NH + h, mask=ss < splits, other=float("-inf"))
+        m = tl.load(M_IN + (b * splits + ss) * NH + h, mask=ss < splits_used, other=float("-inf"))
         w = tl.exp(m - top)
-        denom += tl.sum(w * tl.load(L_IN + (b * splits + ss) * NH + h, mask=ss < splits, other=0.0), axis=0)
+        denom += tl.sum(w * tl.load(L_IN + (b * splits + ss) * NH + h, mask=ss < splits_used, other=0.0), axis=0)
         part = tl.load(ACC + ((b * splits + ss) * NH + h)[:, None] * DV + dv[None, :],
-                       mask=(ss < splits)[:, None] & (dv < DV)[None, :], other=0.0)  # fmt: skip
+                       mask=(ss < splits_used)[:, None] & (dv < DV)[None, :], other=0.0)  # fmt: skip
         out += tl.sum(part * w[:, None], axis=0)
     tl.store(OUT + (b * NH + h) * DV + dv, (out / denom).to(OUT.dtype.element_ty), mask=dv < DV)
 
@@ -146,13 +163,15 @@ def mla_decode(q_lat, latent, mask, scale, kv_rank, span=None, splits=None, bloc
         q_lat, latent, mask if mask is not None else latent, *(span if span is not None else (latent, latent)), m,
         total, acc, S, chunk, chunk // block_s, float(scale), NH, kv_rank, D - kv_rank, q_lat.stride(0),
         q_lat.stride(1), latent.stride(0), latent.stride(1), mask.stride(0) if mask is not None else 0, splits,
-        HAS_MASK=mask is not None, HAS_SPAN=span is not None, HP=max(16, next_power_of_2(NH)),
+        HAS_MASK=mask is not None, HAS_SPAN=span is not None, MINC=MIN_CHUNK, HP=max(16, next_power_of_2(NH)),
         DVP=max(16, next_power_of_2(kv_rank)), DPEP=max(16, next_power_of_2(D - kv_rank)), BS=block_s,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     out = torch.empty(B, NH, kv_rank, dtype=latent.dtype, device=dev)
     bdv = min(128, next_power_of_2(kv_rank))
     _merge_kernel[(B, NH, cdiv(kv_rank, bdv))](
-        m, total, acc, out, NH, kv_rank, splits, SP=next_power_of_2(splits), BDV=bdv, BSP=16, num_warps=4,
+        m, total, acc, out, *(span if span is not None else (m, m)), S, NH, kv_rank, splits,
+        HAS_SPAN=span is not None, MINC=MIN_CHUNK, BS=block_s, SP=next_power_of_2(splits), BDV=bdv, BSP=16,
+        num_warps=4,
     )  # fmt: skip
     return out
