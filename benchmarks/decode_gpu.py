@@ -21,6 +21,9 @@ The context comes from a real prefill (chunks of --prefill-chunk tokens, logits 
 prefill of a million tokens takes minutes and changes nothing in the decode step but the values it reads). Our eager
 variant decodes on the same cache tensors as the graph variant, after it. TPOT: --steps greedy steps after --warmup
 untimed ones (the first graph step captures), wall time between device synchronisations, divided by the steps.
+--left-pad F: a batch of prompts of different lengths, padded on the left: row b of B starts with
+round(F * context * (b + 1) / B) padded tokens, carried in the attention mask of the prefill (or the random fill) and
+of every decode step of ours (not the built-in model's; the bytes floor still counts the whole context).
 A size that does not fit the card is reported as OOM. Also reported: cache bytes per token of context (per sequence),
 hybrid against all-MLA. With a cold Triton cache the first prefill also pays fla's compilation and autotuning (about a
 minute per kernel set, once for ours and once for the built-in model); `--prefill-max 0` fills every context with
@@ -154,12 +157,22 @@ def cache_bytes_per_token(config, context, dtype):
     return n_mla * (config.kv_lora_rank + config.qk_rope_head_dim) * size + kda / context
 
 
-def fill(model, cache, B, context, args, device):
-    """Bring the cache to `context` tokens: a real prefill up to --prefill-max, random values beyond."""
+def left_padding(B, context, fraction, device):
+    """The attention mask [B, context] of --left-pad (see the module docstring), or None for no padding."""
+    if not fraction:
+        return None
+    lead = torch.tensor([round(fraction * context * (b + 1) / B) for b in range(B)], device=device)
+    return (torch.arange(context, device=device) >= lead[:, None]).long()
+
+
+def fill(model, cache, B, context, args, device, mask=None):
+    """Bring the cache to `context` tokens: a real prefill up to --prefill-max, random values beyond; mask: the
+    prompts' left padding, or None."""
     if context <= args.prefill_max:
         ids = torch.randint(3, model.config.vocab_size, (B, context), device=device)
         for i in range(0, context, args.prefill_chunk):
-            model(ids[:, i : i + args.prefill_chunk], cache=cache, logits_to_keep=1)
+            part = None if mask is None else mask[:, : i + args.prefill_chunk]
+            model(ids[:, i : i + args.prefill_chunk], attention_mask=part, cache=cache, logits_to_keep=1)
         return "prefill"
     gen = torch.Generator(device=device).manual_seed(0)
     for layer in cache.layers:
@@ -169,7 +182,7 @@ def fill(model, cache, B, context, args, device):
             layer.recurrent.normal_(0, 0.1, generator=gen)
         else:
             layer.buffer[:, :context].normal_(generator=gen)
-    cache.record_prefill(context)
+    cache.record_prefill(context, None if mask is None else mask.bool())
     return "random"
 
 
@@ -185,16 +198,22 @@ def growing_view(static, config):
     return cache
 
 
-def tpot_ms(model, cache, nxt, args, device, kwarg="cache"):
-    """Milliseconds per greedy decode step; returns (ms, the cache after the steps)."""
+def tpot_ms(model, cache, nxt, args, device, kwarg="cache", mask=None):
+    """Milliseconds per greedy decode step; returns (ms, the cache after the steps). mask: the attention mask of the
+    cached tokens, or None; each step passes it with a column of ones more (as generate() does)."""
+
+    def step(cache, nxt, mask):
+        if mask is not None:
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+        out = model(nxt, **{kwarg: cache}, attention_mask=mask, use_cache=True)
+        return out_cache(out, cache), out.logits[:, -1:].argmax(-1), mask
+
     for _ in range(args.warmup):
-        out = model(nxt, **{kwarg: cache}, use_cache=True)
-        cache, nxt = out_cache(out, cache), out.logits[:, -1:].argmax(-1)
+        cache, nxt, mask = step(cache, nxt, mask)
     sync(device)
     start = time.perf_counter()
     for _ in range(args.steps):
-        out = model(nxt, **{kwarg: cache}, use_cache=True)
-        cache, nxt = out_cache(out, cache), out.logits[:, -1:].argmax(-1)
+        cache, nxt, mask = step(cache, nxt, mask)
     sync(device)
     return (time.perf_counter() - start) / args.steps * 1e3, cache
 
@@ -217,13 +236,15 @@ def measure_ours(model, config, label, B, context, args, device, dtype):
     cache = None
     try:
         cache = KimiLinearStaticCache(config, max_length=length, batch_size=B, dtype=dtype, device=device)
-        how = fill(model, cache, B, context, args, device)
+        mask = left_padding(B, context, args.left_pad, device)
+        how = fill(model, cache, B, context, args, device, mask)
         nxt = torch.randint(3, config.vocab_size, (B, 1), device=device)
         for v in variants:
             rows[v]["fill"] = how
             try:
                 use = cache if v == "cuda_graph" else growing_view(cache, config)
-                rows[v]["tpot_ms"], _ = tpot_ms(model, use, nxt, args, device)
+                held = None if mask is None else torch.cat([mask, mask.new_ones(B, use.get_seq_length() - context)], 1)
+                rows[v]["tpot_ms"], _ = tpot_ms(model, use, nxt, args, device, mask=held)
                 rows[v]["decode_mode"] = cache.decode_mode if v == "cuda_graph" else "eager (KimiLinearCache)"
                 rows[v]["status"] = "ok"
             except torch.OutOfMemoryError:
@@ -324,7 +345,9 @@ def plot(result, path):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     meta = result["meta"]
-    fig.suptitle(f"Kimi Linear decode, {meta['card']}, {result['dtype']}, {meta['date_utc'][:10]}", fontsize=10)
+    pad = result["args"].get("left_pad")
+    pad = f", left padding up to {pad:.0%} of the context" if pad else ""
+    fig.suptitle(f"Kimi Linear decode, {meta['card']}, {result['dtype']}{pad}, {meta['date_utc'][:10]}", fontsize=10)
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, dpi=120, format="png")
@@ -384,6 +407,12 @@ def main(argv=None):
         action="store_true",
         help="MLA decode attention through two batched products instead of the one-pass Triton kernel "
         "(KimiMLAAttention.decode_kernel = False)",
+    )
+    ap.add_argument(
+        "--left-pad",
+        type=float,
+        default=0.0,
+        help="left padding, as a fraction of the context, of the batch's last row (see above; default: none)",
     )
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")

@@ -910,8 +910,8 @@ class KimiMLAAttention(nn.Module):
 
     def _attend_one(self, q_lat, latent, mask, span=None):
         """One query per row: q_lat [B, h, 576] against the shared latents [B, S, 576]; mask [B, 1, 1, S] (True =
-        attend) or None; span: the static cache's (first, last) slots, the same slots as the mask (see
-        MLAStaticLayerState), for the one-pass kernel, which reads only those. Returns [B, h, 512]. Two batched
+        attend) or None; span: the cache's (first, last) slots, the same slots as the mask (see
+        MLALayerState.bounds), for the one-pass kernel, which reads only those. Returns [B, h, 512]. Two batched
         products read the latents once for all heads (SDPA would take them once per head); scores and softmax in
         float32."""
         fast = _triton_kernels(latent) if self.decode_kernel else None
@@ -999,9 +999,10 @@ def _bmm_float32(a, b):
 def build_attention_mask(key_mask, T, S, device, segs=None):
     """Boolean [B, 1, T, S] mask (True = attend) for T queries at the end of S keys, None when a plain causal mask
     (or none, for T == 1) says it all, or torch's lower-right causal bias when only a cached prefix precedes the
-    queries. key_mask [B, S] marks real tokens; segs (packed documents, S == T) confines each token to its own
+    queries. key_mask [B, S] marks real tokens (None when none is padded: it is not checked here, which would
+    cost a host sync); segs (packed documents, S == T) confines each token to its own
     document. Each query always sees itself, so no row is empty."""
-    if segs is None and (key_mask is None or bool(key_mask.all())):
+    if segs is None and key_mask is None:
         if T == 1 or T == S:
             return None
         # T new queries after S - T cached keys: causal aligned to the bottom right, never materialised as [T, S]
@@ -1546,7 +1547,8 @@ class MLALayerState:
 
     is_sliding = False
     is_compileable = False
-    span = None  # see MLAStaticLayerState
+    bounds = None  # set by the cache: (first [B], last [1]) slots of a decode step's token, or None (the mask rules)
+    span = None  # after a decode step's append: the bounds, which the one-pass attention kernel reads
 
     def __init__(self):
         self.buffer, self.seen = None, 0
@@ -1557,6 +1559,7 @@ class MLALayerState:
 
     def append(self, latent):
         B, T, width = latent.shape
+        self.span = self.bounds if T == 1 and self.seen > 0 else None
         if self.buffer is None or self.buffer.shape[1] < self.seen + T:
             grown = latent.new_empty(B, max(2 * self.seen, self.seen + T, 16), width)
             if self.buffer is not None:
@@ -1629,6 +1632,13 @@ class KimiLinearCache(Cache):
     @property
     def has_previous_state(self):
         return self.get_seq_length() > 0
+
+    def set_bounds(self, bounds):
+        """The slots the next decode step's token attends to in every MLA layer: (first [B], last [1]) integer tensors
+        on the latents' device when each row's padding is a prefix of it (row b: first[b] ... last), else None."""
+        for layer in self.layers:
+            if isinstance(layer, MLALayerState):
+                layer.bounds = bounds
 
     def reorder_cache(self, beam_idx):
         for layer in self.layers:
@@ -1705,7 +1715,6 @@ class MLAStaticLayerState(MLALayerState):
         super().__init__()
         self.max_length = max_length
         self.position = None  # set by the cache: the device-side length, shared by every layer
-        self.bounds = None  # set by the cache: (first, position) while each row's padding is a prefix of it
 
     def allocate(self, batch_size, width, dtype, device):
         self.buffer = torch.zeros(batch_size, self.max_length, width, dtype=dtype, device=device)
@@ -1719,11 +1728,11 @@ class MLAStaticLayerState(MLALayerState):
                 f"KimiLinearStaticCache was allocated for {self.buffer.dtype} activations, the model runs in "
                 f"{latent.dtype}: build the cache with the model's dtype (or let its first forward allocate it)."
             )
-        if T == 1 and self.seen > 0:
+        step = T == 1 and self.seen > 0
+        self.span = self.bounds if step else None
+        if step:
             self.buffer.index_copy_(1, self.position.to(self.buffer.device), latent)
-            self.span = self.bounds
             return self.buffer
-        self.span = None
         self.buffer[:, self.seen : self.seen + T] = latent
         self.seen += T
         return self.buffer[:, : self.seen]
@@ -1813,9 +1822,7 @@ class KimiLinearStaticCache(KimiLinearCache):
             self._set_bounds()
 
     def _set_bounds(self):
-        for layer in self.layers:
-            if isinstance(layer, MLAStaticLayerState):
-                layer.bounds = None if self._holes else (self.first, self.position)
+        self.set_bounds(None if self._holes else (self.first, self.position))
 
     def get_seq_length(self, layer_idx=0, *args, **kwargs):
         return self._seen
@@ -2345,10 +2352,12 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
                 cache.advance(1)
                 return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache})
 
-        key_mask = None
-        if attention_mask is not None:
-            key_mask = None if bool(attention_mask.all()) else attention_mask.bool()
-        segs = _segments(key_mask, position_ids, kwargs.get("cu_seq_lens_q"), B, T, past, x.device)
+        key_mask, first = _padding(attention_mask, step=T == 1 and past > 0)
+        if cache is not None and not static:  # spans for a decode step (the static cache keeps its own)
+            cache.set_bounds((first, first.new_full((1,), past)) if first is not None else None)
+        # a decode step whose padding is a prefix of every row has a real new token in each: nothing to drop
+        segs = None if first is not None else _segments(key_mask, position_ids, kwargs.get("cu_seq_lens_q"), B, T,
+                                                        past, x.device)  # fmt: skip
         packed = segs is not None and segs.packed
         mask = build_attention_mask(key_mask, T, past + T, x.device, segs if packed else None)
 
@@ -2398,6 +2407,24 @@ def _resolve_cache(model, cache, use_cache):
     if cache is not None and not isinstance(cache, KimiLinearCache):
         raise TypeError(f"Kimi Linear needs a KimiLinearCache, got {type(cache).__name__}.")
     return cache, use_cache
+
+
+def _padding(attention_mask, step):
+    """(key_mask, first) for a forward's attention_mask [B, S] (1 = real token) or None: key_mask [B, S] bool, None
+    when nothing is padded; first [B] int64, each row's first real slot, when `step` (a decode step on a cache) and the
+    padding is a prefix of every row (the one-pass MLA attention then reads each row's span of slots instead of a
+    per-slot mask), else None. One host sync."""
+    if attention_mask is None:
+        return None, None
+    keep = attention_mask.bool()
+    if not step:
+        return (None if bool(keep.all()) else keep), None
+    first = keep.int().argmax(1)  # 0 for a row with no real token, which then fails the prefix test
+    prefix = keep.sum(1) + first == keep.shape[1]  # real from its first real slot to the end
+    unpadded, prefixed = torch.stack([keep.all(), prefix.all()]).tolist()
+    if unpadded:
+        return None, None
+    return keep, first if prefixed else None
 
 
 def _check_attention_mask(attention_mask, B, T, past):

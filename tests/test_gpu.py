@@ -14,6 +14,8 @@ from kimi_linear.modeling_kimi_linear import (
     KimiLinearCache,
     KimiLinearMoE,
     KimiLinearStaticCache,
+    KimiMLAAttention,
+    MLALayerState,
     kda_decode_torch,
     kda_prefill_torch,
 )
@@ -457,7 +459,6 @@ class TestFusedKernels:
         # the one-pass latent attention (the model's decode path) in bf16 at the bench model's shape, against
         # the two-product path in float64; the two-product path in bf16 sets the bar
         from kimi_linear.configuration_kimi_linear import KimiLinearConfig
-        from kimi_linear.modeling_kimi_linear import KimiMLAAttention
         from kimi_linear_kernels import mla_decode
 
         over = dict(kv_lora_rank=512, qk_rope_head_dim=64, num_attention_heads=32, hidden_size=256, head_dim=8)
@@ -572,9 +573,12 @@ class TestCudaGraphDecode:
     @torch.no_grad()
     def test_padded_rows_decode_through_spans_or_the_mask_like_the_growing_cache(self):
         # The graph's attention reads each row's span of slots when the padding is a prefix of every row, and the
-        # mask when padding follows a real token; a reset to the other kind of prompt recaptures. float32: both
-        # caches run the same kernels on the same values, so only which slots are attended can set them apart.
+        # mask when padding follows a real token; a reset to the other kind of prompt recaptures. The growing cache
+        # reads spans (or the mask) the same way, each step from its attention mask. Reference: the growing cache
+        # through the PyTorch twin (two products under the mask). float32: only which slots are attended can set
+        # them apart beyond rounding.
         model = _cuda_model()
+        mla = [layer.self_attn for layer in model.model.layers if isinstance(layer.self_attn, KimiMLAAttention)]
         ids = self.prompts(3)
         left = torch.ones(3, 37, dtype=torch.long, device="cuda")
         left[0, :11], left[2, :30] = 0, 0
@@ -586,9 +590,19 @@ class TestCudaGraphDecode:
             cache.reset()
             graph, graph_logits, _ = self.generate(model, ids, cache, attention_mask=mask)
             assert cache.decode_mode == "cuda_graph" and cache._graph.holes is not spans and cache.graph_replays == 19
-            grown, grown_logits, _ = self.generate(model, ids, None, attention_mask=mask)
-            assert torch.equal(graph, grown)
-            assert rel_rms(graph_logits, grown_logits) < 1e-3, rel_rms(graph_logits, grown_logits)
+            grown, grown_logits, grown_cache = self.generate(model, ids, None, attention_mask=mask)
+            states = [state for state in grown_cache.layers if isinstance(state, MLALayerState)]
+            assert states and all((state.span is not None) is spans for state in states)  # the last step's
+            for layer in mla:
+                layer.decode_kernel = False
+            try:
+                twin, twin_logits, _ = self.generate(model, ids, None, attention_mask=mask)
+            finally:
+                for layer in mla:
+                    del layer.decode_kernel
+            for got, logits in [(graph, graph_logits), (grown, grown_logits)]:
+                assert torch.equal(got, twin)
+                assert rel_rms(logits, twin_logits) < 1e-3, rel_rms(logits, twin_logits)
             graphs.append(cache._graph)
         assert graphs[0] is not graphs[1] and graphs[1] is not graphs[2]
 
@@ -675,7 +689,6 @@ def test_precompiled_kernels_are_the_ones_a_launch_compiles(tmp_path):
 @torch.no_grad()
 def test_mla_key_blocks_match_one_attention_call_in_bf16(monkeypatch):
     # the blocked path's CUDA kernel (memory-efficient attention with its log-sum-exp), one-shot and continued
-    from kimi_linear.modeling_kimi_linear import KimiMLAAttention
 
     model32 = _cuda_model()
     model = copy.deepcopy(model32).bfloat16()
@@ -702,8 +715,6 @@ def test_prefill_attention_rounded_to_the_granule_matches_float64(monkeypatch):
     # hidden by causality, their rows dropped): the logits, and a decode step from the cache the prefill left, are
     # as close to float64 as without the rounding, and the attention really ran on 1024 rows for 699 tokens.
     import torch.nn.functional as F
-
-    from kimi_linear.modeling_kimi_linear import KimiMLAAttention
 
     model = _cuda_model().bfloat16()
     ids = torch.randint(3, 512, (2, 700), generator=torch.Generator().manual_seed(9))
@@ -836,7 +847,6 @@ def test_prefill_without_a_cudnn_plan_runs_the_triton_kernel_until_one_is_hidden
     # close to float64 as SDPA's. Where the clock reads enough (plan_build_ms 0), SDPA runs and builds the plan, and
     # the build's time becomes plan_build_ms; the next prefill in that 1024-token bucket runs SDPA with no clock.
     import kimi_linear.modeling_kimi_linear as modeling
-    from kimi_linear.modeling_kimi_linear import KimiMLAAttention
 
     model, ids, ref, calls = _prefill_attention_calls(monkeypatch, seed=11)
     clocks = []
@@ -874,7 +884,6 @@ def test_a_bucket_that_comes_back_without_a_hidden_build_gets_its_plan_once_the_
     # Triton kernel, the fourth builds the plan with SDPA, and every later prefill in the bucket runs SDPA without a
     # clock. Each prefill's logits are as close to float64 as SDPA's.
     import kimi_linear.modeling_kimi_linear as modeling
-    from kimi_linear.modeling_kimi_linear import KimiMLAAttention
 
     model, ids, ref, calls = _prefill_attention_calls(monkeypatch, seed=12)
     monkeypatch.setattr(modeling._PrefillClock, "queued_ms", lambda self: 0.0)

@@ -143,7 +143,7 @@ def test_latent_attention_equals_expanded_attention(tiny_model, T):
         assert rel_err(mla._attend_latent(q, latent, mask), mla._attend_expanded(q, latent, mask)) < 1e-5
     # no padding: the mask is torch's lower-right causal bias, never a [T, S] tensor; it must mean "query t (at
     # position S - T + t) sees keys 0 .. S - T + t", written out here as a boolean mask
-    bias = build_attention_mask(torch.ones(B, S, dtype=torch.bool), T, S, q.device)
+    bias = build_attention_mask(None, T, S, q.device)
     assert not isinstance(bias, torch.Tensor) or bias.dtype != torch.bool
     explicit = (torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None])[None, None]
     for attend in (mla._attend_latent, mla._attend_expanded):

@@ -17,7 +17,7 @@ from kimi_linear.modeling_kimi_linear import (
     KimiLinearCache,
     KimiLinearMoE,
     KimiLinearStaticCache,
-    MLAStaticLayerState,
+    MLALayerState,
     moe_experts_gathered,
     moe_experts_loop,
 )
@@ -82,24 +82,33 @@ def test_padded_prefill_then_static_decode_equals_dynamic(tiny_model):
     assert torch.equal(cache.key_mask[:, : ids.shape[1]], mask.bool())
 
 
-def spans_or_none(cache):
+def spans_or_none(cache, full=None):
     """After a decode step: whether every MLA layer holds a span (the slots a GPU's one-pass attention reads instead
     of the decode mask: each row's first real slot to the step's own), asserting that each span lets through exactly
-    the slots the mask does; False when no layer holds one (the mask rules)."""
-    last = int(cache.position) - 1  # the step's own slot
-    keys = torch.arange(cache.max_length)
-    allowed = cache.key_mask & (keys <= last)
-    spans = [layer.span for layer in cache.layers if isinstance(layer, MLAStaticLayerState)]
+    the slots the mask does; False when no layer holds one (the mask rules). full: the step's attention mask, for the
+    growing cache (the static cache's mask is its own)."""
+    if isinstance(cache, KimiLinearStaticCache):
+        last = int(cache.position) - 1  # the step's own slot
+        keys = torch.arange(cache.max_length)
+        allowed = cache.key_mask & (keys <= last)
+    else:
+        last = full.shape[1] - 1
+        keys = torch.arange(full.shape[1])
+        allowed = full.bool()
+    spans = [layer.span for layer in cache.layers if isinstance(layer, MLALayerState)]
+    assert len(spans) == cache.layer_types.count("full_attention") > 0
     if all(span is None for span in spans):
         return False
-    for first, position in spans:
-        assert position is cache.position
+    for first, end in spans:
+        assert end is cache.position if isinstance(cache, KimiLinearStaticCache) else end.tolist() == [last]
         assert torch.equal((keys >= first[:, None]) & (keys <= last), allowed), (first, allowed.int().argmax(1))
     return True
 
 
 @torch.no_grad()
 def test_decode_spans_let_through_exactly_what_the_mask_does(tiny_model):
+    # Both caches: spans while each row's padding is a prefix of it, the mask alone otherwise. The growing cache reads
+    # its spans from each step's attention mask (none without padding); the static cache from its prefill's.
     prompts = [ids_for(1, n, seed=n)[0] for n in (4, 19, 33)]
     ids, mask = left_pad(prompts)
     T = ids.shape[1]
@@ -114,6 +123,7 @@ def test_decode_spans_let_through_exactly_what_the_mask_does(tiny_model):
         for n in pieces:  # the prefill, whole or in two forwards
             for c in (cache, dynamic):
                 tiny_model(ids[:, start : start + n], attention_mask=prompt_mask[:, : start + n], cache=c)
+                assert spans_or_none(c, prompt_mask[:, : start + n]) is False
             start += n
         token, full = ids[:, -1:], prompt_mask
         for _ in range(4):
@@ -122,14 +132,23 @@ def test_decode_spans_let_through_exactly_what_the_mask_does(tiny_model):
             want = tiny_model(token, attention_mask=full, cache=dynamic).logits
             assert rel_err(got, want) < 1e-5
             assert spans_or_none(cache) is spans
+            assert spans_or_none(dynamic, full) is (spans and not bool(full.all()))
             token = got[:, -1:].argmax(-1)
         if spans:
             assert torch.equal(cache.first, (prompt_mask == 0).sum(1))
+        step = torch.cat([full, torch.ones_like(token)], 1)
+        step[0, -1] = 0  # a padded new token, after real ones: the growing cache's step takes the mask
+        tiny_model(token, attention_mask=step, cache=dynamic)
+        assert spans_or_none(dynamic, step) is False
     cache.reset()
-    tiny_model(ids, attention_mask=mask, cache=cache)
-    cache.reorder_cache(torch.tensor([2, 0, 1]))  # beams reordered: each row's first real slot goes with it
-    tiny_model(ids[:, -1:], attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], 1)[[2, 0, 1]], cache=cache)
+    dynamic = KimiLinearCache(tiny_model.config)
+    beams = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)[[2, 0, 1]]
+    for c in (cache, dynamic):
+        tiny_model(ids, attention_mask=mask, cache=c)
+        c.reorder_cache(torch.tensor([2, 0, 1]))  # beams reordered: each row's first real slot goes with it
+        tiny_model(ids[:, -1:], attention_mask=beams, cache=c)
     assert spans_or_none(cache) and torch.equal(cache.first, (mask[[2, 0, 1]] == 0).sum(1))
+    assert spans_or_none(dynamic, beams)
 
 
 def generate_both(model, ids, **kwargs):
