@@ -3,7 +3,7 @@
     python generate.py "To be, or not to be"                       # the repo's embedded default model
     python generate.py --model /path/to/checkpoint "Hello" --max-new-tokens 100
     python generate.py --model org/name --greedy "Hello"            # a Hub id (or one in the local Hub cache)
-    python generate.py --model /path/to/checkpoint --cuda-graph "Hello"  # decode steps replayed from a CUDA graph
+    python generate.py --model /path/to/checkpoint --cache dynamic "Hello"  # the growing cache, decoded eagerly
 
 The embedded default model is the folder default_model/ at the repo root when it is there: a small Kimi Linear
 (3 KDA : 1 MLA, MoE) trained on Shakespeare and Milton by finetune/pretrain_embedded.py. Without it, a Kimi Linear
@@ -53,11 +53,15 @@ def main():
     ap.add_argument("--top-k", type=int, default=50, help="(default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     ap.add_argument(
-        "--cuda-graph",
-        action="store_true",
-        help="decode with a static cache (KimiLinearStaticCache, generate(cache_implementation='static')): the "
-        "one-token step is captured once in a CUDA graph and replayed for every token; on a CPU the same cache "
-        "decodes eagerly",
+        "--cache",
+        choices=["auto", "static", "dynamic"],
+        default="auto",
+        help="static: KimiLinearStaticCache, whose one-token step is captured once in a CUDA graph and replayed for "
+        "every token (on a CPU it decodes eagerly); dynamic: KimiLinearCache, growing, every step eager; auto: "
+        "generate()'s choice, static on one CUDA device, else dynamic (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--cuda-graph", dest="cache", action="store_const", const="static", help="the same as --cache static"
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
     ap.add_argument(
@@ -96,15 +100,15 @@ def main():
         max_new_tokens=args.max_new_tokens,
         streamer=TextStreamer(tokenizer, skip_special_tokens=True),
         return_dict_in_generate=True,
-        **({"cache_implementation": "static"} if args.cuda_graph else {}),
+        **({} if args.cache == "auto" else {"cache_implementation": args.cache}),
         **sampling,
     )
     new = out.sequences.shape[1] - inputs["input_ids"].shape[1]
     seconds = time.perf_counter() - start
     cache = out.get("cache")  # transformers >= 5.24; before, past_key_values
     cache = cache if cache is not None else out.get("past_key_values")
-    mode = f", decode: {cache.decode_mode}" if getattr(cache, "decode_mode", None) else ""
-    print(f"\n[{new} tokens in {seconds:.2f}s, {new / seconds:.1f} tokens/s{mode}]", file=sys.stderr)
+    mode = getattr(cache, "decode_mode", None) or f"eager ({type(cache).__name__})"
+    print(f"\n[{new} tokens in {seconds:.2f}s, {new / seconds:.1f} tokens/s, decode: {mode}]", file=sys.stderr)
 
 
 if __name__ == "__main__":

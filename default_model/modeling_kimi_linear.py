@@ -22,8 +22,9 @@ Departures from a vanilla decoder-only transformer, in forward order:
   document: packed rows compute exactly what separate rows would.
 - Decode without per-token overhead: KimiLinearStaticCache preallocates every state (MLA latents up to a maximum
   length) so that a decode step has fixed shapes and no host sync (the cached length lives on the device, MLA masks
-  the slots not yet written); on CUDA that step is captured once in a CUDA graph and replayed for every token
-  (generate(cache_implementation="static")).
+  the slots not yet written); on CUDA that step is captured once in a CUDA graph and replayed for every token.
+  generate() takes it by default on a model on one CUDA device (cache_implementation="static" anywhere,
+  "dynamic" for the growing KimiLinearCache).
 - Short prompts without per-layer host work: capture_prefill_graphs() captures a fresh prefill in CUDA graphs at a
   few dozen padded lengths (the padding an identity step for KDA, hidden by MLA's causal attention); a prompt they
   hold replays the smallest, and nothing is chosen, built or launched per layer at a new length.
@@ -1786,6 +1787,7 @@ class KimiLinearStaticCache(KimiLinearCache):
         self._failure = None  # why the capture failed
         self._recheck = True  # a prefill ran since the last replay: check the graph still fits the model
         self.decode_mode = None  # "cuda_graph" or "eager (reason)": how the last decode step ran
+        self.made_by_generate = False  # generate() built it: a later generate() continuing it may grow it
         if device is not None:
             if batch_size is None:
                 raise ValueError("Allocating up front (device given) needs batch_size.")
@@ -1826,6 +1828,28 @@ class KimiLinearStaticCache(KimiLinearCache):
 
     def get_seq_length(self, layer_idx=0, *args, **kwargs):
         return self._seen
+
+    def grow(self, max_length):
+        """Room for max_length tokens (no-op if there is already): the latents move to larger buffers, the tokens
+        cached kept; the decode graph, which points at the old ones, is dropped and captured again at the next decode
+        step. Not during a decode step's capture or replay: between generations."""
+        max_length = int(max_length)
+        if max_length <= self.max_length:
+            return
+        for layer in self.layers:
+            if isinstance(layer, MLAStaticLayerState):
+                layer.max_length = max_length
+                if layer.buffer is not None:
+                    old = layer.buffer
+                    layer.buffer = old.new_zeros(old.shape[0], max_length, old.shape[2])
+                    layer.buffer[:, : self.max_length] = old
+        if self.position is not None:
+            more = self.key_mask.new_ones(self.key_mask.shape[0], max_length - self.max_length)
+            self.key_mask = torch.cat([self.key_mask, more], 1)
+            self._keys = torch.arange(max_length, device=self._keys.device)
+        self.max_length = max_length
+        if self._graph:
+            self._graph = None
 
     def get_max_cache_shape(self, *args, **kwargs):
         return self.max_length
@@ -2265,9 +2289,10 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
         self, generation_config, model_kwargs, generation_mode=None, batch_size=None, max_cache_length=None, *args,
         **kwargs,
     ):  # fmt: skip
-        """generate()'s cache: KimiLinearCache, or with `cache_implementation="static"` a KimiLinearStaticCache sized
-        for this call (batch x beams rows, prompt + max_new_tokens - 1 tokens) whose decode steps replay a CUDA graph
-        on CUDA."""
+        """generate()'s cache: with `cache_implementation="static"` a KimiLinearStaticCache sized for this call
+        (batch x beams rows, prompt + max_new_tokens - 1 tokens) whose decode steps replay a CUDA graph on CUDA; with
+        "dynamic" a KimiLinearCache; with none given, the static cache where its graph can serve (_auto_cache), else
+        the growing one. A static cache that generate() made grows when a later call continues it past its length."""
         implementation = generation_config.cache_implementation
         user_cache = model_kwargs.get("cache", model_kwargs.get("past_key_values"))
         if user_cache is not None:
@@ -2280,29 +2305,67 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
             if implementation is not None:
                 raise ValueError(f"Pass either cache_implementation={implementation!r} or a cache object, not both.")
             if isinstance(user_cache, KimiLinearStaticCache) and max_cache_length is not None:
-                if max_cache_length > user_cache.max_length:
+                if max_cache_length > user_cache.max_length and user_cache.made_by_generate:
+                    user_cache.grow(max_cache_length)  # a continuation of a generation (its graph is captured again)
+                elif max_cache_length > user_cache.max_length:
                     raise ValueError(
                         f"This generation needs room for {max_cache_length} tokens (prompt + max_new_tokens - 1) but "
                         f"the KimiLinearStaticCache has max_length={user_cache.max_length}. Build it with a larger "
-                        "max_length, or lower max_new_tokens."
+                        "max_length (or call cache.grow(n)), or lower max_new_tokens."
                     )
             return
         if generation_config.use_cache is False:
             return
-        if implementation in (None, "dynamic"):
+        beams = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
+        rows = batch_size * beams if batch_size is not None else None  # None: from the first forward
+        length = max(
+            max_cache_length or generation_config.max_length, getattr(generation_config, "max_cache_len", 0) or 0
+        )
+        if implementation is None:
+            implementation, why = self._auto_cache(generation_mode, rows, length)
+            logger.info(f"Kimi Linear: generate() decodes with the {implementation} cache ({why}).")
+        if implementation == "dynamic":
             model_kwargs[_CACHE_FIELD] = KimiLinearCache(self.config)
         elif implementation == "static":
-            beams = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1)
-            rows = batch_size * beams if batch_size is not None else None  # None: from the first forward
-            length = max(
-                max_cache_length or generation_config.max_length, getattr(generation_config, "max_cache_len", 0) or 0
-            )
-            model_kwargs[_CACHE_FIELD] = KimiLinearStaticCache(self.config, max_length=length, batch_size=rows)
+            cache = KimiLinearStaticCache(self.config, max_length=length, batch_size=rows)
+            cache.made_by_generate = True
+            model_kwargs[_CACHE_FIELD] = cache
         else:
             raise ValueError(
                 f"Kimi Linear supports cache_implementation None / 'dynamic' (KimiLinearCache) or 'static' "
                 f"(KimiLinearStaticCache, CUDA-graph decoding), got {implementation!r}."
             )
+
+    # generate() without a cache_implementation takes the static cache (decode steps replayed from a CUDA graph) only
+    # while its latents, allocated up front for the whole generation, take at most this share of the device's free
+    # memory; the growing cache allocates as the tokens come.
+    static_cache_memory_share = 0.25
+    _GRAPH_MODES = ("greedy_search", "sample", "beam_search", "beam_sample")  # generate() modes a static cache serves
+
+    def _auto_cache(self, generation_mode, rows, length):
+        """("static" or "dynamic", why) for generate() without a cache_implementation: the static cache where a CUDA
+        graph will replay its decode steps (one CUDA device, a greedy, sampling or beam-search mode, its latents
+        within static_cache_memory_share of the free memory), else the growing cache."""
+        devices = {p.device for p in self.parameters()}
+        device = next(iter(devices))
+        if len(devices) != 1 or device.type != "cuda":
+            where = device.type if len(devices) == 1 else f"{len(devices)} devices"
+            return "dynamic", f"the model is on {where}: CUDA graphs need one CUDA device"
+        mode = getattr(generation_mode, "value", generation_mode)
+        if mode is not None and mode not in self._GRAPH_MODES:
+            return "dynamic", f"{mode} generation"
+        if rows is None:
+            return "dynamic", "the batch size is not known up front"
+        c = self.config
+        mla = sum(kind != KDA for kind in c.layer_types)
+        need = rows * length * (c.kv_lora_rank + c.qk_rope_head_dim) * mla * self.dtype.itemsize
+        free = torch.cuda.mem_get_info(device)[0]
+        if need > self.static_cache_memory_share * free:
+            return "dynamic", (
+                f"the static cache's latents, {need / 2**30:.2f} GiB for {rows} rows of {length} tokens, would take "
+                f"more than {self.static_cache_memory_share:.0%} of the {free / 2**30:.1f} GiB free"
+            )
+        return "static", f"{rows} rows of up to {length} tokens, decode steps replayed from a CUDA graph"
 
 
 class KimiLinearModel(KimiLinearPreTrainedModel):

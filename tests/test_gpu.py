@@ -530,8 +530,11 @@ class TestCudaGraphDecode:
 
     @staticmethod
     def generate(model, ids, cache=None, n=20, **kwargs):
+        """generate() on `cache`, or on the growing cache when it is None (unless kwargs name another)."""
         if cache is not None:
             kwargs[_CACHE_FIELD] = cache  # generate()'s name: `cache` from transformers 5.24, else past_key_values
+        else:
+            kwargs.setdefault("cache_implementation", "dynamic")
         out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                              return_dict_in_generate=True, output_logits=True, **kwargs)  # fmt: skip
         cache = out.get("cache")  # transformers >= 5.24; before, past_key_values
@@ -605,6 +608,32 @@ class TestCudaGraphDecode:
                 assert rel_rms(logits, twin_logits) < 1e-3, rel_rms(logits, twin_logits)
             graphs.append(cache._graph)
         assert graphs[0] is not graphs[1] and graphs[1] is not graphs[2]
+
+    @torch.no_grad()
+    def test_generate_decodes_from_a_graph_by_default_and_a_continuation_grows_the_cache(self):
+        model = _cuda_model()  # float32: the graph and the growing cache give the same tokens
+        ids = self.prompts(2)
+        auto, auto_logits, cache = self.generate(model, ids, cache_implementation=None)
+        assert isinstance(cache, KimiLinearStaticCache) and cache.made_by_generate
+        assert cache.decode_mode == "cuda_graph" and cache.graph_replays == 19
+        grown, grown_logits, grown_cache = self.generate(model, ids)
+        assert not isinstance(grown_cache, KimiLinearStaticCache)
+        assert torch.equal(auto, grown) and rel_rms(auto_logits, grown_logits) < 1e-3
+        # continued past its length: the cache grows, a graph on the new buffers replays, the tokens are those of
+        # one generation as long as both
+        graph = cache._graph
+        more, _, again = self.generate(model, auto, cache, n=12)
+        assert again is cache and cache.max_length == 37 + 20 + 11 and cache._graph is not graph
+        assert cache.decode_mode == "cuda_graph" and cache.graph_replays == 12  # the uncached token a step too
+        whole, _, _ = self.generate(model, ids, n=32)
+        assert torch.equal(more, whole)
+        # latents that would take more than the share of free memory: the growing cache
+        model.static_cache_memory_share = 0.0
+        try:
+            _, _, small = self.generate(model, ids, cache_implementation=None)
+        finally:
+            del model.static_cache_memory_share
+        assert not isinstance(small, KimiLinearStaticCache)
 
     @torch.no_grad()
     def test_decode_step_never_syncs(self):

@@ -229,7 +229,7 @@ class TestOnGpu:
         with pytest.raises(ValueError, match=r"bfloat16 on sm90/sm100 only \(this model: torch.float32"):
             cuda_model(torch.float32).capture_prefill_graphs(128)
 
-    @pytest.mark.parametrize("implementation", [None, "static"])
+    @pytest.mark.parametrize("implementation", ["dynamic", "static"])
     @torch.no_grad()
     def test_generate_replays_the_prefill(self, implementation):
         model = cuda_model()

@@ -18,6 +18,7 @@ from kimi_linear.modeling_kimi_linear import (
     KimiLinearMoE,
     KimiLinearStaticCache,
     MLALayerState,
+    MLAStaticLayerState,
     moe_experts_gathered,
     moe_experts_loop,
 )
@@ -238,6 +239,43 @@ def test_generation_past_max_length_is_refused(tiny_model):
 
 
 @torch.no_grad()
+def test_a_generation_continued_past_its_static_cache_grows_it(tiny_model):
+    # generate() made the cache: a later generate() that continues it past its length grows it (the latents move to
+    # larger buffers, the padding kept) and gives the tokens of one generation as long as both, on the growing cache
+    prompts = [ids_for(1, n, seed=n)[0] for n in (6, 13)]
+    ids, mask = left_pad(prompts)
+    T = ids.shape[1]
+    kwargs = dict(do_sample=False, return_dict_in_generate=True)
+    first = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5,
+                                cache_implementation="static", **kwargs)  # fmt: skip
+    cache = cache_of(first)
+    assert isinstance(cache, KimiLinearStaticCache) and cache.made_by_generate and cache.max_length == T + 4
+    held = [layer.buffer.clone() for layer in cache.layers if isinstance(layer, MLAStaticLayerState)]
+    more = torch.cat([mask, torch.ones_like(first.sequences[:, T:])], 1)
+    second = tiny_model.generate(first.sequences, attention_mask=more, max_new_tokens=7, min_new_tokens=7,
+                                 **{CACHE: cache}, **kwargs)  # fmt: skip
+    assert cache.max_length == T + 5 + 6 == cache.get_seq_length()
+    grown = [layer.buffer for layer in cache.layers if isinstance(layer, MLAStaticLayerState)]
+    assert all(torch.equal(g[:, : T + 4], h) for g, h in zip(grown, held))  # the cached latents, moved as they were
+    whole = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12,
+                                cache_implementation="dynamic", **kwargs)  # fmt: skip
+    assert not isinstance(cache_of(whole), KimiLinearStaticCache)
+    assert torch.equal(second.sequences, whole.sequences)
+    # a cache the caller built keeps its max_length: refused, naming the way out
+    mine = KimiLinearStaticCache(tiny_model.config, max_length=T + 4)
+    tiny_model.generate(ids, attention_mask=mask, max_new_tokens=5, **{CACHE: mine}, do_sample=False)
+    with pytest.raises(ValueError, match=r"room for 24 tokens .* max_length=17. .* \(or call cache.grow\(n\)\)"):
+        tiny_model.generate(first.sequences, attention_mask=more, max_new_tokens=7, **{CACHE: mine}, do_sample=False)
+
+
+def test_generate_takes_the_growing_cache_off_cuda_and_says_why(tiny_model):
+    assert tiny_model._auto_cache("greedy_search", 2, 100) == (
+        "dynamic",
+        "the model is on cpu: CUDA graphs need one CUDA device",
+    )
+
+
+@torch.no_grad()
 def test_reset_reuses_the_cache_and_wrong_shapes_are_refused(tiny_model):
     ids = ids_for(2, 9, seed=26)
     kwargs = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False)
@@ -330,23 +368,23 @@ def test_decode_benchmark_runs_on_cpu(tmp_path):
     assert result["cache_bytes_per_token"]["64"]["hybrid"] == pytest.approx(latent + kda / 64)
 
 
-def test_streaming_script_with_cuda_graph_switch_streams_the_same_text(tmp_path, monkeypatch, capsys):
+def test_streaming_script_with_each_cache_streams_the_same_text(tmp_path, monkeypatch, capsys):
     from kimi_linear_conversion.random_checkpoint import make_random_checkpoint
 
     ckpt = make_random_checkpoint(ROOT / "conversion" / "configs" / "tiny.json", tmp_path / "ckpt", seed=4)
+    graph = (
+        "cuda_graph" if torch.cuda.is_available() else "eager (CUDA graphs need a CUDA device, the model runs on cpu)"
+    )
     texts = []
-    for switch in ([], ["--cuda-graph"]):
+    for switch, mode in [(["--cache", "dynamic"], "eager (KimiLinearCache)"), (["--cuda-graph"], graph),
+                         ([], graph if torch.cuda.is_available() else "eager (KimiLinearCache)")]:  # fmt: skip
         argv = ["generate.py", "--model", str(ckpt), "--greedy", "--max-new-tokens", "16", *switch, "Hello"]
         monkeypatch.setattr(sys, "argv", argv)
         runpy.run_path(str(ROOT / "generate.py"), run_name="__main__")
         out = capsys.readouterr()
         texts.append(out.out)
-        assert "[16 tokens in" in out.err
-    assert texts[0] == texts[1] and len(texts[0]) > len("Hello")
-    if torch.cuda.is_available():  # generate.py's default device
-        assert "decode: cuda_graph]" in out.err
-    else:
-        assert "decode: eager (CUDA graphs need a CUDA device, the model runs on cpu)" in out.err
+        assert "[16 tokens in" in out.err and f"decode: {mode}]" in out.err, out.err
+    assert texts[0] == texts[1] == texts[2] and len(texts[0]) > len("Hello")
 
 
 def test_prefill_benchmark_runs_on_cpu(tmp_path):
