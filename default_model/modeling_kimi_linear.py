@@ -2322,7 +2322,7 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
             max_cache_length or generation_config.max_length, getattr(generation_config, "max_cache_len", 0) or 0
         )
         if implementation is None:
-            implementation, why = self._auto_cache(generation_mode, rows, length)
+            implementation, why = self._auto_cache(generation_mode, rows, length, generation_config.max_new_tokens)
             logger.info(f"Kimi Linear: generate() decodes with the {implementation} cache ({why}).")
         if implementation == "dynamic":
             model_kwargs[_CACHE_FIELD] = KimiLinearCache(self.config)
@@ -2340,12 +2340,17 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
     # while its latents, allocated up front for the whole generation, take at most this share of the device's free
     # memory; the growing cache allocates as the tokens come.
     static_cache_memory_share = 0.25
+    # ... and for at least this many new tokens: each generate() call captures its decode graph afresh (two warm-up
+    # steps and the capture), which costs more than the steps it replays in very short generations (on an H200 with
+    # the bench model: 2 new tokens 40 -> 68 ms a call, 8 new tokens 94 -> 72 ms, benchmarks/generate_gpu.py)
+    static_cache_min_new_tokens = 8
     _GRAPH_MODES = ("greedy_search", "sample", "beam_search", "beam_sample")  # generate() modes a static cache serves
 
-    def _auto_cache(self, generation_mode, rows, length):
+    def _auto_cache(self, generation_mode, rows, length, new_tokens=None):
         """("static" or "dynamic", why) for generate() without a cache_implementation: the static cache where a CUDA
-        graph will replay its decode steps (one CUDA device, a greedy, sampling or beam-search mode, its latents
-        within static_cache_memory_share of the free memory), else the growing cache."""
+        graph will replay its decode steps and repay its capture (one CUDA device, a greedy, sampling or beam-search
+        mode, at least static_cache_min_new_tokens new tokens when max_new_tokens says, its latents within
+        static_cache_memory_share of the free memory), else the growing cache."""
         devices = {p.device for p in self.parameters()}
         device = next(iter(devices))
         if len(devices) != 1 or device.type != "cuda":
@@ -2354,6 +2359,8 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
         mode = getattr(generation_mode, "value", generation_mode)
         if mode is not None and mode not in self._GRAPH_MODES:
             return "dynamic", f"{mode} generation"
+        if new_tokens is not None and new_tokens < self.static_cache_min_new_tokens:
+            return "dynamic", f"{new_tokens} new tokens: a graph's capture would cost more than its replays save"
         if rows is None:
             return "dynamic", "the batch size is not known up front"
         c = self.config

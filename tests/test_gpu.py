@@ -627,13 +627,14 @@ class TestCudaGraphDecode:
         assert cache.decode_mode == "cuda_graph" and cache.graph_replays == 12  # the uncached token a step too
         whole, _, _ = self.generate(model, ids, n=32)
         assert torch.equal(more, whole)
-        # latents that would take more than the share of free memory: the growing cache
+        # latents that would take more than the share of free memory, or too few new tokens: the growing cache
         model.static_cache_memory_share = 0.0
         try:
             _, _, small = self.generate(model, ids, cache_implementation=None)
         finally:
             del model.static_cache_memory_share
-        assert not isinstance(small, KimiLinearStaticCache)
+        _, _, short = self.generate(model, ids, n=model.static_cache_min_new_tokens - 1, cache_implementation=None)
+        assert not isinstance(small, KimiLinearStaticCache) and not isinstance(short, KimiLinearStaticCache)
 
     @torch.no_grad()
     def test_decode_step_never_syncs(self):
