@@ -1937,13 +1937,13 @@ class KimiLinearStaticCache(KimiLinearCache):
     def batch_select_indices(self, indices):
         raise ValueError(
             "KimiLinearStaticCache has a fixed batch size (a captured CUDA graph points at its tensors): rows cannot "
-            "be selected; use KimiLinearCache (generate()'s default cache) for this."
+            "be selected; use KimiLinearCache (generate(cache_implementation='dynamic')) for this."
         )
 
     def batch_repeat_interleave(self, repeats):
         raise ValueError(
             "KimiLinearStaticCache has a fixed batch size (a captured CUDA graph points at its tensors): rows cannot "
-            "be repeated; build it for the expanded batch, or use KimiLinearCache (generate()'s default cache)."
+            "be repeated; build it for the expanded batch, or use KimiLinearCache (cache_implementation='dynamic')."
         )
 
     @property

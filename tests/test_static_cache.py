@@ -153,10 +153,10 @@ def test_decode_spans_let_through_exactly_what_the_mask_does(tiny_model):
 
 
 def generate_both(model, ids, **kwargs):
-    """generate() with the default cache and with cache_implementation="static", same seed, logits returned."""
+    """generate() with the growing cache and with the static one, same seed, logits returned."""
     kwargs = dict(kwargs, return_dict_in_generate=True, output_logits=True)
     torch.manual_seed(0)
-    dynamic = model.generate(ids, **kwargs)
+    dynamic = model.generate(ids, cache_implementation="dynamic", **kwargs)
     torch.manual_seed(0)
     static = model.generate(ids, cache_implementation="static", **kwargs)
     assert isinstance(cache_of(dynamic), KimiLinearCache) and not isinstance(cache_of(dynamic), KimiLinearStaticCache)
