@@ -128,8 +128,19 @@ def short_conv(x, weight, state=None, window=True):
     if state is None:
         state = xt.new_zeros(xt.shape[0], xt.shape[1], width - 1)
     xt = torch.cat([state.to(xt.dtype), xt], dim=-1)  # [B, D, W-1+T]
-    y = F.conv1d(xt, weight.to(xt.dtype), groups=xt.shape[1])
-    return F.silu(y).transpose(1, 2), xt[..., xt.shape[-1] - (width - 1) :]
+    return F.silu(_depthwise_conv(xt, weight)).transpose(1, 2), xt[..., xt.shape[-1] - (width - 1) :]
+
+
+def _depthwise_conv(xt, weight):
+    """The depthwise conv of xt [B, D, L] by weight [D, 1, W], without padding: [B, D, L-W+1] in xt's dtype. On the
+    CPU a single output per channel (a decode step) is a product and a sum, and half types convolve in float32: the
+    same float32 sums rounded once as their own conv1d, which ran 10-40x slower there (benchmarks/cpu_decode.py)."""
+    if xt.device.type != "cpu":
+        return F.conv1d(xt, weight.to(xt.dtype), groups=xt.shape[1])
+    wide = xt if xt.dtype in (torch.float32, torch.float64) else xt.float()
+    if xt.shape[-1] == weight.shape[-1]:
+        return (wide * weight[:, 0].to(wide.dtype)).sum(-1, keepdim=True).to(xt.dtype)
+    return F.conv1d(wide, weight.to(wide.dtype), groups=xt.shape[1]).to(xt.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,7 +285,7 @@ def short_conv_varlen(x, weight, windows, segs, window=True):
     ext = x.new_empty(x.shape[1], N + S * (W - 1))  # [D, N + S*(W-1)]
     ext[:, segs.token_slot(W)] = x.t()
     ext[:, segs.window_slots(W)] = windows.to(x.dtype).permute(1, 0, 2).reshape(x.shape[1], -1)
-    y = F.silu(F.conv1d(ext[None], weight.to(x.dtype), groups=x.shape[1])[0])  # [D, N + (S-1)*(W-1)]
+    y = F.silu(_depthwise_conv(ext[None], weight)[0])  # [D, N + (S-1)*(W-1)]
     y = y[:, segs.token_slot(W) - (W - 1)].t()
     final = ext[:, segs.final_window_slots(W)].view(x.shape[1], S, W - 1).permute(1, 0, 2)
     return y, final

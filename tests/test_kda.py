@@ -143,6 +143,25 @@ def test_short_conv_matches_direct_sum_and_carries_state():
     assert torch.allclose(torch.cat([y1, y2], 1), y, atol=1e-6) and torch.allclose(s2, state)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_short_conv_in_each_dtype_whole_and_token_by_token_near_float64(dtype):
+    # a prompt at once and the same tokens one decode step at a time (the CPU's product-and-sum path): each within
+    # one rounding of the float64 direct sum (half types summed in float32 and rounded once)
+    B, T, D, W = 2, 9, 40, 4
+    x, w, state = torch.randn(B, T, D).double(), torch.randn(D, 1, W).double(), torch.randn(B, D, W - 1).double()
+    padded = torch.cat([state.transpose(1, 2), x], 1)
+    direct = torch.nn.functional.silu(torch.stack([(padded[:, t : t + W] * w[:, 0].T).sum(1) for t in range(T)], 1))
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2 * torch.finfo(dtype).eps)
+    whole, last = short_conv(x.to(dtype), w.to(dtype), state.to(dtype))
+    window, steps = state.to(dtype), []
+    for t in range(T):
+        y, window = short_conv(x[:, t : t + 1].to(dtype), w.to(dtype), window)
+        steps.append(y)
+    for got in (whole, torch.cat(steps, 1)):
+        assert got.dtype == dtype and ((got.double() - direct).abs() <= tol * (1 + direct.abs())).all()
+    assert torch.equal(window, last) and torch.equal(last, x[:, -(W - 1) :].transpose(1, 2).to(dtype))
+
+
 @pytest.mark.parametrize("T", [1, 2, 3, 7])
 @pytest.mark.parametrize("with_state", [False, True])
 def test_new_window_of_the_triton_conv_path_equals_the_twins(T, with_state):
