@@ -1,6 +1,7 @@
 """CPU decode: milliseconds per decode step of the whole model on the growing cache (generate()'s cache on a CPU),
-batch 1, greedy, after a 32-token prompt, for this tree and, with --baseline DIR (another checkout of this repo, e.g.
-`git archive REV | tar x -C DIR`), that tree's model with the same weights, the two timed in turn in one process.
+batch 1, greedy, and of the prefill of the --prompt tokens before them, for this tree and, with --baseline DIR
+(another checkout of this repo, e.g. `git archive REV | tar x -C DIR`), that tree's model with the same weights, the
+two timed in turn in one process.
 
 Run it from the repo root (the script form, never `python -m`):
 
@@ -11,7 +12,8 @@ Configs (random weights, seed 0):
     wide     benchmarks/configs/cpu_prefill.json: 4 layers, hidden 1024, KDA 16 x 128 heads (the released KDA width)
 Dtypes: --dtypes (float32, bfloat16). For each config and dtype: both sides' first decode step's logits must agree
 (relative error printed), then --repeats rounds of --steps decode steps per side, the sides' order alternating by
-round; the median round is reported.
+round; the median round is reported. The float32 and half-type rows show what the dtype costs on this CPU (half-type
+matrix products without AVX512-BF16 / AMX run far slower than float32's).
 
 Writes benchmarks/results/cpu_decode.json (rounds, medians, ratios, versions, date) and cpu_decode.png and prints a
 table.
@@ -50,16 +52,19 @@ def build(modeling, configuration, name, dtype, state=None):
 
 @torch.no_grad()
 def decode_round(model, cache_cls, ids, steps):
-    """(ms per decode step over `steps` greedy steps after a prefill of ids, the first step's logits)."""
+    """(ms per decode step over `steps` greedy steps after a prefill of ids, ms of the prefill, the first step's
+    logits)."""
     cache = cache_cls(model.config)
+    start = time.perf_counter()
     nxt = model(ids, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    prefill = (time.perf_counter() - start) * 1e3
     first = None
     start = time.perf_counter()
     for _ in range(steps):
         logits = model(nxt, cache=cache).logits
         first = logits.float() if first is None else first
         nxt = logits[:, -1:].argmax(-1)
-    return (time.perf_counter() - start) / steps * 1e3, first
+    return (time.perf_counter() - start) / steps * 1e3, prefill, first
 
 
 def plot(report, path):
@@ -93,6 +98,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--prompt", type=int, default=512, help="prompt tokens (default: %(default)s)")
     ap.add_argument("--steps", type=int, default=20, help="decode steps per round (default: %(default)s)")
     ap.add_argument("--repeats", type=int, default=5, help="rounds per side (default: %(default)s)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
@@ -108,7 +114,7 @@ def main(argv=None):
     meta = report["meta"]
     print(f"{meta['cpu_model']} | torch {meta['torch']} | transformers {meta['transformers']} | {meta['date_utc']} | "
           f"{meta['git_commit']}", file=sys.stderr)  # fmt: skip
-    ids = torch.randint(3, 500, (1, 32), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 500, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     for name in args.configs:
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
@@ -116,19 +122,24 @@ def main(argv=None):
             for side, (modeling, configuration) in sides.items():
                 state = next(iter(models.values()))[0].state_dict() if models else None
                 models[side] = (build(modeling, configuration, name, dtype, state), modeling.KimiLinearCache)
-            rounds = {side: [] for side in models}
-            firsts = {side: decode_round(*models[side], ids, 1)[1] for side in models}  # also the warm-up
+            rounds, prefills = {side: [] for side in models}, {side: [] for side in models}
+            firsts = {side: decode_round(*models[side], ids, 1)[2] for side in models}  # also the warm-up
             ref = firsts["this tree"]
             agree = {side: ((f - ref).norm() / ref.norm()).item() for side, f in firsts.items()}
             for r in range(args.repeats):
                 for side in list(models)[:: 1 if r % 2 == 0 else -1]:
-                    rounds[side].append(decode_round(*models[side], ids, args.steps)[0])
-            row = dict(config=name, dtype=dtype_name, rounds=rounds, logits_rel_err_vs_this_tree=agree,
-                       ms_per_step={side: statistics.median(v) for side, v in rounds.items()})  # fmt: skip
+                    step_ms, prefill_ms, _ = decode_round(*models[side], ids, args.steps)
+                    rounds[side].append(step_ms)
+                    prefills[side].append(prefill_ms)
+            row = dict(config=name, dtype=dtype_name, rounds=rounds, prefill_rounds=prefills,
+                       logits_rel_err_vs_this_tree=agree,
+                       ms_per_step={side: statistics.median(v) for side, v in rounds.items()},
+                       prefill_ms={side: statistics.median(v) for side, v in prefills.items()})  # fmt: skip
             if "baseline" in rounds:
                 row["speedup"] = row["ms_per_step"]["baseline"] / row["ms_per_step"]["this tree"]
             report["rows"].append(row)
-            cols = "  ".join(f"{side} {ms:8.2f} ms" for side, ms in row["ms_per_step"].items())
+            cols = "  ".join(f"{side} {ms:8.2f} ms/step, prefill {row['prefill_ms'][side]:8.1f} ms"
+                             for side, ms in row["ms_per_step"].items())  # fmt: skip
             extra = (
                 f"  speed-up {row['speedup']:.2f}x, logits agree to {agree['baseline']:.1e}" if "speedup" in row else ""
             )

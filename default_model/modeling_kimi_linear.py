@@ -1116,6 +1116,20 @@ def _grouped_mm_takes(dtype, *widths):
 
 
 @functools.cache
+def _cpu_half_products_slow(dtype):
+    """Whether this CPU multiplies matrices of this half type without native support (bfloat16 without AVX512-BF16
+    or AMX, float16 without AMX-FP16): several times slower than float32 there."""
+    cpu = torch.cpu
+    if dtype == torch.bfloat16:
+        native = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    elif dtype == torch.float16:
+        native = ("_is_amx_fp16_supported",)
+    else:
+        return False
+    return not any(getattr(cpu, name, lambda: True)() for name in native)
+
+
+@functools.cache
 def _grouped_mm_runs(device_type, dtype):
     """Whether this torch build runs torch._grouped_mm on this device type and dtype (found once, by trying)."""
     if _grouped_mm is None:
@@ -2422,6 +2436,12 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
+        if T > 1 and x.device.type == "cpu" and _cpu_half_products_slow(x.dtype):
+            logger.warning_once(
+                f"Kimi Linear: this CPU has no native {x.dtype} matrix products (AVX512-BF16 / AMX), so the model's "
+                "products of many rows run several times slower than in float32 (benchmarks/cpu_decode.py): for CPU "
+                "inference, load the model with dtype=torch.float32."
+            )
         cache, use_cache = _resolve_cache(self, cache, use_cache)
         past = cache.get_seq_length() if cache is not None else 0
         _check_attention_mask(attention_mask, B, T, past)

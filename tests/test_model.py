@@ -389,3 +389,22 @@ def test_a_shape_without_a_cudnn_plan_rents_the_triton_kernel_until_the_rent_pay
         runs += 1
     assert runs == math.ceil(60 / per_run_ms), (runs, per_run_ms)
     assert "b" not in modeling._PLANS.rent
+
+
+@torch.no_grad()
+def test_half_types_on_a_cpu_without_native_products_warn_once_naming_float32():
+    # a prompt in bfloat16 on a CPU without AVX512-BF16 or AMX warns once, naming the fix; float32 never warns
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging as hf_logging
+
+    logger = hf_logging.get_logger("kimi_linear.modeling_kimi_linear")
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    model = build_model()
+    ids = ids_for(1, 5, seed=3)
+    hf_logging.warning_once.cache_clear()
+    with CaptureLogger(logger) as fp32:
+        model(ids)
+    with CaptureLogger(logger) as bf16:
+        model.bfloat16()(ids)
+    assert "no native" not in fp32.out
+    assert ("dtype=torch.float32" in bf16.out) is not native, bf16.out
