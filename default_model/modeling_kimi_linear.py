@@ -134,7 +134,8 @@ def short_conv(x, weight, state=None, window=True):
 def _depthwise_conv(xt, weight):
     """The depthwise conv of xt [B, D, L] by weight [D, 1, W], without padding: [B, D, L-W+1] in xt's dtype. On the
     CPU a single output per channel (a decode step) is a product and a sum, and half types convolve in float32: the
-    same float32 sums rounded once as their own conv1d, which ran 10-40x slower there (benchmarks/cpu_decode.py)."""
+    same float32 sums rounded once as their own conv1d, which made bfloat16 decode steps 3-6x slower there
+    (benchmarks/cpu_decode.py)."""
     if xt.device.type != "cpu":
         return F.conv1d(xt, weight.to(xt.dtype), groups=xt.shape[1])
     wide = xt if xt.dtype in (torch.float32, torch.float64) else xt.float()
