@@ -1584,9 +1584,15 @@ class MLALayerState:
     def is_initialized(self):
         return self.buffer is not None
 
+    def _step(self, T):
+        """Whether appending T tokens is a decode step (one token after a prefill); sets `span` for it."""
+        step = T == 1 and self.seen > 0
+        self.span = self.bounds if step else None
+        return step
+
     def append(self, latent):
         B, T, width = latent.shape
-        self.span = self.bounds if T == 1 and self.seen > 0 else None
+        self._step(T)
         if self.buffer is None or self.buffer.shape[1] < self.seen + T:
             grown = latent.new_empty(B, max(2 * self.seen, self.seen + T, 16), width)
             if self.buffer is not None:
@@ -1755,9 +1761,7 @@ class MLAStaticLayerState(MLALayerState):
                 f"KimiLinearStaticCache was allocated for {self.buffer.dtype} activations, the model runs in "
                 f"{latent.dtype}: build the cache with the model's dtype (or let its first forward allocate it)."
             )
-        step = T == 1 and self.seen > 0
-        self.span = self.bounds if step else None
-        if step:
+        if self._step(T):
             self.buffer.index_copy_(1, self.position.to(self.buffer.device), latent)
             return self.buffer
         self.buffer[:, self.seen : self.seen + T] = latent
@@ -1923,10 +1927,10 @@ class KimiLinearStaticCache(KimiLinearCache):
         padding), lengths forward."""
         if key_mask is not None:
             self.key_mask[:, self._seen : self._seen + num_tokens] = key_mask[:, -num_tokens:]
-            held = self.key_mask[:, : self._seen + num_tokens]
-            self._holes = bool((held[:, :-1] & ~held[:, 1:]).any())  # a real slot, then a padded one
+            first, prefix = _padding_prefix(self.key_mask[:, : self._seen + num_tokens])
+            self._holes = not bool(prefix)
             if not self._holes:
-                self.first.copy_((~held).sum(1))
+                self.first.copy_(first)
             self._set_bounds()
         self.position.add_(num_tokens)
         self.advance(num_tokens)
@@ -2511,6 +2515,13 @@ def _resolve_cache(model, cache, use_cache):
     return cache, use_cache
 
 
+def _padding_prefix(keep):
+    """For keep [B, S] bool (True = a real slot): each row's count of padded slots [B], its first real slot while its
+    padding is a prefix of it, and whether every row's padding is such a prefix (no real slot before a padded one) as
+    a bool tensor, read on the host by the caller."""
+    return (~keep).sum(1), ~(keep[:, :-1] & ~keep[:, 1:]).any()
+
+
 def _padding(attention_mask, step):
     """(key_mask, first) for a forward's attention_mask [B, S] (1 = real token) or None: key_mask [B, S] bool, None
     when nothing is padded; first [B] int64, each row's first real slot, when `step` (a decode step on a cache) and the
@@ -2521,9 +2532,9 @@ def _padding(attention_mask, step):
     keep = attention_mask.bool()
     if not step:
         return (None if bool(keep.all()) else keep), None
-    first = keep.int().argmax(1)  # 0 for a row with no real token, which then fails the prefix test
-    prefix = keep.sum(1) + first == keep.shape[1]  # real from its first real slot to the end
-    unpadded, prefixed = torch.stack([keep.all(), prefix.all()]).tolist()
+    first, prefix = _padding_prefix(keep)
+    # the new token real in every row too: each row real from its first real slot to the end
+    unpadded, prefixed = torch.stack([keep.all(), prefix & keep[:, -1].all()]).tolist()
     if unpadded:
         return None, None
     return keep, first if prefixed else None

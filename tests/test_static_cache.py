@@ -141,6 +141,10 @@ def test_decode_spans_let_through_exactly_what_the_mask_does(tiny_model):
         step[0, -1] = 0  # a padded new token, after real ones: the growing cache's step takes the mask
         tiny_model(token, attention_mask=step, cache=dynamic)
         assert spans_or_none(dynamic, step) is False
+        step = torch.cat([step, torch.ones_like(token)], 1)
+        step[0] = 0  # a row of padding only, its new token too: no span holds nothing, the mask takes it
+        tiny_model(token, attention_mask=step, cache=dynamic)
+        assert spans_or_none(dynamic, step) is False
     cache.reset()
     dynamic = KimiLinearCache(tiny_model.config)
     beams = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)[[2, 0, 1]]
