@@ -33,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 from cpu_prefill import metadata  # noqa: E402
+from decode_gpu import save_json, save_png  # noqa: E402
 from moe_layer import load_baseline  # noqa: E402
 
 from kimi_linear import configuration_kimi_linear, modeling_kimi_linear  # noqa: E402
@@ -89,9 +90,7 @@ def plot(report, path):
     fig.suptitle(f"Kimi Linear CPU decode | {meta['cpu_model']} | torch {meta['torch']} | {meta['date_utc'][:10]} | "
                  f"{meta['git_commit']}", fontsize=8)  # fmt: skip
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 def main(argv=None):
@@ -146,9 +145,7 @@ def main(argv=None):
             print(f"{name:8} {dtype_name:9} {cols}{extra}", flush=True)
             del models
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = args.out_dir / "cpu_decode.json.tmp"
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(args.out_dir / "cpu_decode.json")
+    save_json(args.out_dir / "cpu_decode.json", report)
     plot(report, args.out_dir / "cpu_decode.png")
     print(f"[wrote {args.out_dir / 'cpu_decode.json'} and cpu_decode.png]", file=sys.stderr)
     return report

@@ -96,6 +96,21 @@ def metadata(device):
     }
 
 
+def save_atomically(path, write):
+    """write(tmp) to a temporary file beside path, then rename it onto path: a reader never finds it half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def save_json(path, data):
+    save_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
+
+
+def save_png(fig, path, dpi=110):
+    save_atomically(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -349,9 +364,7 @@ def plot(result, path):
     pad = f", left padding up to {pad:.0%} of the context" if pad else ""
     fig.suptitle(f"Kimi Linear decode, {meta['card']}, {result['dtype']}{pad}, {meta['date_utc'][:10]}", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=120, format="png")
-    tmp.replace(path)
+    save_png(fig, path, dpi=120)
 
 
 def table(result):
@@ -482,9 +495,7 @@ def main(argv=None):
 
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "decode_gpu.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out / "decode_gpu.json")
+    save_json(out / "decode_gpu.json", result)
     plot(result, out / "decode_gpu.png")
     record_if_tuned(out, "decode")
     print(table(result))

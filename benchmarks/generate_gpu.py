@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_gpu import metadata, out_cache, sync  # noqa: E402
+from decode_gpu import metadata, out_cache, save_json, save_png, sync  # noqa: E402
 
 from kimi_linear.configuration_kimi_linear import KimiLinearConfig  # noqa: E402
 from kimi_linear.modeling_kimi_linear import KimiLinearForCausalLM  # noqa: E402
@@ -77,9 +77,7 @@ def plot(result, path):
     fig.suptitle(f"Kimi Linear generate() | {meta['card']} | torch {meta['torch']} | {meta['date_utc'][:10]} | "
                  f"{meta['git_commit']}", fontsize=9)  # fmt: skip
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, dpi=110, format="png")
-    tmp.replace(path)
+    save_png(fig, path)
 
 
 def main(argv=None):
@@ -124,9 +122,7 @@ def main(argv=None):
                     lines.append(line)
                     print(line, flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = args.out_dir / "generate_gpu.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(args.out_dir / "generate_gpu.json")
+    save_json(args.out_dir / "generate_gpu.json", result)
     plot(result, args.out_dir / "generate_gpu.png")
     print(f"[wrote {args.out_dir / 'generate_gpu.json'} and generate_gpu.png]", file=sys.stderr)
     return result

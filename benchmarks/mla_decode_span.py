@@ -18,7 +18,6 @@ Writes mla_decode_span.json and mla_decode_span.png and prints a table.
 """
 
 import argparse
-import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_gpu import copy_bandwidth, metadata  # noqa: E402
+from decode_gpu import copy_bandwidth, metadata, save_json, save_png  # noqa: E402
 
 from kimi_linear_kernels import mla_decode  # noqa: E402
 
@@ -96,7 +95,7 @@ def plot(meta, rows, path):
     fig.suptitle(f"MLA decode attention | {meta['card']} | torch {meta['torch']} | triton {meta['triton']} | "
                  f"{meta['date_utc'][:10]} | {meta['git_commit'][:7]}", fontsize=8)  # fmt: skip
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
 
 
 def main():
@@ -122,7 +121,7 @@ def main():
         torch.cuda.empty_cache()
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report = {"metadata": meta, "copy_bandwidth_Bps": bw, "rows": rows}
-    (args.out_dir / "mla_decode_span.json").write_text(json.dumps(report, indent=1))
+    save_json(args.out_dir / "mla_decode_span.json", report)
     plot(meta, rows, args.out_dir / "mla_decode_span.png")
 
 
