@@ -29,6 +29,7 @@ from kimi_linear.modeling_kimi_linear import KimiLinearForCausalLM, _ModelState
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from cpu_prefill import metadata  # noqa: E402
+from decode_gpu import save_json, save_png  # noqa: E402
 
 SHARED = HERE.parent.parent / "shared"
 CONFIGS = {"bench": HERE / "configs" / "bench_1b_hybrid.json",
@@ -98,9 +99,7 @@ def main(argv=None):
               f"({r['walk_signature_ms'] / r['model_state_ms']:.0f}x)", flush=True)  # fmt: skip
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / "graph_checks.json"
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"metadata": meta, "rounds": args.rounds, "results": results}, indent=1))
-    tmp.replace(out)
+    save_json(out, {"metadata": meta, "rounds": args.rounds, "results": results})
     plot(meta, results, args.out_dir / "graph_checks.png")
     print(f"wrote {out} and graph_checks.png")
 
@@ -125,7 +124,7 @@ def plot(meta, results, path):
                  fontsize=8)  # fmt: skip
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
 
 
 if __name__ == "__main__":
