@@ -2352,7 +2352,11 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
             max_cache_length or generation_config.max_length, getattr(generation_config, "max_cache_len", 0) or 0
         )
         if implementation is None:
-            implementation, why = self._auto_cache(generation_mode, rows, length, generation_config.max_new_tokens)
+            new_tokens = generation_config.max_new_tokens
+            mask = model_kwargs.get("attention_mask")
+            if new_tokens is None and mask is not None and generation_config.max_length is not None:
+                new_tokens = generation_config.max_length - mask.shape[-1]  # max_length alone: less the prompt
+            implementation, why = self._auto_cache(generation_mode, rows, length, new_tokens)
             logger.info(f"Kimi Linear: generate() decodes with the {implementation} cache ({why}).")
         if implementation == "dynamic":
             model_kwargs[_CACHE_FIELD] = KimiLinearCache(self.config)
@@ -2379,7 +2383,8 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
     def _auto_cache(self, generation_mode, rows, length, new_tokens=None):
         """("static" or "dynamic", why) for generate() without a cache_implementation: the static cache where a CUDA
         graph will replay its decode steps and repay its capture (one CUDA device, a greedy, sampling or beam-search
-        mode, at least static_cache_min_new_tokens new tokens when max_new_tokens says, its latents within
+        mode, at least static_cache_min_new_tokens new tokens (max_new_tokens, or max_length less the prompt), its
+        latents within
         static_cache_memory_share of the free memory), else the growing cache."""
         devices = {p.device for p in self.parameters()}
         device = next(iter(devices))

@@ -635,6 +635,11 @@ class TestCudaGraphDecode:
             del model.static_cache_memory_share
         _, _, short = self.generate(model, ids, n=model.static_cache_min_new_tokens - 1, cache_implementation=None)
         assert not isinstance(small, KimiLinearStaticCache) and not isinstance(short, KimiLinearStaticCache)
+        # the same with max_length alone: the new tokens are max_length less the prompt
+        for n, static in [(model.static_cache_min_new_tokens - 1, False), (model.static_cache_min_new_tokens, True)]:
+            out = model.generate(ids, max_length=ids.shape[1] + n, do_sample=False, return_dict_in_generate=True)
+            cache = out.get("cache") if out.get("cache") is not None else out.get("past_key_values")
+            assert isinstance(cache, KimiLinearStaticCache) is static, (n, type(cache).__name__)
 
     @torch.no_grad()
     def test_decode_step_never_syncs(self):
