@@ -1179,12 +1179,12 @@ def moe_experts_grouped(x, ids, weights, w13, w2, lora=None):
     xs = x.index_select(0, order // k)  # [N*k, hidden]
     h13 = _grouped_mm(xs, w13.transpose(1, 2), offs=ends)  # [N*k, 2I]
     if lora is not None:
-        h13 = lora.add(h13, torch.cat([lora.delta(xs, 0, ends), lora.delta(xs, 1, ends)], dim=-1))
+        h13 = lora.apply(h13, xs, (0, 1), expert, ends)
     gate, up = h13.chunk(2, dim=-1)  # [N*k, I] each
     h = F.silu(gate) * up
     ys = _grouped_mm(h, w2.transpose(1, 2), offs=ends)  # [N*k, hidden]
     if lora is not None:
-        ys = lora.add(ys, lora.delta(h, 2, ends))
+        ys = lora.apply(ys, h, (2,), expert, ends)
     ys = torch.empty_like(ys).index_copy_(0, order, ys).view(N, k, H)  # back in (token, slot) order
     # weighted sum over the k slots elementwise: as a batched product of N [1, k] x [k, H] matrices (and its
     # backward) it took a tiny-matrix GEMM kernel about 0.7 ms per layer at 4096 tokens on an H100
@@ -1232,14 +1232,24 @@ class ExpertAdapters:
             return False
         return ExpertAdapters(parts, training)
 
+    def apply(self, base, x, projections, expert, ends):
+        """base [N*k, out] with the adapters of `projections` (0 w1, 1 w3, 2 w2; their outputs side by side in
+        base's columns) added for the rows x [N*k, in], sorted by expert (expert: each row's; ends: each expert's end
+        row): base + scaling * B_e A_e dropout(x) the way PEFT adds them, the products in the adapters' dtype, one
+        rounding to base's. Where the kernels package serves (CUDA, half-precision rows, float32 adapters, no dropout
+        while training), its Triton kernels add in place, reading the group bounds on the device only (the float32
+        torch._grouped_mm below reads them on the host on CUDA: a sync per product, no CUDA graph)."""
+        adapters = [t for j in projections for t in (self.A[j], self.B[j])]
+        fast = _triton_kernels(x) if not (self.p and self.training) else None
+        if fast is not None and fast.grouped_lora_serves(base, x, adapters):
+            return fast.grouped_lora_add_(base, x, adapters, self.scaling, expert, ends)
+        delta = torch.cat([self.delta(x, j, ends) for j in projections], dim=-1)
+        return (base + delta * self.scaling).to(base.dtype)
+
     def delta(self, x, j, ends):
         """B_e A_e dropout(x) for each row's expert, in the adapters' dtype (unscaled)."""
         x = F.dropout(x.to(self.A[j].dtype), self.p, self.training) if self.p else x.to(self.A[j].dtype)
         return _grouped_mm(_grouped_mm(x, self.A[j].transpose(1, 2), offs=ends), self.B[j].transpose(1, 2), offs=ends)
-
-    def add(self, base, delta):
-        """base + scaling * delta the way PEFT adds them: in the promoted dtype, back in the base's."""
-        return (base + delta * self.scaling).to(base.dtype)
 
 
 def _vanilla_lora(module):

@@ -326,6 +326,23 @@ def short_conv_varlen(*args, **kwargs):
     return fused(*args, **kwargs)
 
 
+def grouped_lora_serves(y, x, adapters):
+    """Whether grouped_lora_add_ takes these tensors (Triton serving x, then kernels/lora.py's grouped_serves)."""
+    if not triton_serves(x):
+        return False
+    from .lora import grouped_serves
+
+    return grouped_serves(y, x, adapters)
+
+
+def grouped_lora_add_(*args, **kwargs):
+    """y += s (x A[e]^T) B[e]^T in place, each row with its routed expert's float32 adapters (LoRA on every routed
+    expert), forward and backward without a host sync; see kernels/lora.py."""
+    from .lora import grouped_lora_add_ as fused
+
+    return fused(*args, **kwargs)
+
+
 def products(x, *weights, cublas_rows=None):
     """[x @ w.T for w in weights] for up to three nn.Linear weights of one half-precision input in one Triton launch
     that chooses nothing per number of rows (the projections of an inference prefill); cublas_rows: beyond that many

@@ -207,3 +207,222 @@ def lora_linear_torch(x, weight, bias, lora_a, lora_b, scaling):
     """The twin: PEFT's arithmetic (float32 adapter products on a float32 copy of x, one rounding at the end)."""
     y = F.linear(x, weight, bias)
     return (y + (x.to(lora_a.dtype) @ lora_a.t()) @ lora_b.t() * scaling).to(y.dtype)
+
+
+# LoRA on every routed expert of an MoE layer: the (token, expert) rows sorted by expert, expert e's rows
+# [ENDS[e-1], ENDS[e]) (ENDS: each group's end, the offsets torch._grouped_mm takes), adapters stacked per expert,
+# A [E, r, in] and B [E, out, r] float32. Same arithmetic as above, each row with its own expert's adapter; the group
+# bounds are read on the device only (no host sync: a training step with them can be captured in a CUDA graph).
+# A row tile may straddle groups: its programs visit each expert present in the tile in turn (EXP: every row's
+# expert), keeping each row's own product.
+
+
+@triton.jit
+def _next_expert(EXP, ENDS, e, e_last, M):
+    """The expert of the first row after expert e's rows, or e_last + 1 past the tile's last expert."""
+    nxt = tl.load(ENDS + e)
+    return tl.where(nxt < M, tl.load(EXP + tl.minimum(nxt, M - 1)), e_last + 1).to(tl.int32)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gdown(X, V, Z, EXP, ENDS, M, K, R, sxm, sve, svr, svk, scale, BM: tl.constexpr, BK: tl.constexpr,
+           BR: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Z[m, :R] = scale * X[m] @ V[e(m)]^T (V[e] an [R, K] matrix addressed by strides), float32; program: BM rows."""
+    row0 = tl.program_id(0) * BM
+    rows = row0 + tl.arange(0, BM)
+    rm = rows < M
+    own = tl.load(EXP + rows, mask=rm, other=-1).to(tl.int32)
+    rr = tl.arange(0, BR)
+    e = tl.load(EXP + row0).to(tl.int32)
+    e_last = tl.load(EXP + tl.minimum(row0 + BM, M) - 1).to(tl.int32)
+    out = tl.zeros([BM, BR], dtype=tl.float32)
+    while e <= e_last:
+        mine = rm & (own == e)
+        acc = tl.zeros([BM, BR], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            km = k < K
+            x = tl.load(X + rows[:, None].to(tl.int64) * sxm + k[None, :], mask=mine[:, None] & km[None, :], other=0.0)
+            v = tl.load(V + e.to(tl.int64) * sve + rr[None, :] * svr + k[:, None] * svk,
+                        mask=km[:, None] & (rr < R)[None, :], other=0.0)  # fmt: skip
+            acc += tl.dot(x.to(tl.float32), v.to(tl.float32), input_precision=PREC)
+        out = tl.where(mine[:, None], acc, out)
+        e = _next_expert(EXP, ENDS, e, e_last, M)
+    tl.store(Z + rows[:, None].to(tl.int64) * R + rr[None, :], out * scale, mask=rm[:, None] & (rr < R)[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gup(Y, Z, V, EXP, ENDS, M, N, R, sym, sve, svr, svn, scale, BM: tl.constexpr, BN: tl.constexpr,
+         BR: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Y[m] = round(Y[m] + scale * Z[m, :R] @ V[e(m)]) in place (V[e] an [R, N] matrix addressed by strides);
+    program: BM x BN tile."""
+    row0 = tl.program_id(0) * BM
+    rows = row0 + tl.arange(0, BM)
+    n = tl.program_id(1) * BN + tl.arange(0, BN)
+    rm, nm = rows < M, n < N
+    own = tl.load(EXP + rows, mask=rm, other=-1).to(tl.int32)
+    rr = tl.arange(0, BR)
+    z = tl.load(Z + rows[:, None].to(tl.int64) * R + rr[None, :], mask=rm[:, None] & (rr < R)[None, :], other=0.0)
+    e = tl.load(EXP + row0).to(tl.int32)
+    e_last = tl.load(EXP + tl.minimum(row0 + BM, M) - 1).to(tl.int32)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    while e <= e_last:
+        v = tl.load(V + e.to(tl.int64) * sve + rr[:, None] * svr + n[None, :] * svn,
+                    mask=(rr < R)[:, None] & nm[None, :], other=0.0)  # fmt: skip
+        part = tl.dot(tl.where((own == e)[:, None], z, 0.0), v.to(tl.float32), input_precision=PREC)
+        acc += part
+        e = _next_expert(EXP, ENDS, e, e_last, M)
+    ptr = Y + rows[:, None].to(tl.int64) * sym + n[None, :]
+    mask = rm[:, None] & nm[None, :]
+    y = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptr, (y + acc * scale).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gouter_block(Z, Y, P, ENDS, e, nb, N, R, sym, spe, spr, spn, scale, BM: tl.constexpr, BN: tl.constexpr,
+                  BR: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """P[e][r, n] (at P + e spe + r spr + n spn) = scale * sum over expert e's rows of Z[m, r] Y[m, n], column block
+    nb; zero for an expert without rows."""
+    start = tl.load(ENDS + e - 1, mask=e > 0, other=0)
+    end = tl.load(ENDS + e)
+    n = nb * BN + tl.arange(0, BN)
+    nm = n < N
+    rr = tl.arange(0, BR)
+    acc = tl.zeros([BR, BN], dtype=tl.float32)
+    for m0 in range(start, end, BM):
+        rows = m0 + tl.arange(0, BM)
+        rm = rows < end
+        z = tl.load(Z + rows[:, None].to(tl.int64) * R + rr[None, :], mask=rm[:, None] & (rr < R)[None, :], other=0.0)
+        y = tl.load(Y + rows[:, None].to(tl.int64) * sym + n[None, :], mask=rm[:, None] & nm[None, :], other=0.0)
+        acc += tl.dot(tl.trans(z), y.to(tl.float32), input_precision=PREC)
+    tl.store(P + e.to(tl.int64) * spe + rr[:, None] * spr + n[None, :] * spn, acc * scale,
+             mask=(rr < R)[:, None] & nm[None, :])  # fmt: skip
+
+
+@triton.jit
+def _gouter2(Z1, Y1, P1, N1, sy1, spe1, spr1, spn1, scale1, blocks1, Z2, Y2, P2, N2, sy2, spe2, spr2, spn2, scale2,
+             ENDS, R, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """Both adapters' weight gradients of every expert in one launch: program (e, b) sums expert e's rows of
+    Z1^T Y1 into P1[e] for b < blocks1, else of Z2^T Y2 into P2[e] (deterministic: no atomics)."""
+    e = tl.program_id(0)
+    b = tl.program_id(1)
+    if b < blocks1:
+        _gouter_block(Z1, Y1, P1, ENDS, e, b, N1, R, sy1, spe1, spr1, spn1, scale1, BM, BN, BR, PREC)
+    else:
+        _gouter_block(Z2, Y2, P2, ENDS, e, b - blocks1, N2, R, sy2, spe2, spr2, spn2, scale2, BM, BN, BR, PREC)
+
+
+# the grouped kernels' tiles: those of the dense kernels (a tile mostly holds one expert's rows at training sizes)
+GDOWN, GUP, GOUTER = DOWN, UP, OUTER
+
+
+def _gdown_call(x, v, sve, svr, svk, r, scale, exp, ends):
+    M, K = x.shape
+    z = torch.empty(M, r, dtype=torch.float32, device=x.device)
+    _gdown[(cdiv(M, GDOWN["BM"]),)](x, v, z, exp, ends, M, K, r, x.stride(0), sve, svr, svk, float(scale),
+                                    BR=_rank_tile(r), PREC=PRECISION, **GDOWN)  # fmt: skip
+    return z
+
+
+def _gup_call(y, z, v, sve, svr, svn, scale, exp, ends):
+    M, N = y.shape
+    grid = (cdiv(M, GUP["BM"]), cdiv(N, GUP["BN"]))
+    _gup[grid](y, z, v, exp, ends, M, N, z.shape[1], y.stride(0), sve, svr, svn, float(scale),
+               BR=_rank_tile(z.shape[1]), PREC=PRECISION, **GUP)  # fmt: skip
+
+
+def _gouter_call(ends, z1, y1, p1, scale1, z2, y2, p2, scale2):
+    """p1[e] = scale1 z1_e^T y1_e and p2[e] = scale2 z2_e^T y2_e over each expert e's rows (z [M, r] float32, y [M, N],
+    p [E, r, N] float32 or any strides given as such a view) in one launch; either triple may be None."""
+    pairs = [(z, y, p, s) for z, y, p, s in ((z1, y1, p1, scale1), (z2, y2, p2, scale2)) if z is not None]
+    (z1, y1, p1, scale1), (z2, y2, p2, scale2) = (pairs * 2)[:2]
+    blocks1 = cdiv(y1.shape[1], GOUTER["BN"])
+    blocks2 = cdiv(y2.shape[1], GOUTER["BN"]) if len(pairs) == 2 else 0
+    grid = (ends.shape[0], blocks1 + blocks2)
+    _gouter2[grid](z1, y1, p1, y1.shape[1], y1.stride(0), *p1.stride(), float(scale1), blocks1,
+                   z2, y2, p2, y2.shape[1], y2.stride(0), *p2.stride(), float(scale2), ends, z1.shape[1],
+                   BR=_rank_tile(z1.shape[1]), PREC=PRECISION, **GOUTER)  # fmt: skip
+
+
+class _GroupedLoraAdd(torch.autograd.Function):
+    """y[:, c_j : c_j + N_j] += s (x A_j[e]^T) B_j[e]^T in place for each adapter pair j (its columns follow the last
+    pair's), each row's expert e; differentiable in y (the identity), x and every A_j, B_j."""
+
+    @staticmethod
+    def forward(ctx, y, x, exp, ends, scaling, *adapters):
+        ctx.mark_dirty(y)
+        zs, col = [], 0
+        for a, b in zip(adapters[::2], adapters[1::2]):
+            z = _gdown_call(x, a, a.stride(0), a.stride(1), a.stride(2), a.shape[1], 1.0, exp, ends)  # x A^T
+            n = b.shape[1]
+            _gup_call(y[:, col : col + n], z, b, b.stride(0), b.stride(2), b.stride(1), scaling, exp, ends)
+            zs.append(z)
+            col += n
+        ctx.save_for_backward(x, exp, ends, *adapters, *zs)
+        ctx.scaling, ctx.pairs = scaling, len(zs)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, exp, ends, *rest = ctx.saved_tensors
+        dy = dy if dy.stride(1) == 1 else dy.contiguous()
+        adapters, zs = rest[: 2 * ctx.pairs], rest[2 * ctx.pairs :]
+        s = ctx.scaling
+        grads = []
+        dx = torch.zeros_like(x) if ctx.needs_input_grad[1] else None
+        col = 0
+        for j, (a, b, z) in enumerate(zip(adapters[::2], adapters[1::2], zs)):
+            n = b.shape[1]
+            dyj = dy[:, col : col + n]
+            col += n
+            dz = _gdown_call(dyj, b, b.stride(0), b.stride(2), b.stride(1), b.shape[2], s, exp, ends)  # s dy B
+            need_a, need_b = ctx.needs_input_grad[5 + 2 * j], ctx.needs_input_grad[6 + 2 * j]
+            da = torch.empty_like(a) if need_a else None
+            db = torch.empty_like(b) if need_b else None
+            if need_a or need_b:  # dA[e] = dz_e^T x_e and dB[e]^T = s z_e^T dy_e, written transposed into dB
+                _gouter_call(ends, dz if need_a else None, x, da, 1.0, z if need_b else None, dyj,
+                             db.transpose(1, 2) if need_b else None, s)  # fmt: skip
+            if dx is not None:
+                _gup_call(dx, dz, a, a.stride(0), a.stride(1), a.stride(2), 1.0, exp, ends)  # += dz A
+            grads += [da, db]
+        return dy, dx, None, None, None, *grads
+
+
+def grouped_serves(y, x, adapters):
+    """Whether grouped_lora_add_ takes these tensors: x and y half precision on one CUDA device with rows of unit
+    stride, float32 adapters [E, r, in] and [E, out, r] of rank <= MAX_RANK whose outputs fit y's columns, no
+    autocast. (The caller checks that Triton serves.)"""
+    tensors = (y, x, *adapters)
+    if not all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+        return False
+    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cuda"):
+        return False
+    if y.dtype != x.dtype or y.dim() != 2 or x.dim() != 2 or y.shape[0] != x.shape[0] or x.shape[0] == 0:
+        return False
+    if x.stride(1) != 1 or y.stride(1) != 1 or any(t.device != x.device or t.dtype != torch.float32 for t in adapters):
+        return False
+    width, inputs = 0, x.shape[1]
+    for a, b in zip(adapters[::2], adapters[1::2]):
+        E, r = a.shape[:2]
+        if a.shape != (E, r, inputs) or b.dim() != 3 or b.shape[0] != E or b.shape[2] != r or r > MAX_RANK:
+            return False
+        width += b.shape[1]
+    return width <= y.shape[1]
+
+
+def grouped_lora_add_(y, x, adapters, scaling, expert, ends):
+    """y[:, c_j : c_j + N_j] += scaling * (x A_j[e]^T) B_j[e]^T in place, rounded once, for adapters = [A_0, B_0,
+    A_1, B_1, ...] (A_j [E, r, in], B_j [E, N_j, r] float32; their columns one after another from 0), each row m of
+    x [M, in] and y [M, out] with its expert e = expert[m] (sorted; ends [E] int32: each expert's end row).
+    Differentiable in y, x and the adapters; returns y. The adapter products in float32 as PEFT runs them."""
+    return _GroupedLoraAdd.apply(y, x, expert, ends, float(scaling), *adapters)
+
+
+def grouped_lora_add_torch(y, x, adapters, scaling, expert, ends):
+    """The twin: each row's adapter products in float32 (in the adapters' dtype) on a copy of x, one rounding."""
+    idx = expert.long()
+    deltas = [((x.to(a.dtype).unsqueeze(1) @ a[idx].transpose(1, 2)) @ b[idx].transpose(1, 2)).squeeze(1)
+              for a, b in zip(adapters[::2], adapters[1::2])]  # fmt: skip
+    delta = torch.cat(deltas, dim=-1)
+    n = delta.shape[1]
+    return torch.cat([(y[:, :n] + delta * scaling).to(y.dtype), y[:, n:]], dim=-1)

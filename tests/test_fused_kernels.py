@@ -273,6 +273,34 @@ SCRIPT = textwrap.dedent("""
         if x_grad:
             out[case + " dx"] = rel(x.grad, xd.grad)
 
+    # LoRA on every routed expert (kernels/lora.py, grouped): rows sorted by expert, forward and backward against the
+    # twin in float64 with autograd: groups straddling row tiles, an expert with no rows (its adapters' gradients
+    # exactly zero), one row, fewer rows than a tile, two adapters side by side (w1 and w3), one adapter on wider rows
+    # (the columns past it untouched), ranks 4, 8 and 24 (padded to the tile)
+    for E, counts, K, ns, r, extra in [(5, [3, 0, 40, 1, 2], 40, (24, 24), 8, 0),
+                                       (4, [70, 1, 0, 90], 130, (50,), 24, 7), (3, [0, 5, 0], 16, (8, 8), 4, 0)]:
+        exp = torch.repeat_interleave(torch.arange(E), torch.tensor(counts))
+        ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+        M = len(exp)
+        x = torch.randn(M, K, requires_grad=True)
+        y0 = torch.randn(M, sum(ns) + extra, requires_grad=True)
+        ad = [t.requires_grad_() for n in ns for t in (torch.randn(E, r, K) / K**0.5, torch.randn(E, n, r))]
+        dy = torch.randn(M, y0.shape[1])
+        y = lora_kernels.grouped_lora_add_(y0.clone(), x, ad, 1.5, exp, ends)
+        (y * dy).sum().backward()
+        xd, yd0 = (t.detach().double().requires_grad_() for t in (x, y0))
+        add = [t.detach().double().requires_grad_() for t in ad]
+        yd = lora_kernels.grouped_lora_add_torch(yd0, xd, add, 1.5, exp, ends)
+        (yd * dy.double()).sum().backward()
+        case = f"lora grouped E={E} rows={M} {K}->{ns} r={r}"
+        out[case + " y"] = rel(y, yd)
+        out[case + " dy"] = rel(y0.grad, yd0.grad)
+        out[case + " dx"] = rel(x.grad, xd.grad)
+        empty = torch.tensor(counts) == 0
+        for i, (a, b) in enumerate(zip(ad, add)):
+            out[f"{case} d{'AB'[i % 2]}{i // 2}"] = rel(a.grad, b.grad)
+            out[f"{case} d{'AB'[i % 2]}{i // 2} of experts without rows"] = a.grad[empty].abs().sum().item()
+
     # the low-rank projections' product (kernels/gemm.py) against float64 in float32: one, two and three weights of
     # one input, fewer rows than a tile and several tiles, widths off the tile sizes (K = 200: the last K step
     # masked), a 3-D input, a view of wider rows (a column slice: the row stride is not K), no rows
@@ -388,8 +416,10 @@ def test_short_conv_kernels_forward_and_backward_match_float64(errors):
 
 
 def test_lora_kernels_forward_and_backward_match_float64(errors):
+    # dense, and grouped by routed expert: float32 kernels against float64 (rounding only); the gradients of experts
+    # without rows exactly zero
     lora = {k: v for k, v in errors.items() if k.startswith("lora")}
-    assert len(lora) == 4 + 4 + 3, sorted(lora)
+    assert len(lora) == 4 + 4 + 3 + 2 * (3 + 4 * 2) + (3 + 2 * 2), sorted(lora)
     bad = {k: v for k, v in lora.items() if not v < 1e-6}
     assert not bad, bad
 

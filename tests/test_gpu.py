@@ -277,6 +277,58 @@ class TestGroupedMoE:
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
+    def test_lora_on_experts_runs_the_grouped_adapter_kernels_without_a_sync(self):
+        # PEFT LoRA on every routed expert, bfloat16 rows and float32 adapters: the kernels package's grouped adapter
+        # kernels (group bounds read on the device) against the same layer on torch._grouped_mm's float32 products
+        # (force_backend("torch")). The routing is the same, so the outputs differ by a bfloat16 rounding at most and
+        # every adapter's gradient agrees; forward and backward run without a host sync where the float32 products
+        # sync (a training step with them can be captured in a CUDA graph)
+        from peft import LoraConfig, inject_adapter_in_model
+
+        moe = self.moe()
+        config = LoraConfig(r=8, lora_alpha=16, target_modules=r".*experts\.\d+\.w[123]", init_lora_weights=False)
+        inject_adapter_in_model(config, moe)
+        adapters = {n: p for n, p in moe.named_parameters() if "lora_" in n}
+        assert len(adapters) == 16 * 3 * 2
+        for p in adapters.values():
+            p.data = p.data.float()  # PEFT's adapter dtype under a half-precision model
+        x = torch.randn(3, 100, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w_out = torch.randn(3, 100, 256, device="cuda")
+
+        def step():
+            moe.zero_grad()
+            x.grad = None
+            out = moe(x)
+            (out.float() * w_out).sum().backward()
+            return out.detach(), x.grad, {n: grad_or_zeros(p) for n, p in adapters.items()}
+
+        runs = {}
+        for backend in (None, "torch"):
+            kernels.force_backend(backend)
+            try:
+                step()  # warm-up: stacks the experts, compiles
+                result = step()
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    step()
+                    synced = None
+                except RuntimeError as err:
+                    synced = err
+                finally:
+                    torch.cuda.set_sync_debug_mode("default")
+            finally:
+                kernels.force_backend(None)
+            runs[backend] = (synced, *result)
+        fused, plain = runs[None], runs["torch"]
+        assert fused[0] is None, fused[0]
+        assert plain[0] is not None and "synchroniz" in str(plain[0])  # the check itself works
+        assert rel_rms(fused[1], plain[1]) < 2e-3, rel_rms(fused[1], plain[1])
+        assert rel_rms(fused[2], plain[2]) < 1e-2, rel_rms(fused[2], plain[2])
+        assert any(g.norm() > 0 for g in fused[3].values())
+        for name, g in fused[3].items():
+            assert (g - plain[3][name]).norm() <= 2e-3 * plain[3][name].norm() + 1e-12, name
+
     @torch.no_grad()
     def test_grouped_decode_step_replays_in_a_cuda_graph(self):
         moe = self.moe()
@@ -1101,6 +1153,43 @@ def test_lora_kernel_near_float64(rows, k, n, r):
         assert rel_rms(f, e) <= 1.2 * rel_rms(t, e) + 1e-4, (name, rel_rms(f, e), rel_rms(t, e))
 
 
+@pytest.mark.parametrize("experts, k, tokens, r", [(16, 4, 1024, 16), (256, 8, 512, 16), (16, 4, 3, 8)])
+def test_grouped_lora_kernel_near_float64(experts, k, tokens, r):
+    # LoRA on every routed expert (kernels/lora.py, grouped) in bf16 with float32 adapters, forward and backward,
+    # against PEFT's arithmetic in float64; the same arithmetic in bf16 (what PEFT runs) sets the bar. The bench
+    # model's experts (16, top 4) and the released model's (256, top 8), hidden 2304 and width 1024: w1 and w3
+    # adapters side by side on the layer's rows, then w2's on the intermediate rows; a decode step's three tokens.
+    from kimi_linear_kernels import lora
+
+    gen = torch.Generator(device="cuda").manual_seed(experts + tokens)
+    scores = torch.rand(tokens, experts, device="cuda", generator=gen)
+    exp, _ = scores.topk(k, dim=-1).indices.flatten().sort(stable=True)
+    ends = torch.searchsorted(exp, torch.arange(experts, device="cuda"), right=True, out_int32=True)
+    M = exp.shape[0]
+    for K, ns in [(2304, (1024, 1024)), (1024, (2304,))]:
+        x = torch.randn(M, K, device="cuda", generator=gen).bfloat16()
+        y0 = torch.randn(M, sum(ns), device="cuda", generator=gen).bfloat16()
+        ad = [t for n in ns for t in (torch.randn(experts, r, K, device="cuda", generator=gen) / K**0.5,
+                                      torch.randn(experts, n, r, device="cuda", generator=gen) / r**0.5)]  # fmt: skip
+        dy = torch.randn(M, sum(ns), device="cuda", generator=gen)
+        assert kernels.grouped_lora_serves(y0, x, ad)
+
+        def run(fn, dtype, x=x, y0=y0, ad=ad, dy=dy):
+            xs, ys = x.to(dtype).requires_grad_(), y0.to(dtype).requires_grad_()
+            adt = [t.to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_() for t in ad]
+            y = fn(ys.clone(), xs, adt, 2.0, exp, ends)
+            (y.double() * dy.double()).sum().backward()
+            return [y, xs.grad, ys.grad] + [t.grad for t in adt]
+
+        exact = run(lora.grouped_lora_add_torch, torch.float64)
+        peft_like = run(lora.grouped_lora_add_torch, torch.bfloat16)
+        fused = run(lora.grouped_lora_add_, torch.bfloat16)
+        names = ["y", "dx", "dy"] + [f"d{'AB'[i % 2]}{i // 2}" for i in range(len(ad))]
+        for name, f, t, e in zip(names, fused, peft_like, exact):
+            assert f.dtype == t.dtype, name
+            assert rel_rms(f, e) <= 1.2 * rel_rms(t, e) + 1e-4, (K, name, rel_rms(f, e), rel_rms(t, e))
+
+
 def test_fused_lora_trains_like_peft_on_cuda():
     # The model with PEFT LoRA on every projection, bf16 on the GPU: a training step's loss and adapter gradients
     # through the fused layers (finetune/fast_lora.py) against the same step in float64 on the CPU (PEFT's own
@@ -1246,8 +1335,5 @@ def test_train_lora_replays_full_rows_from_a_graph(tmp_path):
 
     with_experts = train_lora(str(ckpt), data, tmp_path / "x", targets="all", **common)
     eager = train_lora(str(ckpt), data, tmp_path / "xe", targets="all", cuda_graph=False, **common)
-    record = graph_record("x")
-    assert record["replayed_steps"] + record["eager_steps"] == 6
-    if record["capture_error"] is not None:
-        assert record["replayed_steps"] == 0 and " (at " in record["capture_error"], record
+    assert graph_record("x") == {"replayed_steps": 5, "eager_steps": 1, "capture_error": None}
     assert losses(with_experts) == pytest.approx(losses(eager), rel=2e-3)
