@@ -155,8 +155,8 @@ class TrainStep:
         torch.cuda.synchronize(self.device)
         warnings.warn(
             f"CUDA graph capture failed, every step runs eagerly (correct, slower): {self.graph_error}. A step "
-            "that reads the device from the host cannot be replayed (e.g. routed experts whose adapters run "
-            "expert by expert); pass cuda_graph=False to skip the attempt.",
+            "that reads a device value on the host cannot be replayed (e.g. routed experts run one by one, or a "
+            "float32 grouped product on a GPU); pass cuda_graph=False to skip the attempt.",
             stacklevel=3,
         )
 

@@ -1301,9 +1301,8 @@ def test_train_lora_replays_full_rows_from_a_graph(tmp_path):
     # train_lora on the GPU with its default cuda_graph="auto": documents longer than max_length fill every row, so
     # every step after the first replays the graph, with the losses and lrs of the same run with graphs off; a
     # checkpoint written meanwhile (the lr a device tensor then) resumes a run without graphs. With the routed
-    # experts' adapters too (their float32 products run expert by expert where grouped products take no float32,
-    # a host sync) the capture may fail: then every step runs eagerly, the reason is recorded, the losses are the
-    # eager run's.
+    # experts' adapters too (the grouped adapter kernels: no host sync) the steps replay as well, with the eager
+    # run's losses.
     import json
 
     from kimi_linear_conversion.random_checkpoint import make_random_checkpoint
