@@ -121,6 +121,7 @@ def short_conv(x, weight, state=None, window=True):
     kernels serve: nothing keeps it, as in training without a cache). Where the kernels package's Triton kernels
     serve, its short_conv computes y (forward and backward)."""
     width = weight.shape[-1]
+    _check_loaded(weight, x)
     fast = _triton_kernels(x)
     if fast is not None and x.stride(-1) == 1:
         return fast.short_conv(x, weight, state), _new_window(x, state, width) if window else None
@@ -129,6 +130,17 @@ def short_conv(x, weight, state=None, window=True):
         state = xt.new_zeros(xt.shape[0], xt.shape[1], width - 1)
     xt = torch.cat([state.to(xt.dtype), xt], dim=-1)  # [B, D, W-1+T]
     return F.silu(_depthwise_conv(xt, weight)).transpose(1, 2), xt[..., xt.shape[-1] - (width - 1) :]
+
+
+def _check_loaded(weight, x):
+    """Refuse a weight left on the meta device beside real inputs: PyTorch's CPU convolution reads such a weight
+    without an error and returns arbitrary numbers."""
+    if weight.is_meta and not x.is_meta:
+        raise RuntimeError(
+            "Kimi Linear: a short-conv weight is on the meta device (not loaded, or offloaded by a hook on its own "
+            "module, which the layer does not call). Load the model with from_pretrained, whose offloading the model "
+            "loads whole per layer."
+        )
 
 
 def _depthwise_conv(xt, weight):
@@ -278,6 +290,7 @@ def short_conv_varlen(x, weight, windows, segs, window=True):
     each sequence's final window [S, D, W-1] (None with window=False and the kernels serving: nothing keeps it). Each
     sequence is laid out behind its own window, so no tap ever reads another sequence."""
     W = weight.shape[-1]
+    _check_loaded(weight, x)
     fast = _triton_kernels(x)
     if fast is not None and x.stride(-1) == 1 and not (windows.requires_grad and torch.is_grad_enabled()):
         y = fast.short_conv_varlen(x, weight, windows, segs.cu_seqlens, segs.seq_of_token)
@@ -363,6 +376,22 @@ class Segments:
         self.last = torch.ones_like(self.first)
         self.last[:-1] = self.row[1:] != self.row[:-1]
         self.packed = self.num_seqs > int(self.first.sum())  # some row holds more than one document
+
+    def to(self, device, non_blocking=False):
+        """These segments with their tensors on `device` (cu_seqlens_cpu stays on the host), made once per device:
+        accelerate's hooks call it for a layer on another device (a model split over GPUs by a device_map)."""
+        device = torch.device(device)
+        if device == self.idx.device:
+            return self
+        copies = self.__dict__.setdefault("_copies", {})
+        if device not in copies:
+            moved = object.__new__(Segments)
+            for name, value in self.__dict__.items():
+                if name != "_copies":
+                    movable = torch.is_tensor(value) and name != "cu_seqlens_cpu"
+                    moved.__dict__[name] = value.to(device, non_blocking=non_blocking) if movable else value
+            copies[device] = moved
+        return copies[device]
 
     def gather(self, x):  # [B, T, ...] -> [N, ...]
         return x.reshape(-1, *x.shape[2:])[self.idx]
@@ -1544,6 +1573,57 @@ class KimiLinearDecoderLayer(GradientCheckpointingLayer):
         return x + ffn(h)
 
 
+def _hooks_of(module):
+    """The accelerate hooks on a module (a SequentialHook's parts), [] without."""
+    hook = module.__dict__.get("_hf_hook")
+    return [] if hook is None else list(getattr(hook, "hooks", [hook]))
+
+
+def _load_whole_layers(layers, inputs):
+    """Make accelerate's offloading load each offloaded decoder layer whole for its forward.
+
+    Offloading (device_map entries "cpu" or "disk" beside a GPU, "disk" on a CPU, accelerate's cpu_offload) hooks every
+    module that holds tensors, so that its weights are on the device only during its own forward. A Kimi Linear layer
+    reads some weights without calling their module (the short convs' taps, the fused projections and decode steps,
+    the stacked experts), which would see meta tensors there. Each layer offloaded that way gets one hook instead,
+    loading all of its tensors before its forward and dropping them after (what accelerate does for a class named in
+    `preload_module_classes`); one check of a sentinel weight per layer and forward when nothing needs it. A layer
+    whose weights are on the meta device with no hook to load them is refused (unless the inputs are on the meta
+    device too: a shape-only run)."""
+    if inputs.is_meta:
+        return
+    for i, layer in enumerate(layers):
+        if not layer.input_layernorm.weight.is_meta:
+            continue  # resident
+        if any(getattr(h, "offload", False) and getattr(h, "place_submodules", False) for h in _hooks_of(layer)):
+            continue  # already loaded whole
+        leaves = [(name, h) for name, m in layer.named_modules() for h in _hooks_of(m)
+                  if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None]  # fmt: skip
+        if not leaves:
+            raise RuntimeError(
+                f"Kimi Linear: layer {i}'s weights are on the meta device and no offloading hook loads them. Load the "
+                "model with from_pretrained (device_map= and offload_folder= to offload), or fill the weights first "
+                "(load_state_dict(..., assign=True), or accelerate's load_checkpoint_and_dispatch)."
+            )
+        from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+        from accelerate.utils import PrefixedDataset
+
+        name, hook = leaves[0]
+        prefix = hook.weights_map.prefix  # the module's full name and a dot
+        prefix = prefix[: len(prefix) - len(name) - 1] if name else prefix
+        for m in layer.modules():
+            remove_hook_from_module(m)
+            bound = m.__dict__.get("forward")
+            if getattr(bound, "__func__", None) is type(m).forward:
+                del m.forward  # the class's forward again (the fused paths check for wrapped modules)
+        add_hook_to_module(layer, AlignDevicesHook(
+            execution_device=hook.execution_device, offload=True,
+            weights_map=PrefixedDataset(hook.weights_map.dataset, prefix), offload_buffers=hook.offload_buffers,
+            place_submodules=True, skip_keys=hook.skip_keys, tied_params_map=hook.tied_params_map,
+        ))  # fmt: skip
+        logger.info(f"Kimi Linear: layer {i} is offloaded; it now loads whole for its forward")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Cache: KDA states and MLA latents
 # ---------------------------------------------------------------------------------------------------------------
@@ -1594,15 +1674,16 @@ class MLALayerState:
     def is_initialized(self):
         return self.buffer is not None
 
-    def _step(self, T):
-        """Whether appending T tokens is a decode step (one token after a prefill); sets `span` for it."""
+    def _step(self, T, device):
+        """Whether appending T tokens is a decode step (one token after a prefill); sets `span` for it, on `device`
+        (the latents': layers split over devices get the bounds from the first)."""
         step = T == 1 and self.seen > 0
-        self.span = self.bounds if step else None
+        self.span = tuple(t.to(device) for t in self.bounds) if step and self.bounds is not None else None
         return step
 
     def append(self, latent):
         B, T, width = latent.shape
-        self._step(T)
+        self._step(T, latent.device)
         if self.buffer is None or self.buffer.shape[1] < self.seen + T:
             grown = latent.new_empty(B, max(2 * self.seen, self.seen + T, 16), width)
             if self.buffer is not None:
@@ -1771,7 +1852,7 @@ class MLAStaticLayerState(MLALayerState):
                 f"KimiLinearStaticCache was allocated for {self.buffer.dtype} activations, the model runs in "
                 f"{latent.dtype}: build the cache with the model's dtype (or let its first forward allocate it)."
             )
-        if self._step(T):
+        if self._step(T, latent.device):
             self.buffer.index_copy_(1, self.position.to(self.buffer.device), latent)
             return self.buffer
         self.buffer[:, self.seen : self.seen + T] = latent
@@ -2482,6 +2563,7 @@ class KimiLinearModel(KimiLinearPreTrainedModel):
         packed = segs is not None and segs.packed
         mask = build_attention_mask(key_mask, T, past + T, x.device, segs if packed else None)
 
+        _load_whole_layers(self.layers, input_ids if input_ids is not None else x)
         states = cache.layers if cache is not None else [None] * len(self.layers)
         clock = self._prefill_clock(x, past, mask)
         token = _PREFILL_CLOCK.set(clock)

@@ -1336,3 +1336,51 @@ def test_train_lora_replays_full_rows_from_a_graph(tmp_path):
     eager = train_lora(str(ckpt), data, tmp_path / "xe", targets="all", cuda_graph=False, **common)
     assert graph_record("x") == {"replayed_steps": 5, "eager_steps": 1, "capture_error": None}
     assert losses(with_experts) == pytest.approx(losses(eager), rel=2e-3)
+
+
+class TestDeviceMap:
+    """from_pretrained with a device_map on CUDA: layers split over two GPUs, and layers offloaded to the CPU beside a
+    GPU (accelerate then hooks every module holding tensors; the model loads each offloaded layer whole), against the
+    same model held on one GPU: the logits and the greedy tokens of a left-padded batch."""
+
+    @staticmethod
+    def saved(tmp_path):
+        lac = dict(tiny_config_dict()["linear_attn_config"], num_heads=32, head_dim=128)  # fla's kernels serve
+        model = build_model(seed=5, linear_attn_config=lac)
+        model.save_pretrained(tmp_path / "ckpt")
+        return model.cuda(), tmp_path / "ckpt"
+
+    @staticmethod
+    def compare(placed, model):
+        ids = torch.randint(3, 512, (2, 37), generator=torch.Generator().manual_seed(7)).cuda()
+        mask = torch.ones_like(ids)
+        mask[1, :9] = 0  # left padding: the varlen prefill and the decode steps' spans
+        with torch.no_grad():
+            got, want = placed(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+            assert rel_rms(got[mask.bool()].float(), want.to(got.device)[mask.bool()].float()) < 1e-5
+            for m in (mask, torch.ones_like(ids)):
+                kwargs = dict(attention_mask=m, max_new_tokens=12, do_sample=False)
+                assert torch.equal(placed.generate(ids, **kwargs).cpu(), model.generate(ids, **kwargs).cpu())
+
+    @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+    def test_layers_split_over_two_gpus(self, tmp_path):
+        from kimi_linear.modeling_kimi_linear import KimiLinearForCausalLM
+
+        model, path = self.saved(tmp_path)
+        n = model.config.num_hidden_layers
+        device_map = {"model.embed_tokens": 0, "model.norm": 1, "lm_head": 1}
+        device_map.update({f"model.layers.{i}": int(i >= n // 2) for i in range(n)})
+        split = KimiLinearForCausalLM.from_pretrained(path, device_map=device_map)
+        assert {p.device.index for p in split.parameters()} == {0, 1}
+        self.compare(split, model)
+
+    def test_layers_offloaded_to_the_cpu_beside_a_gpu(self, tmp_path):
+        from kimi_linear.modeling_kimi_linear import KimiLinearForCausalLM
+
+        model, path = self.saved(tmp_path)
+        device_map = {"model.embed_tokens": 0, "model.norm": 0, "lm_head": 0}
+        device_map.update({f"model.layers.{i}": "cpu" if i % 2 else 0 for i in range(model.config.num_hidden_layers)})
+        offloaded = KimiLinearForCausalLM.from_pretrained(path, device_map=device_map)
+        self.compare(offloaded, model)
+        layers = offloaded.model.layers
+        assert all(p.is_meta for i in range(1, len(layers), 2) for p in layers[i].parameters())

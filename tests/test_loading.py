@@ -190,3 +190,64 @@ def test_unsupported_transformers_fails_at_import_naming_the_range(fake):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert f"supports transformers >= 5.0.0, < 5.25.0; found {fake}" in out.stderr
+
+
+def _offloaded_layers_load_whole(model):
+    """Whether every decoder layer whose weights are offloaded carries one hook loading it whole, none inside."""
+    layers = model.model.layers
+    for layer in layers:
+        hook = layer.__dict__.get("_hf_hook")
+        if layer.input_layernorm.weight.is_meta:
+            if hook is None or not (hook.offload and hook.place_submodules):
+                return False
+            if any("_hf_hook" in m.__dict__ or "forward" in m.__dict__ for m in layer.modules() if m is not layer):
+                return False
+    return True
+
+
+@torch.no_grad()
+def test_offloaded_layers_compute_what_the_loaded_model_computes(tmp_path):
+    # from_pretrained with device_map: layers on "disk" (every other one, KDA and MLA alike) beside layers in memory.
+    # accelerate hooks each module that holds tensors, loading its weights only for its own forward; a layer reads
+    # some weights without calling their module (the short convs' taps: there PyTorch's CPU convolution took meta
+    # weights without an error and returned arbitrary numbers), so each offloaded layer must load whole. Logits and
+    # greedy tokens (a left-padded batch through generate()) equal the model held in memory, and the offloaded
+    # layers' weights are dropped again after each forward.
+    model = build_model(seed=1)
+    model.save_pretrained(tmp_path / "ckpt")
+    ids = torch.randint(3, 512, (2, 17), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    device_map.update({f"model.layers.{i}": "disk" if i % 2 else "cpu" for i in range(model.config.num_hidden_layers)})
+    offloaded = KimiLinearForCausalLM.from_pretrained(tmp_path / "ckpt", device_map=device_map,
+                                                      offload_folder=tmp_path / "offload")  # fmt: skip
+    kinds = {layer.kind for i, layer in enumerate(offloaded.model.layers) if i % 2}
+    assert len(kinds) == 2  # KDA and MLA layers among the offloaded ones
+    assert torch.equal(offloaded(ids).logits, model(ids).logits)
+    assert _offloaded_layers_load_whole(offloaded)
+    kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False)
+    assert torch.equal(offloaded.generate(ids, **kwargs), model.generate(ids, **kwargs))
+    layers = offloaded.model.layers
+    assert all(p.is_meta for i in range(1, len(layers), 2) for p in layers[i].parameters())
+    assert all(not p.is_meta for i in range(0, len(layers), 2) for p in layers[i].parameters())
+
+
+@torch.no_grad()
+def test_cpu_offload_of_a_loaded_model_and_meta_weights_without_a_hook():
+    from accelerate import cpu_offload, init_empty_weights
+
+    model, twin = build_model(seed=2), build_model(seed=2)
+    ids = torch.randint(3, 512, (1, 12), generator=torch.Generator().manual_seed(1))
+    cpu_offload(twin, execution_device="cpu")  # accelerate's own: every module hooked, weights kept on the side
+    assert torch.equal(twin(ids).logits, model(ids).logits)
+    assert _offloaded_layers_load_whole(twin)
+    with init_empty_weights():
+        empty = KimiLinearForCausalLM(model.config)  # weights on the meta device, nothing to load them
+    with pytest.raises(RuntimeError, match=r"layer 0's weights are on the meta device and no offloading hook"):
+        empty(ids)
+    # the short conv refuses a meta weight beside real inputs wherever it is reached
+    from kimi_linear.modeling_kimi_linear import short_conv
+
+    with pytest.raises(RuntimeError, match="short-conv weight is on the meta device"):
+        short_conv(torch.randn(1, 3, 8), torch.empty(8, 1, 4, device="meta"))
