@@ -138,8 +138,8 @@ def _check_loaded(weight, x):
     if weight.is_meta and not x.is_meta:
         raise RuntimeError(
             "Kimi Linear: a short-conv weight is on the meta device (not loaded, or offloaded by a hook on its own "
-            "module, which the layer does not call). Load the model with from_pretrained, whose offloading the model "
-            "loads whole per layer."
+            "module, which the layer does not call). Load the weights, or offload through from_pretrained(device_map="
+            "...) or accelerate's cpu_offload and call the whole model: its forward loads each offloaded layer whole."
         )
 
 
