@@ -381,6 +381,8 @@ class Segments:
         """These segments with their tensors on `device` (cu_seqlens_cpu stays on the host), made once per device:
         accelerate's hooks call it for a layer on another device (a model split over GPUs by a device_map)."""
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         if device == self.idx.device:
             return self
         copies = self.__dict__.setdefault("_copies", {})
@@ -1270,7 +1272,7 @@ class ExpertAdapters:
         torch._grouped_mm below reads them on the host on CUDA: a sync per product, no CUDA graph)."""
         adapters = [t for j in projections for t in (self.A[j], self.B[j])]
         fast = _triton_kernels(x) if not (self.p and self.training) else None
-        if fast is not None and fast.grouped_lora_serves(base, x, adapters):
+        if fast is not None and fast.grouped_lora_serves(base, x, adapters, expert, ends):
             return fast.grouped_lora_add_(base, x, adapters, self.scaling, expert, ends)
         delta = torch.cat([self.delta(x, j, ends) for j in projections], dim=-1)
         return (base + delta * self.scaling).to(base.dtype)
@@ -1584,44 +1586,65 @@ def _load_whole_layers(layers, inputs):
 
     Offloading (device_map entries "cpu" or "disk" beside a GPU, "disk" on a CPU, accelerate's cpu_offload) hooks every
     module that holds tensors, so that its weights are on the device only during its own forward. A Kimi Linear layer
-    reads some weights without calling their module (the short convs' taps, the fused projections and decode steps,
-    the stacked experts), which would see meta tensors there. Each layer offloaded that way gets one hook instead,
-    loading all of its tensors before its forward and dropping them after (what accelerate does for a class named in
-    `preload_module_classes`); one check of a sentinel weight per layer and forward when nothing needs it. A layer
-    whose weights are on the meta device with no hook to load them is refused (unless the inputs are on the meta
-    device too: a shape-only run)."""
+    reads some weights without calling their module (the short convs' taps, MLA's absorbed kv_b_proj, the fused
+    projections and decode steps, the stacked experts), which would see meta tensors there. Each layer offloaded that
+    way gets one hook instead, loading all of its tensors before its forward and dropping them after (what accelerate
+    does for a class named in `preload_module_classes`; other accelerate hooks inside that layer go with it). Refused,
+    naming the layer: weights on the meta device with no hook to load them (unless the inputs are on the meta device
+    too: a shape-only run), and a device_map that offloads part of a layer and keeps the rest. A layer without hooks
+    costs two dictionary lookups per forward; a hooked one is examined once per hook it carries."""
     if inputs.is_meta:
         return
     for i, layer in enumerate(layers):
-        if not layer.input_layernorm.weight.is_meta:
-            continue  # resident
-        if any(getattr(h, "offload", False) and getattr(h, "place_submodules", False) for h in _hooks_of(layer)):
-            continue  # already loaded whole
-        leaves = [(name, h) for name, m in layer.named_modules() for h in _hooks_of(m)
-                  if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None]  # fmt: skip
-        if not leaves:
-            raise RuntimeError(
-                f"Kimi Linear: layer {i}'s weights are on the meta device and no offloading hook loads them. Load the "
-                "model with from_pretrained (device_map= and offload_folder= to offload), or fill the weights first "
-                "(load_state_dict(..., assign=True), or accelerate's load_checkpoint_and_dispatch)."
-            )
-        from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
-        from accelerate.utils import PrefixedDataset
+        hook = layer.__dict__.get("_hf_hook")
+        hooked = hook is not None or "_hf_hook" in layer.input_layernorm.__dict__
+        if not hooked and not layer.input_layernorm.weight.is_meta:
+            continue  # resident, no hooks
+        if hooked and layer.__dict__.get("_kimi_examined", False) is hook:
+            continue  # examined with the hook it carries now
+        _place_layer(i, layer)
+        layer.__dict__["_kimi_examined"] = layer.__dict__.get("_hf_hook")
 
-        name, hook = leaves[0]
-        prefix = hook.weights_map.prefix  # the module's full name and a dot
-        prefix = prefix[: len(prefix) - len(name) - 1] if name else prefix
-        for m in layer.modules():
-            remove_hook_from_module(m)
-            bound = m.__dict__.get("forward")
-            if getattr(bound, "__func__", None) is type(m).forward:
-                del m.forward  # the class's forward again (the fused paths check for wrapped modules)
-        add_hook_to_module(layer, AlignDevicesHook(
-            execution_device=hook.execution_device, offload=True,
-            weights_map=PrefixedDataset(hook.weights_map.dataset, prefix), offload_buffers=hook.offload_buffers,
-            place_submodules=True, skip_keys=hook.skip_keys, tied_params_map=hook.tied_params_map,
-        ))  # fmt: skip
-        logger.info(f"Kimi Linear: layer {i} is offloaded; it now loads whole for its forward")
+
+def _place_layer(i, layer):
+    """_load_whole_layers for one layer whose placement is not known yet."""
+    if any(getattr(h, "offload", False) and getattr(h, "place_submodules", False) for h in _hooks_of(layer)):
+        return  # already loaded whole
+    params = list(layer.parameters())
+    meta = sum(p.is_meta for p in params)
+    if meta == 0:
+        return  # resident (a layer on one GPU of several has hooks that only move its inputs)
+    leaves = [(name, h) for name, m in layer.named_modules() for h in _hooks_of(m)
+              if getattr(h, "offload", False) and getattr(h, "weights_map", None) is not None]  # fmt: skip
+    if not leaves:
+        raise RuntimeError(
+            f"Kimi Linear: layer {i}'s weights are on the meta device and no offloading hook loads them. Load the "
+            "model with from_pretrained (device_map= and offload_folder= to offload), or fill the weights first "
+            "(load_state_dict(..., assign=True), or accelerate's load_checkpoint_and_dispatch)."
+        )
+    if meta < len(params):
+        raise RuntimeError(
+            f"Kimi Linear: the device_map offloads part of layer {i} and keeps the rest on a device; the layer reads "
+            f"weights across its modules, so it is offloaded or placed whole. Map `model.layers.{i}` as one entry "
+            "(device_map='auto' does)."
+        )
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module, remove_hook_from_module
+    from accelerate.utils import PrefixedDataset
+
+    name, hook = leaves[0]
+    prefix = hook.weights_map.prefix  # the module's full name and a dot
+    prefix = prefix[: len(prefix) - len(name) - 1] if name else prefix
+    for m in layer.modules():
+        remove_hook_from_module(m)
+        bound = m.__dict__.get("forward")
+        if getattr(bound, "__func__", None) is type(m).forward:
+            del m.forward  # the class's forward again (the fused paths check for wrapped modules)
+    add_hook_to_module(layer, AlignDevicesHook(
+        execution_device=hook.execution_device, offload=True,
+        weights_map=PrefixedDataset(hook.weights_map.dataset, prefix), offload_buffers=hook.offload_buffers,
+        place_submodules=True, skip_keys=hook.skip_keys, tied_params_map=hook.tied_params_map,
+    ))  # fmt: skip
+    logger.info(f"Kimi Linear: layer {i} is offloaded; it now loads whole for its forward")
 
 
 # ---------------------------------------------------------------------------------------------------------------

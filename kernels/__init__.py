@@ -326,13 +326,13 @@ def short_conv_varlen(*args, **kwargs):
     return fused(*args, **kwargs)
 
 
-def grouped_lora_serves(y, x, adapters):
+def grouped_lora_serves(y, x, adapters, expert=None, ends=None):
     """Whether grouped_lora_add_ takes these tensors (Triton serving x, then kernels/lora.py's grouped_serves)."""
     if not triton_serves(x):
         return False
     from .lora import grouped_serves
 
-    return grouped_serves(y, x, adapters)
+    return grouped_serves(y, x, adapters, expert, ends)
 
 
 def grouped_lora_add_(*args, **kwargs):

@@ -219,9 +219,11 @@ def lora_linear_torch(x, weight, bias, lora_a, lora_b, scaling):
 
 @triton.jit
 def _next_expert(EXP, ENDS, e, e_last, M):
-    """The expert of the first row after expert e's rows, or e_last + 1 past the tile's last expert."""
+    """The expert of the first row after expert e's rows, or e_last + 1 past the tile's last expert (at least e + 1:
+    rows out of order end the visit instead of looping)."""
     nxt = tl.load(ENDS + e)
-    return tl.where(nxt < M, tl.load(EXP + tl.minimum(nxt, M - 1)), e_last + 1).to(tl.int32)
+    following = tl.where(nxt < M, tl.load(EXP + tl.minimum(nxt, M - 1)), e_last + 1).to(tl.int32)
+    return tl.maximum(following, e + 1)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -388,10 +390,14 @@ class _GroupedLoraAdd(torch.autograd.Function):
         return dy, dx, None, None, None, *grads
 
 
-def grouped_serves(y, x, adapters):
+def grouped_serves(y, x, adapters, expert=None, ends=None):
     """Whether grouped_lora_add_ takes these tensors: x and y half precision on one CUDA device with rows of unit
     stride, float32 adapters [E, r, in] and [E, out, r] of rank <= MAX_RANK whose outputs fit y's columns, no
-    autocast. (The caller checks that Triton serves.)"""
+    autocast; expert [M] and ends [E] integer tensors on that device where given (their order is the caller's
+    promise: rows sorted by expert). (The caller checks that Triton serves.)"""
+    for t, n in ((expert, x.shape[0]), (ends, adapters[0].shape[0] if adapters else 0)):
+        if t is not None and (t.dim() != 1 or t.shape[0] != n or t.is_floating_point() or t.device != x.device):
+            return False
     tensors = (y, x, *adapters)
     if not all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors):
         return False
@@ -399,12 +405,16 @@ def grouped_serves(y, x, adapters):
         return False
     if y.dtype != x.dtype or y.dim() != 2 or x.dim() != 2 or y.shape[0] != x.shape[0] or x.shape[0] == 0:
         return False
+    if y.device != x.device:
+        return False
     if x.stride(1) != 1 or y.stride(1) != 1 or any(t.device != x.device or t.dtype != torch.float32 for t in adapters):
         return False
     width, inputs = 0, x.shape[1]
     for a, b in zip(adapters[::2], adapters[1::2]):
         E, r = a.shape[:2]
         if a.shape != (E, r, inputs) or b.dim() != 3 or b.shape[0] != E or b.shape[2] != r or r > MAX_RANK:
+            return False
+        if E != adapters[0].shape[0]:
             return False
         width += b.shape[1]
     return width <= y.shape[1]

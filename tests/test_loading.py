@@ -251,3 +251,19 @@ def test_cpu_offload_of_a_loaded_model_and_meta_weights_without_a_hook():
 
     with pytest.raises(RuntimeError, match="short-conv weight is on the meta device"):
         short_conv(torch.randn(1, 3, 8), torch.empty(8, 1, 4, device="meta"))
+
+
+@pytest.mark.parametrize("part", ["input_layernorm", "self_attn"])
+def test_a_device_map_offloading_part_of_a_layer_is_refused(tmp_path, part):
+    # a layer reads weights across its modules (the short convs' taps, MLA's absorbed kv_b_proj), so part of it
+    # offloaded and the rest kept would compute on meta tensors or fail deep inside: refused, naming the layer
+    model = build_model(seed=3)
+    model.save_pretrained(tmp_path / "ckpt")
+    device_map = {"model.embed_tokens": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    device_map.update({f"model.layers.{i}": "cpu" for i in range(model.config.num_hidden_layers) if i != 1})
+    children = [name for name, _ in model.model.layers[1].named_children()]
+    device_map.update({f"model.layers.1.{name}": "disk" if name == part else "cpu" for name in children})
+    split = KimiLinearForCausalLM.from_pretrained(tmp_path / "ckpt", device_map=device_map,
+                                                  offload_folder=tmp_path / "offload")  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"offloads part of layer 1 .* Map `model.layers.1` as one entry"):
+        split(torch.randint(3, 512, (1, 8)))
