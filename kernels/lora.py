@@ -26,12 +26,10 @@ from .host import cdiv, next_power_of_2
 MAX_RANK = 128  # larger ranks keep PEFT's path (the [rows, rank] float32 tiles would crowd the registers)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _down(X, V, Z, M, K, R, sxm, svr, svk, scale, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
-          PREC: tl.constexpr):  # fmt: skip
-    """Z[M, R] = scale * X[M, K] @ V[R, K]^T (V addressed by strides), float32; program: BM rows."""
-    rows = tl.program_id(0) * BM + tl.arange(0, BM)
-    rm = rows < M
+@triton.jit
+def _rows_times(X, V, rows, rm, K, R, sxm, svr, svk, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+                PREC: tl.constexpr):  # fmt: skip
+    """X[rows] @ V[R, K]^T (V addressed by strides), [BM, BR] float32; rows where rm is False read as zeros."""
     rr = tl.arange(0, BR)
     acc = tl.zeros([BM, BR], dtype=tl.float32)
     for k0 in range(0, K, BK):
@@ -40,6 +38,17 @@ def _down(X, V, Z, M, K, R, sxm, svr, svk, scale, BM: tl.constexpr, BK: tl.const
         x = tl.load(X + rows[:, None].to(tl.int64) * sxm + k[None, :], mask=rm[:, None] & km[None, :], other=0.0)
         v = tl.load(V + rr[None, :] * svr + k[:, None] * svk, mask=km[:, None] & (rr < R)[None, :], other=0.0)
         acc += tl.dot(x.to(tl.float32), v.to(tl.float32), input_precision=PREC)
+    return acc
+
+
+@triton.jit(do_not_specialize=["M"])
+def _down(X, V, Z, M, K, R, sxm, svr, svk, scale, BM: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr,
+          PREC: tl.constexpr):  # fmt: skip
+    """Z[M, R] = scale * X[M, K] @ V[R, K]^T (V addressed by strides), float32; program: BM rows."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    rm = rows < M
+    rr = tl.arange(0, BR)
+    acc = _rows_times(X, V, rows, rm, K, R, sxm, svr, svk, BM, BK, BR, PREC)
     tl.store(Z + rows[:, None].to(tl.int64) * R + rr[None, :], acc * scale, mask=rm[:, None] & (rr < R)[None, :])
 
 
@@ -61,16 +70,17 @@ def _up(Y, Z, V, M, N, R, sym, svr, svn, scale, BM: tl.constexpr, BN: tl.constex
 
 
 @triton.jit
-def _outer_block(Z, Y, P, nb, M, N, R, sym, spr, spn, scale, BM: tl.constexpr, BN: tl.constexpr, BR: tl.constexpr,
-                 PREC: tl.constexpr):  # fmt: skip
-    """P[r, n] (at P + r spr + n spn) = scale * sum over all M rows of Z[m, r] Y[m, n] for columns block nb."""
+def _outer_block(Z, Y, P, nb, start, end, N, R, sym, spr, spn, scale, BM: tl.constexpr, BN: tl.constexpr,
+                 BR: tl.constexpr, PREC: tl.constexpr):  # fmt: skip
+    """P[r, n] (at P + r spr + n spn) = scale * sum over rows start .. end-1 of Z[m, r] Y[m, n] for columns block
+    nb (zero for no rows)."""
     n = nb * BN + tl.arange(0, BN)
     nm = n < N
     rr = tl.arange(0, BR)
     acc = tl.zeros([BR, BN], dtype=tl.float32)
-    for m0 in range(0, M, BM):
+    for m0 in range(start, end, BM):
         rows = m0 + tl.arange(0, BM)
-        rm = rows < M
+        rm = rows < end
         z = tl.load(Z + rows[:, None].to(tl.int64) * R + rr[None, :], mask=rm[:, None] & (rr < R)[None, :], other=0.0)
         y = tl.load(Y + rows[:, None].to(tl.int64) * sym + n[None, :], mask=rm[:, None] & nm[None, :], other=0.0)
         acc += tl.dot(tl.trans(z), y.to(tl.float32), input_precision=PREC)
@@ -84,9 +94,9 @@ def _outer2(Z1, Y1, P1, N1, sy1, spr1, spn1, scale1, blocks1, Z2, Y2, P2, N2, sy
     Z2^T Y2 into P2 (each program one column block over every row: deterministic, nothing to add up after)."""
     pid = tl.program_id(0)
     if pid < blocks1:
-        _outer_block(Z1, Y1, P1, pid, M, N1, R, sy1, spr1, spn1, scale1, BM, BN, BR, PREC)
+        _outer_block(Z1, Y1, P1, pid, 0, M, N1, R, sy1, spr1, spn1, scale1, BM, BN, BR, PREC)
     else:
-        _outer_block(Z2, Y2, P2, pid - blocks1, M, N2, R, sy2, spr2, spn2, scale2, BM, BN, BR, PREC)
+        _outer_block(Z2, Y2, P2, pid - blocks1, 0, M, N2, R, sy2, spr2, spn2, scale2, BM, BN, BR, PREC)
 
 
 # Launch settings (tiles, warps, pipeline stages) and the products' precision, from a sweep on an H200
@@ -240,14 +250,7 @@ def _gdown(X, V, Z, EXP, ENDS, M, K, R, sxm, sve, svr, svk, scale, BM: tl.conste
     out = tl.zeros([BM, BR], dtype=tl.float32)
     while e <= e_last:
         mine = rm & (own == e)
-        acc = tl.zeros([BM, BR], dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            k = k0 + tl.arange(0, BK)
-            km = k < K
-            x = tl.load(X + rows[:, None].to(tl.int64) * sxm + k[None, :], mask=mine[:, None] & km[None, :], other=0.0)
-            v = tl.load(V + e.to(tl.int64) * sve + rr[None, :] * svr + k[:, None] * svk,
-                        mask=km[:, None] & (rr < R)[None, :], other=0.0)  # fmt: skip
-            acc += tl.dot(x.to(tl.float32), v.to(tl.float32), input_precision=PREC)
+        acc = _rows_times(X, V + e.to(tl.int64) * sve, rows, mine, K, R, sxm, svr, svk, BM, BK, BR, PREC)
         out = tl.where(mine[:, None], acc, out)
         e = _next_expert(EXP, ENDS, e, e_last, M)
     tl.store(Z + rows[:, None].to(tl.int64) * R + rr[None, :], out * scale, mask=rm[:, None] & (rr < R)[None, :])
@@ -287,18 +290,7 @@ def _gouter_block(Z, Y, P, ENDS, e, nb, N, R, sym, spe, spr, spn, scale, BM: tl.
     nb; zero for an expert without rows."""
     start = tl.load(ENDS + e - 1, mask=e > 0, other=0)
     end = tl.load(ENDS + e)
-    n = nb * BN + tl.arange(0, BN)
-    nm = n < N
-    rr = tl.arange(0, BR)
-    acc = tl.zeros([BR, BN], dtype=tl.float32)
-    for m0 in range(start, end, BM):
-        rows = m0 + tl.arange(0, BM)
-        rm = rows < end
-        z = tl.load(Z + rows[:, None].to(tl.int64) * R + rr[None, :], mask=rm[:, None] & (rr < R)[None, :], other=0.0)
-        y = tl.load(Y + rows[:, None].to(tl.int64) * sym + n[None, :], mask=rm[:, None] & nm[None, :], other=0.0)
-        acc += tl.dot(tl.trans(z), y.to(tl.float32), input_precision=PREC)
-    tl.store(P + e.to(tl.int64) * spe + rr[:, None] * spr + n[None, :] * spn, acc * scale,
-             mask=(rr < R)[:, None] & nm[None, :])  # fmt: skip
+    _outer_block(Z, Y, P + e.to(tl.int64) * spe, nb, start, end, N, R, sym, spr, spn, scale, BM, BN, BR, PREC)
 
 
 @triton.jit
