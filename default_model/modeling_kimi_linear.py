@@ -2498,8 +2498,7 @@ class KimiLinearPreTrainedModel(PreTrainedModel):
         """("static" or "dynamic", why) for generate() without a cache_implementation: the static cache where a CUDA
         graph will replay its decode steps and repay its capture (one CUDA device, a greedy, sampling or beam-search
         mode, at least static_cache_min_new_tokens new tokens (max_new_tokens, or max_length less the prompt), its
-        latents within
-        static_cache_memory_share of the free memory), else the growing cache."""
+        latents within static_cache_memory_share of the free memory), else the growing cache."""
         devices = {p.device for p in self.parameters()}
         device = next(iter(devices))
         if len(devices) != 1 or device.type != "cuda":
