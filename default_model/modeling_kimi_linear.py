@@ -1237,11 +1237,18 @@ def moe_experts_gathered(x, ids, weights, w13, w2):
 class ExpertAdapters:
     """Vanilla LoRA (PEFT's) on every routed expert's w1, w3 and w2, stacked per projection for grouped products:
     A[j] [E, r, in], B[j] [E, out, r] for j = 0 (w1), 1 (w3), 2 (w2); one scaling and dropout probability for all.
-    Stacked again each forward (differentiable: every expert's adapter gets its gradient, zero where no token went)."""
+    Stacked again each forward (differentiable: every expert's adapter gets its gradient, zero where no token went).
+    A rank whose rows torch._grouped_mm does not take (not a multiple of 16 bytes) is padded with zero rows of A and
+    zero columns of B: B A is unchanged, and so are the products (the zeros add exact zeros) and the gradients."""
 
     def __init__(self, parts, training):
-        self.A = [torch.stack([parts[3 * e + j][0] for e in range(len(parts) // 3)]) for j in range(3)]
-        self.B = [torch.stack([parts[3 * e + j][1] for e in range(len(parts) // 3)]) for j in range(3)]
+        experts, (r, dtype) = len(parts) // 3, (parts[0][0].shape[0], parts[0][0].dtype)
+        pad = -r % (16 // dtype.itemsize)
+        self.A = [torch.stack([parts[3 * e + j][0] for e in range(experts)]) for j in range(3)]
+        self.B = [torch.stack([parts[3 * e + j][1] for e in range(experts)]) for j in range(3)]
+        if pad:
+            self.A = [F.pad(a, (0, 0, 0, pad)) for a in self.A]
+            self.B = [F.pad(b, (0, pad)) for b in self.B]
         self.scaling, self.p = parts[0][2], parts[0][3]
         self.training = training
 
@@ -1249,7 +1256,7 @@ class ExpertAdapters:
     def of(modules, training):
         """ExpertAdapters for the projections [w1 0, w3 0, w2 0, w1 1, ...], None when none carries an active
         adapter, False when the grouped path cannot reproduce them (another adapter kind, several active adapters,
-        some experts adapted and others not, ranks, scalings or dropouts that differ, widths _grouped_mm does not
+        some experts adapted and others not, ranks, scalings or dropouts that differ, a dtype _grouped_mm does not
         take): the loop runs those."""
         parts = [_vanilla_lora(m) for m in modules]
         if all(p is None for p in parts):
@@ -1259,7 +1266,7 @@ class ExpertAdapters:
         first = parts[0]
         dtype, r = first[0].dtype, first[0].shape[0]
         same = all(p[2] == first[2] and p[3] == first[3] and p[0].dtype == dtype and p[0].shape[0] == r for p in parts)
-        if not (same and _grouped_mm_takes(dtype, r) and _grouped_mm_runs(first[0].device.type, dtype)):
+        if not (same and _grouped_mm_takes(dtype) and _grouped_mm_runs(first[0].device.type, dtype)):
             return False
         return ExpertAdapters(parts, training)
 

@@ -277,16 +277,17 @@ class TestGroupedMoE:
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    def test_lora_on_experts_runs_the_grouped_adapter_kernels_without_a_sync(self):
+    @pytest.mark.parametrize("rank", [8, 6])
+    def test_lora_on_experts_runs_the_grouped_adapter_kernels_without_a_sync(self, rank):
         # PEFT LoRA on every routed expert, bfloat16 rows and float32 adapters: the kernels package's grouped adapter
         # kernels (group bounds read on the device) against the same layer on torch._grouped_mm's float32 products
         # (force_backend("torch")). The routing is the same, so the outputs differ by a bfloat16 rounding at most and
         # every adapter's gradient agrees; forward and backward run without a host sync where the float32 products
-        # sync (a training step with them can be captured in a CUDA graph)
+        # sync (a training step with them can be captured in a CUDA graph). Rank 6 is padded to 8 with zeros.
         from peft import LoraConfig, inject_adapter_in_model
 
         moe = self.moe()
-        config = LoraConfig(r=8, lora_alpha=16, target_modules=r".*experts\.\d+\.w[123]", init_lora_weights=False)
+        config = LoraConfig(r=rank, lora_alpha=16, target_modules=r".*experts\.\d+\.w[123]", init_lora_weights=False)
         inject_adapter_in_model(config, moe)
         adapters = {n: p for n, p in moe.named_parameters() if "lora_" in n}
         assert len(adapters) == 16 * 3 * 2
@@ -369,14 +370,15 @@ class TestGroupedMoE:
                 m.grouped = True
         assert rel_rms(grouped, loop) < 1e-4
 
-    def test_lora_on_experts_grouped_equals_loop_on_cuda(self):
+    @pytest.mark.parametrize("rank", [8, 6])
+    def test_lora_on_experts_grouped_equals_loop_on_cuda(self, rank):
         # the grouped adapters' products on CUDA (float32: torch._grouped_mm's per-group fallback) against PEFT's own
-        # per-module forward through the loop: logits and every expert adapter's gradient
+        # per-module forward through the loop: logits and every expert adapter's gradient (rank 6: padded to 8)
         from peft import LoraConfig, get_peft_model
 
         model = build_model().cuda()
         ids = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(0)).cuda()
-        config = LoraConfig(r=8, lora_alpha=16, target_modules=r".*experts\.\d+\.w[123]", init_lora_weights=False)
+        config = LoraConfig(r=rank, lora_alpha=16, target_modules=r".*experts\.\d+\.w[123]", init_lora_weights=False)
         peft_model = get_peft_model(model, config)
         moes = [m for m in model.modules() if isinstance(m, KimiLinearMoE)]
         runs = {}

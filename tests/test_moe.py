@@ -133,16 +133,18 @@ def grad_or_zeros(p):
     return p.grad.clone() if p.grad is not None else torch.zeros_like(p)
 
 
-def test_lora_on_experts_runs_grouped_like_the_loop():
+@pytest.mark.parametrize("rank", [4, 3])
+def test_lora_on_experts_runs_grouped_like_the_loop(rank):
     # PEFT LoRA on every expert's w1, w3, w2: the grouped path adds the stacked adapters' terms; the loop calls each
-    # wrapped module (PEFT's own forward, the reference). Same logits, same gradient for every adapter.
+    # wrapped module (PEFT's own forward, the reference). Same logits, same gradient for every adapter. Rank 3's float32
+    # rows are 12 bytes, which torch._grouped_mm does not take: the grouped path pads them with zeros.
     model = build_model(seed=3)
     ids = torch.randint(3, 512, (2, 19), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         base = model(ids).logits  # stacks the experts first: adapters must work on stacked parameters too
     moe = model.model.layers[1].block_sparse_moe
     assert moe._stacked is not None
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=r".*experts\.\d+\.w[123]", init_lora_weights=False)
+    config = LoraConfig(r=rank, lora_alpha=8, target_modules=r".*experts\.\d+\.w[123]", init_lora_weights=False)
     peft_model = get_peft_model(model, config)
     stacked, lora = moe._grouped_weights(torch.randn(5, model.config.hidden_size))
     assert stacked is not None and lora is not None  # wrapped experts stay on the grouped path
