@@ -32,6 +32,7 @@ Departures from a vanilla decoder-only transformer, in forward order:
   CPU tensor) the plain PyTorch code in this file runs.
 """
 
+import contextlib
 import contextvars
 import functools
 import itertools
@@ -1522,8 +1523,10 @@ class KimiLinearMoE(nn.Module):
             or not _grouped_mm_runs(first.device.type, first.dtype)
         ):
             return
-        # outside inference_mode: stacked tensors made under it could never be used for training
-        with torch.inference_mode(False), torch.no_grad():
+        # outside inference_mode: stacked tensors made under it could never be used for training; DLPack exports
+        # from the current CUDA device only (a layer on another GPU of a split model)
+        device = torch.cuda.device(first.device) if first.is_cuda else contextlib.nullcontext()
+        with torch.inference_mode(False), torch.no_grad(), device:
             w13 = torch.empty(E, 2, I, H, dtype=first.dtype, device=first.device)  # [expert, w1 | w3, I, hidden]
             w2 = torch.empty(E, H, I, dtype=first.dtype, device=first.device)
             for i, w in enumerate(weights):

@@ -31,6 +31,23 @@ from packaging import version
 
 logger = logging.getLogger(__name__)
 
+
+def on_input_device(fn):
+    """Run fn with the CUDA device of its first tensor argument current. Triton launches a kernel on the current
+    device, whatever device its tensors are on, and DLPack exports from the current device only: a model whose layers
+    are split over GPUs (device_map) calls with tensors on a device other than the current one."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        if x is None or not x.is_cuda or x.device.index == torch.cuda.current_device():
+            return fn(*args, **kwargs)
+        with torch.cuda.device(x.device):
+            return fn(*args, **kwargs)
+
+    return run
+
+
 # The fla-core releases these wrappers are tested with (on the lent H100); others fall back to PyTorch.
 FLA_SUPPORTED = (version.Version("0.6.0"), version.Version("0.7.0"))
 
@@ -187,6 +204,7 @@ def _capability(device):
     return torch.cuda.get_device_capability(device)
 
 
+@on_input_device
 def rms_norm(x, weight, eps, residual=None, gate=None):
     """Fused RMSNorm, gated RMSNorm, or residual add + RMSNorm, forward and backward; see kernels/norm.py."""
     from .norm import rms_norm as fused
@@ -200,6 +218,7 @@ def rms_norm_serves(x, weight, *others):
     return serves(x, weight, *others)
 
 
+@on_input_device
 def route(*args, **kwargs):
     """The MoE router of a few tokens in one launch; see kernels/moe_decode.py."""
     from .moe_decode import route as fused
@@ -207,6 +226,7 @@ def route(*args, **kwargs):
     return fused(*args, **kwargs)
 
 
+@on_input_device
 def moe_experts(*args, **kwargs):
     """Routed or shared experts of a few tokens as matrix-vector products; see kernels/moe_decode.py."""
     from .moe_decode import experts
@@ -214,6 +234,7 @@ def moe_experts(*args, **kwargs):
     return experts(*args, **kwargs)
 
 
+@on_input_device
 def l2norm(x, eps=1e-6):
     """x / sqrt(sum(x^2) + eps) over the last dimension, in float32, rounded back to x's dtype (fla's l2norm): one
     fused launch each way (kernels/norm.py), or these few PyTorch passes where Triton does not serve. Not fla's own
@@ -227,6 +248,7 @@ def l2norm(x, eps=1e-6):
     return (x32 * torch.rsqrt(x32.square().sum(-1, keepdim=True) + eps)).to(x.dtype)
 
 
+@on_input_device
 def kda_prefill(
     q, k, v, g, beta, A_log, dt_bias, initial_state=None, output_final_state=True, cu_seqlens=None, cu_seqlens_cpu=None
 ):
@@ -259,6 +281,7 @@ def kda_prefill(
     )
 
 
+@on_input_device
 def kda_decode_fused(*args, **kwargs):
     """One fused Triton launch per KDA layer decode step; see kernels/kda_decode.py."""
     from .kda_decode import kda_decode_fused as fused
@@ -266,6 +289,7 @@ def kda_decode_fused(*args, **kwargs):
     return fused(*args, **kwargs)
 
 
+@on_input_device
 def kda_decode_layer(*args, **kwargs):
     """A KDA layer's decode step from the projections to o_proj's input (the gate's f_b, the fused step, the gated
     output norm) in one Triton launch; see kernels/kda_decode.py."""
@@ -274,6 +298,7 @@ def kda_decode_layer(*args, **kwargs):
     return fused(*args, **kwargs)
 
 
+@on_input_device
 def projections(*args, **kwargs):
     """Up to six projections of one input in one Triton launch (matrix-vector products for a decode step); see
     kernels/kda_decode.py."""
@@ -298,6 +323,7 @@ def mla_prefill_serves(q, v_dim):
     )
 
 
+@on_input_device
 def mla_prefill_attention(*args, **kwargs):
     """MLA's causal prefill attention without a per-length plan; see kernels/mla_prefill.py."""
     from .mla_prefill import mla_prefill
@@ -305,6 +331,7 @@ def mla_prefill_attention(*args, **kwargs):
     return mla_prefill(*args, **kwargs)
 
 
+@on_input_device
 def mla_decode_attention(*args, **kwargs):
     """MLA decode attention on the latents in one pass over the cache; see kernels/mla_decode.py."""
     from .mla_decode import mla_decode as fused
@@ -312,6 +339,7 @@ def mla_decode_attention(*args, **kwargs):
     return fused(*args, **kwargs)
 
 
+@on_input_device
 def short_conv(*args, **kwargs):
     """KDA's short convolution with SiLU on [B, T, D], forward and backward in Triton; see kernels/conv.py."""
     from .conv import short_conv as fused
@@ -319,6 +347,7 @@ def short_conv(*args, **kwargs):
     return fused(*args, **kwargs)
 
 
+@on_input_device
 def short_conv_varlen(*args, **kwargs):
     """short_conv over packed sequences ([N, D], cu_seqlens), no tap crossing a boundary; see kernels/conv.py."""
     from .conv import short_conv_varlen as fused
@@ -335,6 +364,7 @@ def grouped_lora_serves(y, x, adapters, expert=None, ends=None):
     return grouped_serves(y, x, adapters, expert, ends)
 
 
+@on_input_device
 def grouped_lora_add_(*args, **kwargs):
     """y += s (x A[e]^T) B[e]^T in place, each row with its routed expert's float32 adapters (LoRA on every routed
     expert), forward and backward without a host sync; see kernels/lora.py."""
@@ -343,6 +373,7 @@ def grouped_lora_add_(*args, **kwargs):
     return fused(*args, **kwargs)
 
 
+@on_input_device
 def products(x, *weights, cublas_rows=None):
     """[x @ w.T for w in weights] for up to three nn.Linear weights of one half-precision input in one Triton launch
     that chooses nothing per number of rows (the projections of an inference prefill); cublas_rows: beyond that many
@@ -361,6 +392,7 @@ def lora_serves(x, weight, bias, lora_a, lora_b):
     return serves(x, weight, bias, lora_a, lora_b)
 
 
+@on_input_device
 def lora_linear(*args, **kwargs):
     """x W^T (+ bias) + s (x A^T) B^T, the float32 adapters' products fused (forward and backward); see
     kernels/lora.py."""

@@ -1365,6 +1365,21 @@ class TestDeviceMap:
                 assert torch.equal(placed.generate(ids, **kwargs).cpu(), model.generate(ids, **kwargs).cpu())
 
     @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+    def test_kernels_launch_on_their_tensors_device(self):
+        # Triton launches on the current device: the package's launchers make the input's device current
+        seen = []
+        probe = kernels.on_input_device(lambda x, y=None: seen.append(torch.cuda.current_device()))
+        with torch.cuda.device(0):
+            probe(torch.ones(1, device="cuda:1"))
+            probe(None, y=torch.ones(1, device="cuda:1"))
+            probe(torch.ones(1, device="cuda:0"))
+            x, w = torch.randn(64, 2304, device="cuda:1"), torch.randn(2304, device="cuda:1")
+            y = kernels.rms_norm(x, w, 1e-6)
+            assert torch.cuda.current_device() == 0
+        assert seen == [1, 1, 0]
+        assert rel_rms(y, x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * w) < 1e-6
+
+    @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
     def test_layers_split_over_two_gpus(self, tmp_path):
         from kimi_linear.modeling_kimi_linear import KimiLinearForCausalLM
 

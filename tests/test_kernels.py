@@ -29,6 +29,20 @@ def test_forcing_triton_on_cpu_is_refused_and_torch_can_be_pinned():
         kernels.force_backend(None)
 
 
+def test_every_launcher_runs_with_its_tensors_device_current():
+    # Triton launches on the current CUDA device: every function of the package that launches work must make its
+    # input's device current (on_input_device; a model split over GPUs calls with tensors on another device). The
+    # predicates and switches launch nothing.
+    import inspect
+
+    quiet = {"force_backend", "fla_status", "kda_backend", "triton_serves", "on_input_device"}
+    public = [n for n, f in vars(kernels).items() if inspect.isfunction(f) and not n.startswith("_")]
+    launchers = [n for n in public if n not in quiet and not n.endswith("_serves")]
+    assert len(launchers) >= 15 and {"rms_norm", "kda_prefill", "lora_linear", "grouped_lora_add_"} <= set(launchers)
+    unguarded = [n for n in launchers if getattr(getattr(kernels, n), "__wrapped__", None) is None]
+    assert not unguarded, unguarded
+
+
 def test_kernels_folder_is_not_importable_as_top_level_kernels():
     # Hugging Face's `kernels` package owns that import name; ours installs as kimi_linear_kernels.
     import importlib.util
