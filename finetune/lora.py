@@ -467,13 +467,11 @@ def train_lora(
                          "accelerate launch --num_processes N (N >= 2)")  # fmt: skip
     accelerator = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by accelerate launch / torchrun
-        from accelerate import Accelerator, DistributedDataParallelKwargs
+        from accelerate import Accelerator
 
-        # routed experts that no token picked in a step leave their adapters without gradients
-        accelerator = Accelerator(
-            cpu=str(device) == "cpu" or not torch.cuda.is_available(),  # CPU processes: data parallel over gloo
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-        )
+        # every trainable parameter gets a gradient in every step (routed experts no token picked too, through
+        # train_every_expert below), so DDP needs no search for unused ones after each backward
+        accelerator = Accelerator(cpu=str(device) == "cpu" or not torch.cuda.is_available())  # CPU: gloo
         if accelerator.num_processes == 1:
             raise RuntimeError(f"WORLD_SIZE is {os.environ['WORLD_SIZE']} but accelerate set up a single process")
         if batch_size % accelerator.num_processes:
