@@ -1362,7 +1362,11 @@ class TestDeviceMap:
             assert rel_rms(got[mask.bool()].float(), want.to(got.device)[mask.bool()].float()) < 1e-5
             for m in (mask, torch.ones_like(ids)):
                 kwargs = dict(attention_mask=m, max_new_tokens=12, do_sample=False)
-                assert torch.equal(placed.generate(ids, **kwargs).cpu(), model.generate(ids, **kwargs).cpu())
+                want = model.generate(ids, **kwargs).cpu()
+                # the placed model's default (the growing cache) and the static cache asked for: each layer's states
+                # on that layer's device, the decode steps eager (no CUDA graph over several devices or offloading)
+                for cache in (None, "static"):
+                    assert torch.equal(placed.generate(ids, cache_implementation=cache, **kwargs).cpu(), want), cache
 
     @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
     def test_kernels_launch_on_their_tensors_device(self):
