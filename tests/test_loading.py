@@ -227,7 +227,9 @@ def test_offloaded_layers_compute_what_the_loaded_model_computes(tmp_path):
     assert torch.equal(offloaded(ids).logits, model(ids).logits)
     assert _offloaded_layers_load_whole(offloaded)
     kwargs = dict(attention_mask=mask, max_new_tokens=10, do_sample=False)
-    assert torch.equal(offloaded.generate(ids, **kwargs), model.generate(ids, **kwargs))
+    want = model.generate(ids, **kwargs)
+    for cache in ("dynamic", "static"):  # the static cache's states allocated from the offloaded layers' outputs
+        assert torch.equal(offloaded.generate(ids, cache_implementation=cache, **kwargs), want), cache
     layers = offloaded.model.layers
     assert all(p.is_meta for i in range(1, len(layers), 2) for p in layers[i].parameters())
     assert all(not p.is_meta for i in range(0, len(layers), 2) for p in layers[i].parameters())
