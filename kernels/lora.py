@@ -62,7 +62,12 @@ def _up(Y, Z, V, M, N, R, sym, svr, svn, scale, BM: tl.constexpr, BN: tl.constex
     rr = tl.arange(0, BR)
     z = tl.load(Z + rows[:, None].to(tl.int64) * R + rr[None, :], mask=rm[:, None] & (rr < R)[None, :], other=0.0)
     v = tl.load(V + rr[:, None] * svr + n[None, :] * svn, mask=(rr < R)[:, None] & nm[None, :], other=0.0)
-    acc = tl.dot(z, v.to(tl.float32), input_precision=PREC)
+    _add_scaled(Y, rows, n, rm, nm, sym, tl.dot(z, v.to(tl.float32), input_precision=PREC), scale)
+
+
+@triton.jit
+def _add_scaled(Y, rows, n, rm, nm, sym, acc, scale):
+    """Y[rows, n] = round(Y[rows, n] + scale * acc) in place, float32 inside; masked by rm and nm."""
     ptr = Y + rows[:, None].to(tl.int64) * sym + n[None, :]
     mask = rm[:, None] & nm[None, :]
     y = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
@@ -129,13 +134,20 @@ def _up_call(y, z, v, svr, svn, scale):
               PREC=PRECISION, **UP)  # fmt: skip
 
 
+def _two_products(z1, y1, p1, scale1, z2, y2, p2, scale2):
+    """The outer-product kernels' two (z, y, p, scale) products, where either may be given as None: both given
+    ones (the only one twice), and the column blocks of each (0 for a repeat, which launches nothing)."""
+    pairs = [(z, y, p, s) for z, y, p, s in ((z1, y1, p1, scale1), (z2, y2, p2, scale2)) if z is not None]
+    first, second = (pairs * 2)[:2]
+    blocks = [cdiv(first[1].shape[1], OUTER["BN"]), cdiv(second[1].shape[1], OUTER["BN"]) if len(pairs) == 2 else 0]
+    return first, second, blocks
+
+
 def _outer_call(z1, y1, p1, scale1, z2, y2, p2, scale2):
     """p1 = scale1 z1^T y1 and p2 = scale2 z2^T y2 (z [M, r] float32, y [M, N], p [r, N] float32 or any strides
     given as a [r, N] view) in one launch; either pair may be None."""
-    pairs = [(z, y, p, s) for z, y, p, s in ((z1, y1, p1, scale1), (z2, y2, p2, scale2)) if z is not None]
-    (z1, y1, p1, scale1), (z2, y2, p2, scale2) = (pairs * 2)[:2]
-    blocks1 = cdiv(y1.shape[1], OUTER["BN"])
-    blocks2 = cdiv(y2.shape[1], OUTER["BN"]) if len(pairs) == 2 else 0
+    first, second, (blocks1, blocks2) = _two_products(z1, y1, p1, scale1, z2, y2, p2, scale2)
+    (z1, y1, p1, scale1), (z2, y2, p2, scale2) = first, second
     M, r = z1.shape
     _outer2[(blocks1 + blocks2,)](z1, y1, p1, y1.shape[1], y1.stride(0), p1.stride(0), p1.stride(1), float(scale1),
                                   blocks1, z2, y2, p2, y2.shape[1], y2.stride(0), p2.stride(0), p2.stride(1),
@@ -180,13 +192,19 @@ class _LoraLinear(torch.autograd.Function):
         return dx, None, None, da, db, None
 
 
+def _plain_half_rows(x, *others):
+    """Plain tensors (tensor subclasses, such as the DTensor parameters of a sharded model, keep PEFT's path), x half
+    precision on a CUDA device, no autocast: what both adapter kernels need first."""
+    if not all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in (x, *others)):
+        return False
+    return x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and not torch.is_autocast_enabled("cuda")
+
+
 def serves(x, weight, bias, lora_a, lora_b):
     """Whether lora_linear takes these tensors: plain tensors, x half precision and not empty on a CUDA device,
     weight of x's dtype and device and frozen, bias None or frozen, float32 adapters of rank <= MAX_RANK, no autocast.
     Otherwise PEFT's own forward runs."""
-    if not all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in (x, weight, lora_a, lora_b)):
-        return False  # tensor subclasses (DTensor parameters of a sharded model) keep PEFT's path
-    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cuda"):
+    if not _plain_half_rows(x, weight, lora_a, lora_b):
         return False
     if x.numel() == 0:  # nothing to launch over
         return False
@@ -277,10 +295,7 @@ def _gup(Y, Z, V, EXP, ENDS, M, N, R, sym, sve, svr, svn, scale, BM: tl.constexp
         part = tl.dot(tl.where((own == e)[:, None], z, 0.0), v.to(tl.float32), input_precision=PREC)
         acc += part
         e = _next_expert(EXP, ENDS, e, e_last, M)
-    ptr = Y + rows[:, None].to(tl.int64) * sym + n[None, :]
-    mask = rm[:, None] & nm[None, :]
-    y = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    tl.store(ptr, (y + acc * scale).to(Y.dtype.element_ty), mask=mask)
+    _add_scaled(Y, rows, n, rm, nm, sym, acc, scale)
 
 
 @triton.jit
@@ -328,10 +343,8 @@ def _gup_call(y, z, v, sve, svr, svn, scale, exp, ends):
 def _gouter_call(ends, z1, y1, p1, scale1, z2, y2, p2, scale2):
     """p1[e] = scale1 z1_e^T y1_e and p2[e] = scale2 z2_e^T y2_e over each expert e's rows (z [M, r] float32, y [M, N],
     p [E, r, N] float32 or any strides given as such a view) in one launch; either triple may be None."""
-    pairs = [(z, y, p, s) for z, y, p, s in ((z1, y1, p1, scale1), (z2, y2, p2, scale2)) if z is not None]
-    (z1, y1, p1, scale1), (z2, y2, p2, scale2) = (pairs * 2)[:2]
-    blocks1 = cdiv(y1.shape[1], GOUTER["BN"])
-    blocks2 = cdiv(y2.shape[1], GOUTER["BN"]) if len(pairs) == 2 else 0
+    first, second, (blocks1, blocks2) = _two_products(z1, y1, p1, scale1, z2, y2, p2, scale2)
+    (z1, y1, p1, scale1), (z2, y2, p2, scale2) = first, second
     grid = (ends.shape[0], blocks1 + blocks2)
     _gouter2[grid](z1, y1, p1, y1.shape[1], y1.stride(0), *p1.stride(), float(scale1), blocks1,
                    z2, y2, p2, y2.shape[1], y2.stride(0), *p2.stride(), float(scale2), ends, z1.shape[1],
@@ -390,14 +403,11 @@ def grouped_serves(y, x, adapters, expert=None, ends=None):
     for t, n in ((expert, x.shape[0]), (ends, adapters[0].shape[0] if adapters else 0)):
         if t is not None and (t.dim() != 1 or t.shape[0] != n or t.is_floating_point() or t.device != x.device):
             return False
-    tensors = (y, x, *adapters)
-    if not all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors):
+    if not _plain_half_rows(x, y, *adapters):
         return False
-    if not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cuda"):
+    if y.dtype != x.dtype or y.device != x.device or y.dim() != 2 or x.dim() != 2 or y.shape[0] != x.shape[0]:
         return False
-    if y.dtype != x.dtype or y.dim() != 2 or x.dim() != 2 or y.shape[0] != x.shape[0] or x.shape[0] == 0:
-        return False
-    if y.device != x.device:
+    if x.shape[0] == 0:
         return False
     if x.stride(1) != 1 or y.stride(1) != 1 or any(t.device != x.device or t.dtype != torch.float32 for t in adapters):
         return False
